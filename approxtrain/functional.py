@@ -1,0 +1,340 @@
+"""Approximate tensor operations: column-row sampled (CRS) linear and conv2d.
+
+The math lives here, as plain functions over tensors; :mod:`approxtrain.modules`
+holds the thin modules. Forward multiplies only the sampled slices; backward flows
+through the samples only, so both backward products shrink by the same ratio and
+only the sampled slice of the input is saved for backward:
+
+* linear, input ``X: (M, n)``, weight ``W: (out, n)``: keep columns ``S`` of ``X``
+  and of ``W``, ``Y = X[:, S] (W[:, S] D)^T + b``;
+  ``dX[:, S] = dY W[:, S] D`` and ``dW[:, S] = (dY^T X[:, S]) D``, zero elsewhere.
+* conv2d, input ``I: (N, C, H, W)``, kernel ``K: (O, C, kh, kw)``: keep input channels
+  ``S``, ``O = I[:, S] * (K[:, S] D)`` (Eq. 6), gradients likewise.
+
+``D`` is the diagonal of the selection's scale factors (identity without scaling),
+applied by broadcasting. Optional extra backward sampling (paper Sec. 5):
+``bwd_ratio`` samples the input-gradient product over its inner dimension (output
+features/channels) and ``wu_ratio`` the weight-gradient product over its inner
+dimension (batch rows; batch samples for a convolution), with the layer's policy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from approxtrain.accounting import LayerCompute
+from approxtrain.sampling import SamplingConfig, Selection, select
+
+_convolution_backward = torch.ops.aten.convolution_backward.default
+
+
+def _scatter_columns(full_shape: torch.Size, dim: int, selection: Selection, values: Tensor) -> Tensor:
+    """A zero tensor of ``full_shape`` holding ``values`` at ``selection.keep`` along ``dim`` (one scatter)."""
+    out = torch.zeros(full_shape, dtype=values.dtype, device=values.device)
+    if selection.unique:
+        return out.index_copy_(dim, selection.keep, values)
+    return out.index_add_(dim, selection.keep, values)  # repeated indices sum up
+
+
+def _take_channels(x: Tensor, keep: Tensor) -> Tensor:
+    """``x[:, keep]`` for (N, C, H, W) ``x``, gathering along the contiguous dimension under channels_last."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).index_select(3, keep).permute(0, 3, 1, 2)
+    return x.index_select(1, keep)
+
+
+def _scale_view(scale: Tensor, dim: int, ndim: int) -> Tensor:
+    shape = [1] * ndim
+    shape[dim] = -1
+    return scale.view(shape)
+
+
+def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Cast floating tensors to the autocast dtype when autocast is on, so the sampled products run in it."""
+    first = tensors[0]
+    assert first is not None
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def _linear_input_grad(grad_out: Tensor, w_k: Tensor, config: SamplingConfig, generator: torch.Generator | None) -> tuple[Tensor, int]:
+    """``dY W_k`` ((M, out) @ (out, k)), optionally sampled over ``out``; returns it and the pairs used."""
+    out_features = grad_out.shape[1]
+    k_b = config.bwd_k(out_features)
+    if k_b >= out_features:
+        return grad_out @ w_k, out_features
+    with torch.no_grad():
+        scores = torch.linalg.vector_norm(grad_out, dim=0) * torch.linalg.vector_norm(w_k, dim=1)
+    sel = select(scores, k_b, config, generator)
+    g = grad_out.index_select(1, sel.keep)
+    if sel.scale is not None:
+        g = g * sel.scale.to(g.dtype)
+    return g @ w_k.index_select(0, sel.keep), sel.keep.numel()
+
+
+def _linear_weight_grad(grad_out: Tensor, x_k: Tensor, config: SamplingConfig, generator: torch.Generator | None) -> tuple[Tensor, int]:
+    """``dY^T X_k`` ((out, M) @ (M, k)), optionally sampled over the ``M`` rows; returns it and the rows used."""
+    rows = grad_out.shape[0]
+    k_w = config.wu_k(rows)
+    if k_w >= rows:
+        return grad_out.t() @ x_k, rows
+    with torch.no_grad():
+        scores = torch.linalg.vector_norm(grad_out, dim=1) * torch.linalg.vector_norm(x_k, dim=1)
+    sel = select(scores, k_w, config, generator)
+    g = grad_out.index_select(0, sel.keep)
+    if sel.scale is not None:
+        g = g * sel.scale.to(g.dtype).unsqueeze(1)
+    return g.t() @ x_k.index_select(0, sel.keep), sel.keep.numel()
+
+
+class LinearCRS(torch.autograd.Function):
+    """Linear product over the selected input features.
+
+    Inputs: ``input (M, n)``, ``weight (out, n)``, ``bias (out,)`` or None, a
+    :class:`Selection` of ``k`` features, the layer's config, generator and compute
+    record (plain objects). Output: ``(M, out)``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, selection: Selection,
+                config: SamplingConfig, generator: torch.Generator | None, compute: LayerCompute | None) -> Tensor:
+        x_k = input.index_select(1, selection.keep)
+        w_k = weight.index_select(1, selection.keep)
+        if selection.scale is not None:
+            w_k = w_k * selection.scale.to(w_k.dtype)
+        output = F.linear(x_k, w_k, bias)
+        ctx.save_for_backward(x_k, w_k)
+        ctx.selection, ctx.config, ctx.generator, ctx.compute = selection, config, generator, compute
+        ctx.input_shape, ctx.weight_shape = input.shape, weight.shape
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        x_k, w_k = ctx.saved_tensors
+        selection: Selection = ctx.selection
+        config: SamplingConfig = ctx.config
+        compute: LayerCompute | None = ctx.compute
+        rows, n = ctx.input_shape
+        out_features = ctx.weight_shape[0]
+        k = selection.keep.numel()
+        grad_input = grad_weight = grad_bias = None
+        grad_output = grad_output.contiguous()
+        if ctx.needs_input_grad[0]:
+            g, k_b = _linear_input_grad(grad_output, w_k, config, ctx.generator)
+            grad_input = _scatter_columns(ctx.input_shape, 1, selection, g)
+            if compute is not None:
+                compute.add("input_grad", rows * out_features * n, rows * k_b * k)
+        if ctx.needs_input_grad[1]:
+            g, k_w = _linear_weight_grad(grad_output, x_k, config, ctx.generator)
+            if selection.scale is not None:
+                g = g * selection.scale.to(g.dtype)
+            grad_weight = _scatter_columns(ctx.weight_shape, 1, selection, g)
+            if compute is not None:
+                compute.add("weight_grad", rows * out_features * n, k_w * out_features * k)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_output.sum(0)
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+def approx_linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    config: SamplingConfig = SamplingConfig(),
+    generator: torch.Generator | None = None,
+    compute: LayerCompute | None = None,
+) -> Tensor:
+    """Column-row sampled ``F.linear``.
+
+    Pairs are the ``n`` input features; a feature's score is the norm of its input
+    column over all leading dimensions times the norm of the matching weight column.
+
+    Shapes: ``input (*, n)``, ``weight (out, n)``, ``bias (out,)``; returns ``(*, out)``.
+    At ``k = n`` (or policy ``exact``) this is ``F.linear`` itself.
+    """
+    n = weight.shape[1]
+    k = config.k(n)
+    x2 = input.reshape(-1, n)
+    rows, out_features = x2.shape[0], weight.shape[0]
+    if k >= n and config.policy != "bernoulli" and not config.samples_backward or config.policy == "exact":
+        if compute is not None:
+            _count_exact_linear(compute, rows, n, out_features, input.requires_grad, weight.requires_grad)
+        return F.linear(input, weight, bias)
+    x2, weight, bias = _autocast(x2, weight, bias)
+    with torch.no_grad():
+        scores = torch.linalg.vector_norm(x2, dim=0) * torch.linalg.vector_norm(weight, dim=0)
+    selection = select(scores, k, config, generator)
+    if compute is not None:
+        compute.calls += 1
+        compute.add("forward", rows * n * out_features, rows * selection.keep.numel() * out_features)
+    output = LinearCRS.apply(x2, weight, bias, selection, config, generator, compute)
+    return output.reshape(*input.shape[:-1], out_features)
+
+
+def _count_exact_linear(compute: LayerCompute, rows: int, n: int, out_features: int, input_grad: bool, weight_grad: bool) -> None:
+    macs = rows * n * out_features
+    compute.calls += 1
+    compute.add("forward", macs, macs)
+    if torch.is_grad_enabled():
+        if input_grad:
+            compute.add("input_grad", macs, macs)
+        if weight_grad:
+            compute.add("weight_grad", macs, macs)
+
+
+def _conv_input_grad(grad_out: Tensor, x_k: Tensor, w_k: Tensor, geometry: tuple, config: SamplingConfig,
+                     generator: torch.Generator | None) -> tuple[Tensor, int]:
+    """Gradient w.r.t. the sampled input (transposed conv), optionally sampled over output channels."""
+    stride, padding, dilation = geometry
+    out_channels = grad_out.shape[1]
+    k_b = config.bwd_k(out_channels)
+    if k_b < out_channels:
+        with torch.no_grad():
+            scores = torch.linalg.vector_norm(grad_out, dim=(0, 2, 3)) * torch.linalg.vector_norm(w_k, dim=(1, 2, 3))
+        sel = select(scores, k_b, config, generator)
+        grad_out = _take_channels(grad_out, sel.keep)
+        if sel.scale is not None:
+            grad_out = grad_out * _scale_view(sel.scale.to(grad_out.dtype), 1, 4)
+        w_k = w_k.index_select(0, sel.keep)
+        k_b = sel.keep.numel()
+    g, _, _ = _convolution_backward(grad_out, x_k, w_k, None, stride, padding, dilation, False, [0, 0], 1, [True, False, False])
+    return g, k_b
+
+
+def _conv_weight_grad(grad_out: Tensor, x_k: Tensor, w_k: Tensor, geometry: tuple, config: SamplingConfig,
+                      generator: torch.Generator | None) -> tuple[Tensor, int]:
+    """Gradient w.r.t. the sampled kernel, optionally sampled over batch samples."""
+    stride, padding, dilation = geometry
+    batch = grad_out.shape[0]
+    k_w = config.wu_k(batch)
+    if k_w < batch:
+        with torch.no_grad():
+            scores = torch.linalg.vector_norm(grad_out, dim=(1, 2, 3)) * torch.linalg.vector_norm(x_k, dim=(1, 2, 3))
+        sel = select(scores, k_w, config, generator)
+        grad_out = grad_out.index_select(0, sel.keep)
+        if sel.scale is not None:
+            grad_out = grad_out * _scale_view(sel.scale.to(grad_out.dtype), 0, 4)
+        x_k = x_k.index_select(0, sel.keep)
+        k_w = sel.keep.numel()
+    _, g, _ = _convolution_backward(grad_out, x_k, w_k, None, stride, padding, dilation, False, [0, 0], 1, [False, True, False])
+    return g, k_w
+
+
+class Conv2dCRS(torch.autograd.Function):
+    """Convolution over the selected input channels (groups = 1).
+
+    Inputs: ``input (N, C, H, W)``, ``weight (O, C, kh, kw)``, ``bias (O,)`` or None,
+    a :class:`Selection` of ``k`` channels, ``geometry = (stride, padding, dilation)``
+    as int pairs, and the layer's config, generator and compute record.
+    Output: ``(N, O, H_out, W_out)``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, selection: Selection, geometry: tuple,
+                config: SamplingConfig, generator: torch.Generator | None, compute: LayerCompute | None) -> Tensor:
+        x_k = _take_channels(input, selection.keep)
+        w_k = weight.index_select(1, selection.keep)
+        if selection.scale is not None:
+            w_k = w_k * _scale_view(selection.scale.to(w_k.dtype), 1, 4)
+        stride, padding, dilation = geometry
+        output = F.conv2d(x_k, w_k, bias, stride, padding, dilation)
+        ctx.save_for_backward(x_k, w_k)
+        ctx.selection, ctx.geometry, ctx.config, ctx.generator, ctx.compute = selection, geometry, config, generator, compute
+        ctx.input_shape, ctx.weight_shape = input.shape, weight.shape
+        ctx.input_channels_last = input.dim() == 4 and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        x_k, w_k = ctx.saved_tensors
+        selection: Selection = ctx.selection
+        config: SamplingConfig = ctx.config
+        compute: LayerCompute | None = ctx.compute
+        batch, channels = ctx.input_shape[:2]
+        out_channels, _, kh, kw = ctx.weight_shape
+        k = selection.keep.numel()
+        per_pair = grad_output.shape[2] * grad_output.shape[3] * kh * kw  # MACs per (sample, in, out) triple
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            g, k_b = _conv_input_grad(grad_output, x_k, w_k, ctx.geometry, config, ctx.generator)
+            memory_format = torch.channels_last if ctx.input_channels_last else torch.contiguous_format
+            grad_input = torch.zeros(ctx.input_shape, dtype=g.dtype, device=g.device).contiguous(memory_format=memory_format)
+            grad_input = grad_input.index_copy_(1, selection.keep, g) if selection.unique else grad_input.index_add_(1, selection.keep, g)
+            if compute is not None:
+                compute.add("input_grad", batch * channels * out_channels * per_pair, batch * k * k_b * per_pair)
+        if ctx.needs_input_grad[1]:
+            g, k_w = _conv_weight_grad(grad_output, x_k, w_k, ctx.geometry, config, ctx.generator)
+            if selection.scale is not None:
+                g = g * _scale_view(selection.scale.to(g.dtype), 1, 4)
+            grad_weight = _scatter_columns(ctx.weight_shape, 1, selection, g)
+            if compute is not None:
+                compute.add("weight_grad", batch * channels * out_channels * per_pair, k_w * k * out_channels * per_pair)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_output.sum((0, 2, 3))
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    a, b = value
+    return (int(a), int(b))
+
+
+def approx_conv2d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    config: SamplingConfig = SamplingConfig(),
+    generator: torch.Generator | None = None,
+    compute: LayerCompute | None = None,
+) -> Tensor:
+    """Column-row sampled ``F.conv2d`` (groups = 1, numeric zero padding).
+
+    Pairs are the ``C`` input channels, scored ``|I^[c]|_F * |K_[c]|_F`` (Eq. 8).
+
+    Shapes: ``input (N, C, H, W)``, ``weight (O, C, kh, kw)``, ``bias (O,)``;
+    returns ``(N, O, H_out, W_out)``. At ``k = C`` (or policy ``exact``) this is
+    ``F.conv2d`` itself.
+    """
+    if input.dim() != 4:
+        raise ValueError(f"approx_conv2d input has shape {tuple(input.shape)}; allowed: (N, C, H, W)")
+    geometry = (_pair(stride), _pair(padding), _pair(dilation))
+    channels = weight.shape[1]
+    k = config.k(channels)
+    if k >= channels and config.policy != "bernoulli" and not config.samples_backward or config.policy == "exact":
+        output = F.conv2d(input, weight, bias, *geometry)
+        if compute is not None:
+            _count_exact_conv(compute, input, weight, output)
+        return output
+    input, weight, bias = _autocast(input, weight, bias)
+    with torch.no_grad():
+        scores = torch.linalg.vector_norm(input, dim=(0, 2, 3)) * torch.linalg.vector_norm(weight, dim=(0, 2, 3))
+    selection = select(scores, k, config, generator)
+    output = Conv2dCRS.apply(input, weight, bias, selection, geometry, config, generator, compute)
+    if compute is not None:
+        per_channel = output.shape[0] * output.shape[1] * output.shape[2] * output.shape[3] * weight.shape[2] * weight.shape[3]
+        compute.calls += 1
+        compute.add("forward", per_channel * channels, per_channel * selection.keep.numel())
+    return output
+
+
+def _count_exact_conv(compute: LayerCompute, input: Tensor, weight: Tensor, output: Tensor) -> None:
+    macs = output.numel() * weight.shape[1] * weight.shape[2] * weight.shape[3]  # weight.shape[1] = C / groups
+    compute.calls += 1
+    compute.add("forward", macs, macs)
+    if torch.is_grad_enabled():
+        if input.requires_grad:
+            compute.add("input_grad", macs, macs)
+        if weight.requires_grad:
+            compute.add("weight_grad", macs, macs)

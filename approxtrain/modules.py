@@ -1,0 +1,120 @@
+"""Approximate layers: drop-in ``nn.Linear`` / ``nn.Conv2d`` with column-row sampling.
+
+They subclass the exact modules, so parameters, ``state_dict`` keys and
+``isinstance`` checks are unchanged (a checkpoint loads into either). They sample
+in training mode only; in eval mode they are the exact layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from approxtrain.accounting import LayerCompute
+from approxtrain.functional import approx_conv2d, approx_linear
+from approxtrain.sampling import SamplingConfig
+
+
+def _describe(sampling: SamplingConfig, n: int) -> str:
+    text = f"sampler={sampling.policy}, ratio={sampling.ratio:g}, k={sampling.k(n)}/{n}"
+    if sampling.policy in ("nps", "uniform"):
+        text += f", replacement={sampling.replacement}, scale={sampling.scale}"
+    if sampling.bwd_ratio < 1:
+        text += f", bwd_ratio={sampling.bwd_ratio:g}"
+    if sampling.wu_ratio < 1:
+        text += f", wu_ratio={sampling.wu_ratio:g}"
+    return text
+
+
+def _rebind(cls: type, module: nn.Module) -> nn.Module:
+    """A ``cls`` instance holding ``module``'s state: same Parameter objects, hooks and mode."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    return new
+
+
+class ApproxLinear(nn.Linear):
+    """``nn.Linear`` whose product samples input features while training.
+
+    Shapes: input ``(*, in_features)``, output ``(*, out_features)``.
+
+    Args (beyond ``nn.Linear``'s):
+        sampling: the sampling configuration.
+        generator: randomness for random policies (on the layer's device).
+
+    ``compute`` (a :class:`LayerCompute` or None) receives the MACs each step ran.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, sampling: SamplingConfig = SamplingConfig(),
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.sampling = sampling
+        self.generator = generator
+        self.compute: LayerCompute | None = None
+
+    @classmethod
+    def from_linear(cls, module: nn.Linear, sampling: SamplingConfig, generator: torch.Generator | None = None) -> ApproxLinear:
+        """An approximate layer sharing ``module``'s parameters (no copy)."""
+        new = _rebind(cls, module)
+        new.sampling, new.generator, new.compute = sampling, generator, None
+        return new
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            return F.linear(input, self.weight, self.bias)
+        return approx_linear(input, self.weight, self.bias, self.sampling, self.generator, self.compute)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {_describe(self.sampling, self.in_features)}"
+
+
+class ApproxConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (groups = 1) whose convolution samples input channels while training.
+
+    Shapes: input ``(N, C_in, H, W)``, output ``(N, C_out, H_out, W_out)``.
+    String padding and non-zero padding modes pad explicitly before the product.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] = 1,
+                 padding: int | tuple[int, int] | str = 0, dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", sampling: SamplingConfig = SamplingConfig(), generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        if groups != 1:
+            raise ValueError(f"ApproxConv2d groups={groups} is not supported; allowed: groups=1 (grouped convolutions stay exact)")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device=device, dtype=dtype)
+        self.sampling = sampling
+        self.generator = generator
+        self.compute: LayerCompute | None = None
+
+    @classmethod
+    def from_conv2d(cls, module: nn.Conv2d, sampling: SamplingConfig, generator: torch.Generator | None = None) -> ApproxConv2d:
+        """An approximate layer sharing ``module``'s parameters (no copy)."""
+        if module.groups != 1:
+            raise ValueError(f"conv groups={module.groups} cannot be sampled; allowed: groups=1 (grouped convolutions stay exact)")
+        new = _rebind(cls, module)
+        new.sampling, new.generator, new.compute = sampling, generator, None
+        return new
+
+    def _padded(self, input: Tensor) -> tuple[Tensor, tuple[int, int] | str]:
+        if self.padding_mode != "zeros":
+            return F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode), (0, 0)
+        if isinstance(self.padding, str):
+            left_right = self._reversed_padding_repeated_twice
+            if any(left_right[i] != left_right[i + 1] for i in (0, 2)):
+                return F.pad(input, left_right), (0, 0)
+            return input, (left_right[2], left_right[0])
+        return input, self.padding
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            return self._conv_forward(input, self.weight, self.bias)
+        input, padding = self._padded(input)
+        return approx_conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation,
+                             self.sampling, self.generator, self.compute)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {_describe(self.sampling, self.in_channels)}"

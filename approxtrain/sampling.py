@@ -1,0 +1,256 @@
+"""Sampler policies for column-row sampling (CRS).
+
+A product ``A @ B`` with inner dimension ``n`` is approximated by keeping ``k`` of
+its ``n`` column-row pairs (Adelman & Silberstein 2018, Eq. 1)::
+
+    A @ B  ~=  sum_t  scale_t * A[:, keep_t] (outer) B[keep_t, :]
+
+A policy maps the pairs' *scores* ``|A^(i)| * |B_(i)|`` to a :class:`Selection`
+(``keep`` indices and optional ``scale`` factors). Policies:
+
+* ``exact``: no sampling.
+* ``topk``: the ``k`` pairs with the largest scores, no scaling (deterministic).
+* ``nps``: norm-proportional probabilities ``p_i = s_i / sum_j s_j`` (Eq. 3 / Eq. 8).
+* ``uniform``: ``p_i = 1 / n``.
+* ``bernoulli``: pair ``i`` kept independently with probability
+  ``q_i = min(1, k p_i)`` (capped mass redistributed so ``sum_i q_i = k``), scaled by
+  ``1 / q_i``; the number kept varies around ``k``.
+
+``nps`` and ``uniform`` take ``replacement`` and ``scale`` switches; ``scale`` applies
+``1 / (k p_i)``. Which estimators are unbiased (and tested as such):
+``nps``/``uniform`` with replacement and scaling, ``uniform`` without replacement with
+scaling (``1/(k p_i) = n/k`` is the inverse inclusion probability) and ``bernoulli``.
+``nps`` *without* replacement but *with* scaling follows the paper's formula and is
+biased; ``topk`` and unscaled variants are biased by design.
+
+No global state: random policies draw from the ``torch.Generator`` passed in (or
+torch's default generator when ``None``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+POLICIES = ("exact", "topk", "nps", "uniform", "bernoulli")
+RANDOM_POLICIES = ("nps", "uniform", "bernoulli")
+
+# Norm-proportional probabilities are floored at this fraction of the mean
+# probability: it keeps every pair possible (multinomial without replacement needs
+# enough non-zero categories) and bounds the scale 1/(k p_i), while the estimator
+# stays exactly unbiased because the scale uses the same floored p.
+_PROBABILITY_FLOOR = 1e-6
+
+
+def _check_ratio(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}={value!r} is not a number; allowed: a float in (0, 1]")
+    value = float(value)
+    if not (0.0 < value <= 1.0):  # also rejects NaN
+        raise ValueError(f"{name}={value} is out of range; allowed: a float in (0, 1]")
+    return value
+
+
+def _check_count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= 1")
+    return value
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How one layer's products are sampled.
+
+    Args:
+        policy: one of ``exact``, ``topk``, ``nps``, ``uniform``, ``bernoulli``.
+        ratio: fraction of the forward product's column-row pairs kept, in (0, 1].
+        min_k: the fewest pairs kept by the forward product.
+        replacement: sample with replacement (``nps`` and ``uniform`` only).
+        scale: apply the unbiasing scale ``1 / (k p_i)`` (``nps`` and ``uniform``).
+        bwd_ratio: extra sampling of the input-gradient product over its inner
+            dimension (output features / channels); 1.0 = none.
+        bwd_min_k: the fewest pairs that product keeps.
+        wu_ratio: extra sampling of the weight-gradient product over its inner
+            dimension (batch rows; batch samples for a convolution); 1.0 = none.
+        wu_min_k: the fewest pairs that product keeps.
+        align_k: round every ``k`` up to a multiple of this (tensor-core friendly
+            shapes); 1 = no rounding.
+    """
+
+    policy: str = "topk"
+    ratio: float = 1.0
+    min_k: int = 1
+    replacement: bool = False
+    scale: bool = True
+    bwd_ratio: float = 1.0
+    bwd_min_k: int = 1
+    wu_ratio: float = 1.0
+    wu_min_k: int = 1
+    align_k: int = 1
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown sampler policy {self.policy!r}; allowed: {', '.join(POLICIES)}")
+        object.__setattr__(self, "ratio", _check_ratio("ratio", self.ratio))
+        object.__setattr__(self, "bwd_ratio", _check_ratio("bwd_ratio", self.bwd_ratio))
+        object.__setattr__(self, "wu_ratio", _check_ratio("wu_ratio", self.wu_ratio))
+        for name in ("min_k", "bwd_min_k", "wu_min_k", "align_k"):
+            _check_count(name, getattr(self, name))
+        for name in ("replacement", "scale"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: true, false")
+        if self.replacement and self.policy in ("topk", "bernoulli"):
+            raise ValueError(f"replacement=true is invalid for policy {self.policy!r}; allowed with: nps, uniform")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SamplingConfig:
+        """Build from a plain mapping, rejecting unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown sampling option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def is_random(self) -> bool:
+        return self.policy in RANDOM_POLICIES
+
+    @property
+    def samples_backward(self) -> bool:
+        return self.policy != "exact" and (self.bwd_ratio < 1.0 or self.wu_ratio < 1.0)
+
+    def k(self, n: int) -> int:
+        """Forward pairs kept out of ``n``: ``clamp(round(ratio n), min_k, n)``, aligned."""
+        return num_kept(n, self.ratio, self.min_k, self.align_k) if self.policy != "exact" else n
+
+    def bwd_k(self, n: int) -> int:
+        """Pairs kept by the input-gradient product out of its ``n`` (output features)."""
+        return num_kept(n, self.bwd_ratio, self.bwd_min_k, self.align_k)
+
+    def wu_k(self, n: int) -> int:
+        """Pairs kept by the weight-gradient product out of its ``n`` (batch rows)."""
+        return num_kept(n, self.wu_ratio, self.wu_min_k, self.align_k)
+
+
+def num_kept(n: int, ratio: float, min_k: int = 1, align_k: int = 1) -> int:
+    """``k = clamp(round(ratio * n), min_k, n)``, rounded half up, then up to a multiple of ``align_k``."""
+    k = math.floor(ratio * n + 0.5)
+    k = max(min_k, k)
+    if align_k > 1:
+        k = -(-k // align_k) * align_k
+    return min(max(k, 1), n)
+
+
+class Selection(NamedTuple):
+    """The pairs one product keeps.
+
+    ``keep``: (k,) int64 indices into the inner dimension (may repeat when sampling
+    with replacement). ``scale``: (k,) factors for the kept pairs, or ``None``.
+    ``unique``: whether ``keep`` has no repeated index.
+    """
+
+    keep: Tensor
+    scale: Tensor | None
+    unique: bool
+
+
+def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"sampler generator is on {generator.device.type} but the layer runs on {device.type}; "
+            f"allowed: a torch.Generator(device={device.type!r}) or None"
+        )
+
+
+def norm_probabilities(scores: Tensor) -> Tensor:
+    """Norm-proportional probabilities (Eq. 3), floored so every pair stays possible.
+
+    scores: (n,) non-negative. Returns (n,) float32 summing to 1 (uniform if all zero).
+    """
+    s = scores.float()
+    n = s.numel()
+    mean = s.sum() / n
+    # An all-zero score vector degrades to the uniform distribution.
+    s = s + _PROBABILITY_FLOOR * mean + torch.finfo(torch.float32).tiny
+    return s / s.sum()
+
+
+def bernoulli_probabilities(scores: Tensor, k: int) -> Tensor:
+    """Keep probabilities ``q_i = min(1, c p_i)`` with ``sum_i q_i = k``.
+
+    The capped mass is redistributed: with scores sorted descending, the top ``c``
+    pairs get ``q = 1`` and the rest ``(k - c) s_i / sum_{j >= c} s_j``, for the
+    smallest ``c`` that keeps every ``q <= 1``. Computed without host synchronisation.
+
+    scores: (n,) non-negative. Returns (n,) float32 in [0, 1].
+    """
+    p = norm_probabilities(scores)
+    n = p.numel()
+    if k >= n:
+        return torch.ones_like(p)
+    sorted_p, order = torch.sort(p, descending=True)
+    # tail[c] = sum of sorted_p[c:]
+    tail = sorted_p.flip(0).cumsum(0).flip(0)
+    c = torch.arange(n, device=p.device)
+    remaining = (k - c).clamp(min=0).to(p.dtype)
+    fits = remaining * sorted_p <= tail * (1 + 1e-6)
+    fits &= c < k
+    # smallest c whose c-th largest pair fits under the cap
+    first = torch.argmax(fits.to(torch.uint8))
+    q_sorted = (remaining[first] * sorted_p / tail[first]).clamp(max=1.0)
+    q_sorted = torch.where(c < first, torch.ones_like(q_sorted), q_sorted)
+    return torch.empty_like(q_sorted).scatter_(0, order, q_sorted)
+
+
+def select(
+    scores: Tensor,
+    k: int,
+    config: SamplingConfig,
+    generator: torch.Generator | None = None,
+) -> Selection:
+    """Choose the pairs a product keeps.
+
+    Args:
+        scores: (n,) non-negative pair scores ``|A^(i)| * |B_(i)|``.
+        k: pairs to keep, ``1 <= k <= n`` (the expected number for ``bernoulli``).
+        config: the policy and its switches.
+        generator: source of randomness for random policies.
+
+    Returns:
+        A :class:`Selection`. ``bernoulli`` returns a data-dependent number of
+        indices (one host synchronisation); the other policies return exactly ``k``.
+    """
+    n = scores.numel()
+    device = scores.device
+    if config.policy == "exact" or k >= n and config.policy != "bernoulli" and not config.replacement:
+        return Selection(torch.arange(n, device=device), None, True)
+    if config.policy == "topk":
+        return Selection(torch.topk(scores, k, sorted=False).indices, None, True)
+
+    _check_generator(generator, device)
+    if config.policy == "bernoulli":
+        q = bernoulli_probabilities(scores, k)
+        draw = torch.rand(n, device=device, generator=generator)
+        keep = torch.nonzero(draw < q).squeeze(1)
+        if keep.numel() == 0:  # keep at least one pair, the likeliest, with its weight
+            keep = torch.argmax(q).reshape(1)
+        return Selection(keep, q[keep].reciprocal(), True)
+
+    if config.policy == "nps":
+        p = norm_probabilities(scores)
+        keep = torch.multinomial(p, k, replacement=config.replacement, generator=generator)
+        scale = (p[keep] * k).reciprocal() if config.scale else None
+    else:  # uniform
+        if config.replacement:
+            keep = torch.randint(n, (k,), device=device, generator=generator)
+        else:
+            keep = torch.randperm(n, device=device, generator=generator)[:k]
+        scale = torch.full((k,), n / k, device=device) if config.scale else None
+    return Selection(keep, scale, not config.replacement)

@@ -1,0 +1,403 @@
+"""Model surgery: make a model's Linear/Conv2d layers approximate by per-layer rules.
+
+:func:`approximate_` takes any ``nn.Module`` and an ordered list of
+:class:`LayerRule`, swaps every matching layer in place for its approximate twin
+(sharing the same parameters) and returns a :class:`Plan`: one row per
+Linear/Conv2d (and cuDNN LSTM, whose gate products are counted but stay exact)
+with its n, k, ratio, policy and MACs. :func:`attach_meter` wires a
+:class:`~approxtrain.accounting.ComputeMeter` so training counts what really ran.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from approxtrain.accounting import ComputeMeter, ProductMACs, compute_reduction, conv2d_macs, lstm_macs
+from approxtrain.modules import ApproxConv2d, ApproxLinear, _rebind
+from approxtrain.sampling import SamplingConfig
+
+LAYER_TYPES = ("Linear", "Conv2d")
+_RULE_KEYS = ("match", "type", "exact")
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Which layers get which sampling.
+
+    Args:
+        match: glob on the qualified module name (``block2.*.conv1``), or a regular
+            expression prefixed with ``re:`` (``re:layer[1-4]\\..*``); None = any name.
+        type: ``Linear`` or ``Conv2d``; None = both.
+        exact: keep the matched layers exact.
+        sampling: the matched layers' sampling (ignored when ``exact``).
+    """
+
+    match: str | None = None
+    type: str | None = None
+    exact: bool = False
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        if self.type is not None and self.type not in LAYER_TYPES:
+            raise ValueError(f"layer rule type={self.type!r} is unknown; allowed: {', '.join(LAYER_TYPES)}")
+        if self.match is not None and self.match.startswith("re:"):
+            try:
+                re.compile(self.match[3:])
+            except re.error as error:
+                raise ValueError(f"layer rule match={self.match!r} is not a valid regular expression ({error})") from None
+
+    def matches(self, name: str, module: nn.Module) -> bool:
+        if self.type is not None and _layer_type(module) != self.type:
+            return False
+        if self.match is None:
+            return True
+        if self.match.startswith("re:"):
+            return re.fullmatch(self.match[3:], name) is not None
+        return fnmatch.fnmatchcase(name, self.match)
+
+    def describe(self) -> str:
+        parts = [f"{key}={value!r}" for key, value in (("match", self.match), ("type", self.type)) if value is not None]
+        parts.append("exact" if self.exact else f"sampler={self.sampling.policy} ratio={self.sampling.ratio:g}")
+        return " ".join(parts)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], default: SamplingConfig) -> LayerRule:
+        """Build from a mapping: ``match``, ``type``, ``exact`` and any :class:`SamplingConfig`
+        field (``sampler`` is accepted for ``policy``); omitted fields come from ``default``."""
+        values = dict(values)
+        if "sampler" in values:
+            values["policy"] = values.pop("sampler")
+        sampling_keys = {f.name for f in fields(SamplingConfig)}
+        unknown = sorted(set(values) - sampling_keys - set(_RULE_KEYS))
+        if unknown:
+            allowed = sorted({"sampler", *_RULE_KEYS, *sampling_keys})
+            raise ValueError(f"layer rule {dict(values)} has unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+        overrides = {key: values[key] for key in sampling_keys if key in values}
+        sampling = SamplingConfig.from_dict({**default.to_dict(), **overrides})
+        exact = values.get("exact", False)
+        if not isinstance(exact, bool):
+            raise ValueError(f"layer rule exact={exact!r} is invalid; allowed: true, false")
+        return cls(values.get("match"), values.get("type"), exact or sampling.policy == "exact", sampling)
+
+
+def rules_from_dicts(items: Iterable[Mapping[str, Any]], default: SamplingConfig) -> list[LayerRule]:
+    """:meth:`LayerRule.from_dict` over a sequence, in order."""
+    return [LayerRule.from_dict(item, default) for item in items]
+
+
+@dataclass
+class PlanRow:
+    """One layer of a :class:`Plan`.
+
+    ``n``: column-row pairs of its forward product (input features / channels);
+    ``k``: pairs kept (expected number for ``bernoulli``); MACs are per training
+    step at the plan's batch size (zero when no example input was given).
+    """
+
+    name: str
+    type: str
+    n: int
+    k: int
+    ratio: float
+    policy: str
+    rule: int | None
+    note: str = ""
+    exact_macs: ProductMACs = field(default_factory=ProductMACs)
+    approx_macs: ProductMACs = field(default_factory=ProductMACs)
+
+    def to_dict(self) -> dict[str, Any]:
+        row = asdict(self)
+        row["exact_macs"] = self.exact_macs.total
+        row["approx_macs"] = self.approx_macs.total
+        row["macs"] = {"exact": asdict(self.exact_macs), "approx": asdict(self.approx_macs)}
+        return row
+
+
+@dataclass
+class Plan:
+    """What surgery did, layer by layer, and the compute reduction it implies."""
+
+    rows: list[PlanRow]
+    batch_size: int | None = None
+
+    @property
+    def exact_macs(self) -> int:
+        return sum(row.exact_macs.total for row in self.rows)
+
+    @property
+    def approx_macs(self) -> int:
+        return sum(row.approx_macs.total for row in self.rows)
+
+    @property
+    def compute_reduction(self) -> float:
+        """Expected share of MACs saved per training step (0 without MACs)."""
+        return compute_reduction(self.exact_macs, self.approx_macs)
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        return [row.to_dict() for row in self.rows]
+
+    def __str__(self) -> str:
+        lines = [f"{'layer':<28} {'type':<7} {'n':>6} {'k':>6} {'policy':<9} {'MACs/step':>14}  note"]
+        for row in self.rows:
+            lines.append(f"{row.name:<28} {row.type:<7} {row.n:>6} {row.k:>6} {row.policy:<9} {row.exact_macs.total:>14,}  {row.note}")
+        lines.append(f"compute reduction: {self.compute_reduction:.1%}")
+        return "\n".join(lines)
+
+
+def _layer_type(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "Linear"
+    if isinstance(module, nn.Conv2d):
+        return "Conv2d"
+    if isinstance(module, nn.LSTM):
+        return "LSTM"
+    return None
+
+
+def _pairs(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels // module.groups
+    assert isinstance(module, nn.LSTM)
+    return module.input_size + module.hidden_size
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _as_exact(module: nn.Module) -> nn.Module:
+    if isinstance(module, ApproxLinear):
+        base: nn.Module = _rebind(nn.Linear, module)
+    elif isinstance(module, ApproxConv2d):
+        base = _rebind(nn.Conv2d, module)
+    else:
+        return module
+    for attribute in ("sampling", "generator", "compute"):
+        base.__dict__.pop(attribute, None)
+    return base
+
+
+def approximate_(
+    model: nn.Module,
+    rules: Sequence[LayerRule],
+    *,
+    generator: torch.Generator | None = None,
+    example_input: Any = None,
+    batch_size: int | None = None,
+) -> Plan:
+    """Swap ``model``'s Linear/Conv2d layers for approximate ones, in place, by ``rules``.
+
+    Each layer takes the first rule that matches it; layers no rule matches stay
+    exact. Grouped convolutions stay exact (said in the plan's note).
+
+    Args:
+        model: any module; changed in place.
+        rules: ordered rules. A rule that selects no layer is an error naming it.
+        generator: randomness shared by the random samplers (on the model's device).
+        example_input: a batch to trace once (eval mode, grad enabled) for the MACs;
+            without it the plan's MACs are zero.
+        batch_size: training batch size the MACs are given for (default: the
+            example's batch).
+
+    Returns:
+        The :class:`Plan`.
+    """
+    layers = [(name, module) for name, module in model.named_modules() if _layer_type(module) is not None]
+    used = [False] * len(rules)
+    rows: list[PlanRow] = []
+    for name, module in layers:
+        kind = _layer_type(module)
+        n = _pairs(module)
+        if kind == "LSTM":
+            rows.append(PlanRow(name, kind, n, n, 1.0, "exact", None, "cuDNN LSTM: gate products exact (layers=gates samples them)"))
+            continue
+        index = next((i for i, rule in enumerate(rules) if rule.matches(name, module)), None)
+        rule = rules[index] if index is not None else None
+        if index is not None:
+            used[index] = True
+        note = ""
+        if rule is None or rule.exact or rule.sampling.policy == "exact":
+            new = _as_exact(module)
+            note = "no rule" if rule is None else ""
+            sampling = None
+        elif isinstance(module, nn.Conv2d) and module.groups != 1:
+            new, sampling = _as_exact(module), None
+            note = f"groups={module.groups} > 1: kept exact"
+        else:
+            sampling = rule.sampling
+            base = _as_exact(module)
+            new = (ApproxLinear.from_linear(base, sampling, generator) if isinstance(base, nn.Linear)
+                   else ApproxConv2d.from_conv2d(base, sampling, generator))
+        if new is not module:
+            _set_submodule(model, name, new)
+        k = sampling.k(n) if sampling is not None else n
+        policy = sampling.policy if sampling is not None else "exact"
+        rows.append(PlanRow(name, kind, n, k, k / n, policy, index, note))
+    for index, rule in enumerate(rules):
+        if not used[index]:
+            names = ", ".join(name for name, module in layers if _layer_type(module) in LAYER_TYPES)
+            raise ValueError(f"layer rule #{index + 1} ({rule.describe()}) matches no layer; layers: {names}")
+    plan = Plan(rows, batch_size)
+    if example_input is not None:
+        _fill_macs(model, plan, example_input, batch_size)
+    return plan
+
+
+@dataclass
+class _Call:
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    input_grad: bool
+
+
+def exact_layer_macs(module: nn.Module, input_shape: Sequence[int], output_shape: Sequence[int], input_grad: bool,
+                     weight_grad: bool = True) -> ProductMACs:
+    """MACs exact training spends in one call of a Linear, Conv2d or LSTM layer."""
+    if isinstance(module, nn.Linear):
+        rows = 1
+        for size in input_shape[:-1]:
+            rows *= size
+        macs = rows * module.in_features * module.out_features
+        return ProductMACs(macs, macs if input_grad else 0, macs if weight_grad else 0)
+    if isinstance(module, nn.Conv2d):
+        macs = conv2d_macs(output_shape[0], module.in_channels, module.out_channels, module.kernel_size,
+                           (output_shape[2], output_shape[3]), module.groups)
+        return ProductMACs(macs, macs if input_grad else 0, macs if weight_grad else 0)
+    assert isinstance(module, nn.LSTM)
+    rows = input_shape[0] * input_shape[1] if len(input_shape) == 3 else input_shape[0]
+    directions = 2 if module.bidirectional else 1
+    hidden = module.hidden_size
+    forward = input_grad_macs = 0
+    for layer in range(module.num_layers):
+        in_size = module.input_size if layer == 0 else hidden * directions
+        forward += directions * lstm_macs(rows, in_size, hidden)
+        # the recurrent part always back-propagates; the input part only when the input needs a gradient
+        needs_input = input_grad or layer > 0
+        input_grad_macs += directions * rows * 4 * hidden * (in_size * needs_input + hidden)
+    return ProductMACs(forward, input_grad_macs, forward if weight_grad else 0)
+
+
+def _approx_layer_macs(module: nn.Module, call: _Call, factor: float) -> tuple[ProductMACs, ProductMACs]:
+    sampling: SamplingConfig = module.sampling  # type: ignore[assignment]
+    weight_grad = module.weight.requires_grad
+    if isinstance(module, nn.Linear):
+        rows = round(_rows(call.input_shape) * factor)
+        n, out = module.in_features, module.out_features
+        k = sampling.k(n)
+        exact = ProductMACs(rows * n * out, rows * n * out if call.input_grad else 0, rows * n * out if weight_grad else 0)
+        approx = ProductMACs(rows * k * out, rows * k * sampling.bwd_k(out) if call.input_grad else 0,
+                             sampling.wu_k(rows) * k * out if weight_grad else 0)
+        return exact, approx
+    assert isinstance(module, nn.Conv2d)
+    batch = round(call.output_shape[0] * factor)
+    kh, kw = module.kernel_size
+    per_pair = call.output_shape[2] * call.output_shape[3] * kh * kw
+    n, out = module.in_channels, module.out_channels
+    k = sampling.k(n)
+    full = batch * n * out * per_pair
+    exact = ProductMACs(full, full if call.input_grad else 0, full if weight_grad else 0)
+    approx = ProductMACs(batch * k * out * per_pair, batch * k * sampling.bwd_k(out) * per_pair if call.input_grad else 0,
+                         sampling.wu_k(batch) * k * out * per_pair if weight_grad else 0)
+    return exact, approx
+
+
+def _rows(shape: Sequence[int]) -> int:
+    rows = 1
+    for size in shape[:-1]:
+        rows *= size
+    return rows
+
+
+def _scale(macs: ProductMACs, factor: float) -> ProductMACs:
+    return ProductMACs(round(macs.forward * factor), round(macs.input_grad * factor), round(macs.weight_grad * factor))
+
+
+def _batch_of(example_input: Any) -> int:
+    first = example_input[0] if isinstance(example_input, (tuple, list)) else example_input
+    return first.shape[0]
+
+
+def _fill_macs(model: nn.Module, plan: Plan, example_input: Any, batch_size: int | None) -> None:
+    calls: dict[str, list[_Call]] = {row.name: [] for row in plan.rows}
+    modules = dict(model.named_modules())
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            input = args[0]
+            out = output[0] if isinstance(output, tuple) else output
+            calls[name].append(_Call(tuple(input.shape), tuple(out.shape), bool(input.requires_grad)))
+        return record
+
+    handles = [modules[row.name].register_forward_hook(hook(row.name)) for row in plan.rows]
+    modes = {name: module.training for name, module in modules.items()}
+    reset_state = getattr(model, "reset_state", None)
+    try:
+        model.eval()
+        with torch.enable_grad():
+            model(*example_input) if isinstance(example_input, (tuple, list)) else model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, module in modules.items():
+            module.training = modes[name]
+        if callable(reset_state):
+            reset_state()
+    example_batch = _batch_of(example_input)
+    factor = (batch_size or example_batch) / example_batch
+    plan.batch_size = batch_size or example_batch
+    for row in plan.rows:
+        module = modules[row.name]
+        exact = approx = ProductMACs()
+        for call in calls[row.name]:
+            if isinstance(module, (ApproxLinear, ApproxConv2d)):
+                e, a = _approx_layer_macs(module, call, factor)
+            else:
+                e = _scale(exact_layer_macs(module, call.input_shape, call.output_shape, call.input_grad,
+                                            any(p.requires_grad for p in module.parameters())), factor)
+                a = e
+            exact, approx = exact + e, approx + a
+        row.exact_macs, row.approx_macs = exact, approx
+
+
+def attach_meter(model: nn.Module, meter: ComputeMeter) -> list[RemovableHandle]:
+    """Make ``model`` record its training MACs into ``meter``, one entry per layer.
+
+    Approximate layers record what their sampled products ran (forward now, the
+    backward products when backward runs); exact Linear/Conv2d/LSTM layers are
+    counted by forward hooks. Only training-mode calls are counted. Returns the
+    hook handles (``handle.remove()`` detaches).
+    """
+    handles: list[RemovableHandle] = []
+    for name, module in model.named_modules():
+        if isinstance(module, (ApproxLinear, ApproxConv2d)):
+            module.compute = meter.entry(name)
+        elif _layer_type(module) is not None:
+            entry = meter.entry(name)
+
+            def count(module: nn.Module, args: tuple, output: Any, entry=entry) -> None:
+                if not module.training:
+                    return
+                out = output[0] if isinstance(output, tuple) else output
+                grad = torch.is_grad_enabled()
+                macs = exact_layer_macs(module, args[0].shape, out.shape, grad and args[0].requires_grad,
+                                        grad and module.weight_ih_l0.requires_grad if isinstance(module, nn.LSTM)
+                                        else grad and module.weight.requires_grad)
+                if not grad:
+                    macs = ProductMACs(macs.forward, 0, 0)
+                entry.calls += 1
+                entry.exact += macs
+                entry.actual += macs
+
+            handles.append(module.register_forward_hook(count))
+    return handles
