@@ -1,0 +1,159 @@
+"""``approxtrain``: the Hydra app that trains one configuration (or a sweep of them).
+
+    approxtrain model=wrn sampler=topk ratio=0.5
+    approxtrain -m sampler=exact,topk,nps ratio=0.3,0.5 model=mlp dataset=digits logger=none
+
+A failing job is recorded (``results.json`` with ``status: failed`` and the
+one-line error, W&B run finished as failed); in a sweep the other jobs go on, and
+the sweep ends with the comparison table of its runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from approxtrain.results import read_results, write_results
+
+log = logging.getLogger("approxtrain")
+CONFIG_PACKAGE = "approxtrain.configs"
+GROUPS = ("model", "dataset", "sampler", "layers", "logger", "experiment", "trainer")
+
+# hydra.run.dir: a resumed run keeps writing into the run dir it continues
+if not OmegaConf.has_resolver("resume_dir"):
+    OmegaConf.register_new_resolver("resume_dir", lambda resume, default: resume if resume else default)
+
+_failed_jobs: list[str] = []
+
+
+def _options(group: str) -> list[str]:
+    """The options of a config group shipped with the package (e.g. sampler -> exact, topk, ...)."""
+    from importlib.resources import files
+
+    folder = files(CONFIG_PACKAGE).joinpath(group)
+    if not folder.is_dir():
+        return []
+    return sorted(entry.name[:-5] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+
+
+def check_group_overrides(args: list[str]) -> str | None:
+    """A one-line error for ``group=option`` overrides naming an option that does not exist, else None.
+
+    Sweep values (``sampler=topk,nps``) are checked one by one; a path to a user's own
+    file (``layers=/abs/rules`` via the search path) and sweep functions are left to Hydra.
+    """
+    for arg in args:
+        if arg.startswith(("-", "+", "~", "hydra")) or "=" not in arg:
+            continue
+        key, _, value = arg.partition("=")
+        key = key.removeprefix("override ").strip()
+        if key not in GROUPS or "(" in value or value in ("", "null"):
+            continue
+        options = _options(key)
+        for choice in value.split(","):
+            if options and choice not in options and "/" not in choice:
+                return f"{key}={choice} is unknown; allowed: {', '.join(options)}"
+    return None
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    message = text[0] if text else type(error).__name__
+    return message if isinstance(error, ValueError) else f"{type(error).__name__}: {message}"
+
+
+def _sweep_group() -> str | None:
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return f"sweep-{Path(hydra_cfg.sweep.dir).name}"
+    return None
+
+
+def _record_failure(run_dir: Path, cfg: DictConfig, message: str) -> dict[str, Any]:
+    results = read_results(run_dir) or {
+        "model": OmegaConf.select(cfg, "model.name"), "dataset": OmegaConf.select(cfg, "dataset.name"),
+        "sampler": OmegaConf.select(cfg, "sampler.name"), "ratio": OmegaConf.select(cfg, "ratio", throw_on_resolution_failure=False),
+        "seed": OmegaConf.select(cfg, "seed"), "layers_rule_set": OmegaConf.select(cfg, "layers.name"),
+        "epochs": [], "layers": [], "best_metric": None, "final_metric": None, "compute_reduction": None,
+    }
+    results.update(status="failed", error=message)
+    write_results(run_dir, results)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="train")
+def _app(cfg: DictConfig) -> float | None:
+    from approxtrain.cli.console import ConsoleReporter, print_config
+    from approxtrain.training import train
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    console = Console()
+    wandb_reporter = None
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True)
+        assert isinstance(container, dict)
+        from approxtrain.config import validate
+
+        validate(container)
+        print_config(console, container, run_dir)
+        reporters: list[Any] = [ConsoleReporter(console)]
+        if container["logger"]["name"] == "wandb":
+            from approxtrain.cli.wandb_logger import WandbReporter
+
+            wandb_reporter = WandbReporter(container, run_dir, _sweep_group() or container.get("experiment_name"), console.print)
+            reporters.append(wandb_reporter)
+        results = train(container, run_dir, reporters)
+        log.info("finished: best %s %s, compute reduction %.4f", results["metric_name"], results["best_metric"], results["compute_reduction"])
+        return results["best_metric"]
+    except Exception as error:  # recorded, then reported as one line
+        message = _one_line(error)
+        results = _record_failure(run_dir, cfg, message)
+        if wandb_reporter is not None:
+            wandb_reporter.fail(results, message)
+        log.debug("run failed", exc_info=True)
+        if multirun:
+            log.error("job %s failed: %s", hydra_cfg.job.num, message)
+            _failed_jobs.append(f"job {hydra_cfg.job.num} ({hydra_cfg.job.override_dirname}): {message}")
+            return None
+        print(f"approxtrain: error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+class SweepTableCallback(Callback):
+    """Prints the comparison table of a sweep's runs when the sweep ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            from approxtrain.compare import print_sweep_table
+        except ImportError:  # the comparison package is optional for training
+            return
+        print_sweep_table(Path(config.hydra.sweep.dir))
+
+
+def main() -> None:
+    """Console entry point: pre-checks group choices, runs Hydra, exits non-zero on failed jobs."""
+    error = check_group_overrides(sys.argv[1:])
+    if error:
+        print(f"approxtrain: error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+    _app()
+    if _failed_jobs:
+        print(f"approxtrain: {len(_failed_jobs)} job(s) failed:", file=sys.stderr)
+        for line in _failed_jobs:
+            print(f"  {line}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Weights & Biases logging of a run (``logger=wandb``); wandb is imported only here, lazily.
+
+Config and summary keys are flat so the dashboard's runs table, parallel
+coordinates and scatter (``compute_reduction`` vs ``best_metric``) work unedited.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from approxtrain.surgery import Plan
+
+SUMMARY_KEYS = ("status", "metric_name", "best_metric", "final_metric", "compute_reduction", "planned_compute_reduction",
+                "step_time_s", "wall_time_s", "steps", "device", "peak_memory_bytes", "error")
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"trainer": {"optimizer": {"lr": 0.1}}}`` -> ``{"trainer.optimizer.lr": 0.1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def run_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The flat W&B config: short keys for the comparison axes plus every dotted key."""
+    flat = flatten({key: value for key, value in cfg.items() if key != "layers"})
+    flat.pop("model.paper_dataset", None)
+    flat.update(
+        model=cfg["model"]["name"], dataset=cfg["dataset"]["name"], sampler=cfg["sampler"]["name"],
+        ratio=cfg["ratio"], seed=cfg["seed"], layers=cfg["layers"].get("name", "custom"),
+        layer_rules=str(cfg["layers"].get("rules")),
+    )
+    return flat
+
+
+def _api_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_mode(mode: str) -> tuple[str | None, str | None]:
+    """(mode for ``wandb.init`` -- None lets ``WANDB_MODE`` decide --, a one-line hint or None)."""
+    if os.environ.get("WANDB_MODE"):
+        return None, None
+    if mode != "auto":
+        return mode, None
+    if _api_key_configured():
+        return "online", None
+    return "offline", "W&B: no API key configured, logging offline; upload later with `wandb sync <run dir>/wandb/offline-run-*`"
+
+
+class WandbReporter:
+    """Logs a run to W&B: resolved flat config, tags, per-step and per-epoch metrics,
+    the layer plan as a ``wandb.Table`` and a summary holding the best metric."""
+
+    def __init__(self, cfg: Mapping[str, Any], run_dir: Path, group: str | None, echo=print) -> None:
+        import wandb
+
+        self.wandb = wandb
+        logger = cfg["logger"]
+        mode, hint = resolve_mode(logger.get("mode", "auto"))
+        if hint:
+            echo(hint)
+        tags = [f"model:{cfg['model']['name']}", f"dataset:{cfg['dataset']['name']}", f"sampler:{cfg['sampler']['name']}",
+                f"ratio:{cfg['ratio']}", *logger.get("tags", [])]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=logger.get("project", "approxtrain"), entity=logger.get("entity"), group=logger.get("group") or group,
+            name=f"{cfg['model']['name']}-{cfg['dataset']['name']}-{cfg['sampler']['name']}-{cfg['ratio']}-s{cfg['seed']}",
+            tags=tags, config=run_config(cfg), dir=str(run_dir), mode=mode, job_type="train", reinit="finish_previous",
+        )
+        self.run.define_metric("global_step")
+        self.run.define_metric("train/*", step_metric="global_step")
+        self.run.define_metric("epoch")
+        self.step = 0
+
+    def on_start(self, results: dict[str, Any], plan: Plan, steps_per_epoch: int) -> None:
+        columns = ["layer", "type", "n", "k", "ratio", "policy", "exact_macs", "approx_macs", "note"]
+        rows = [[r.name, r.type, r.n, r.k, r.ratio, r.policy, r.exact_macs.total, r.approx_macs.total, r.note] for r in plan.rows]
+        metric = results["metric_name"]
+        self.run.define_metric("test_metric", step_metric="epoch", summary="max" if metric == "accuracy" else "min")
+        self.run.define_metric("compute_reduction_epoch", step_metric="epoch")
+        self.run.log({"layer_plan": self.wandb.Table(columns=columns, data=rows)})
+        self.run.summary.update({"planned_compute_reduction": plan.compute_reduction, "metric_name": metric})
+
+    def on_step(self, epoch: int, step: int, loss: float | None, samples_per_s: float, compute_reduction: float) -> None:
+        self.step += 1
+        self.run.log({"global_step": self.step, "train/loss": loss, "train/samples_per_s": samples_per_s,
+                      "train/compute_reduction": compute_reduction})
+
+    def on_epoch(self, record: dict[str, Any], results: dict[str, Any]) -> None:
+        self.run.log({"epoch": record["epoch"], "test_metric": record["test_metric"], "train_loss_epoch": record["train_loss"],
+                      "compute_reduction_epoch": record["compute_reduction"], "epoch_time_s": record["time_s"], "lr": record["lr"]})
+
+    def on_end(self, results: dict[str, Any]) -> None:
+        self.run.summary.update({key: results.get(key) for key in SUMMARY_KEYS})
+        self.run.finish()
+
+    def fail(self, results: dict[str, Any] | None, message: str) -> None:
+        """Record the failure and finish the run (always called on errors)."""
+        summary = {key: (results or {}).get(key) for key in SUMMARY_KEYS}
+        summary.update(status="failed", error=message)
+        self.run.summary.update(summary)
+        self.run.finish(exit_code=1)

@@ -1,0 +1,102 @@
+"""Validation of a composed run config: every bad value becomes one clear line.
+
+Values are checked where they enter (before any data or model is built), so a
+bad ``ratio=1.5`` never reaches a kernel. Works on plain mappings (the CLI passes
+the resolved Hydra config as a dict).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from approxtrain.sampling import POLICIES, SamplingConfig
+from approxtrain.surgery import LayerRule, rules_from_dicts
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message is one line naming it and what is allowed."""
+
+
+_SAMPLER_FIELDS = ("min_k", "replacement", "scale", "bwd_ratio", "bwd_min_k", "wu_ratio", "wu_min_k", "align_k")
+_CHOICES = {
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "trainer.amp": ("auto", "bf16", "off"),
+    "trainer.optimizer.name": ("adam", "sgd"),
+    "trainer.scheduler.name": ("none", "multistep", "exponential"),
+    "trainer.scheduler.interval": ("epoch", "step"),
+    "logger.name": ("wandb", "none"),
+    "logger.mode": ("auto", "online", "offline", "disabled"),
+}
+
+
+def _get(cfg: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
+    node: Any = cfg
+    for key in dotted.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            return default
+        node = node[key]
+    return node
+
+
+def check_ratio(value: Any, name: str = "ratio") -> float:
+    """A sampling ratio in (0, 1]; strings like ``abc`` and NaN are rejected by name."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(float(value)) or not 0 < float(value) <= 1:
+        raise ConfigError(f"{name}={value!r} is invalid; allowed: a number in (0, 1], e.g. {name}=0.5")
+    return float(value)
+
+
+def default_sampling(cfg: Mapping[str, Any]) -> SamplingConfig:
+    """The sampling the layer rules start from: the sampler group plus the top-level ratio."""
+    ratio = check_ratio(cfg.get("ratio"))
+    sampler = cfg.get("sampler") or {}
+    name = sampler.get("name")
+    if name not in POLICIES:
+        raise ConfigError(f"sampler={name!r} is unknown; allowed: {', '.join(POLICIES)}")
+    values = {key: sampler[key] for key in _SAMPLER_FIELDS if key in sampler}
+    try:
+        return SamplingConfig(policy=name, ratio=ratio, **values)
+    except ValueError as error:
+        raise ConfigError(f"sampler.{error}") from None
+
+
+def layer_rules(cfg: Mapping[str, Any]) -> list[LayerRule]:
+    """The ``layers`` group's rules, each completed from :func:`default_sampling`."""
+    default = default_sampling(cfg)
+    rules = _get(cfg, "layers.rules")
+    if rules is None or not isinstance(rules, (list, tuple)):
+        raise ConfigError(f"layers.rules={rules!r} is invalid; allowed: a list of rules like [{{match: 'fc*', type: Linear}}]")
+    try:
+        return rules_from_dicts(rules, default)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def validate(cfg: Mapping[str, Any]) -> None:
+    """Check every value the run depends on; raise :class:`ConfigError` on the first bad one."""
+    layer_rules(cfg)
+    for dotted, allowed in _CHOICES.items():
+        value = _get(cfg, dotted)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"{dotted}={value!r} is invalid; allowed: {', '.join(allowed)}")
+    for dotted in ("trainer.epochs", "dataset.batch_size"):
+        value = _get(cfg, dotted)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{dotted}={value!r} is invalid; allowed: an integer >= 1")
+    max_steps = _get(cfg, "trainer.max_steps")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise ConfigError(f"trainer.max_steps={max_steps!r} is invalid; allowed: null or an integer >= 1")
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed={seed!r} is invalid; allowed: an integer")
+    lr = _get(cfg, "trainer.optimizer.lr")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ConfigError(f"trainer.optimizer.lr={lr!r} is invalid; allowed: a number > 0")
+    for dotted in ("trainer.compile", "trainer.deterministic", "trainer.checkpoint"):
+        value = _get(cfg, dotted)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{dotted}={value!r} is invalid; allowed: true, false")
+    channels_last = _get(cfg, "trainer.channels_last")
+    if channels_last not in ("auto", True, False):
+        raise ConfigError(f"trainer.channels_last={channels_last!r} is invalid; allowed: auto, true, false")
