@@ -29,6 +29,10 @@ from torch import Tensor
 from approxtrain.accounting import LayerCompute
 from approxtrain.sampling import SamplingConfig, Selection, select
 
+# Profiler ranges: benchmarks attribute time to selection (norms + sampling),
+# gathers and scatters by these names (cheap when no profiler is running).
+SELECT_RANGE, GATHER_RANGE, SCATTER_RANGE = "approxtrain::select", "approxtrain::gather", "approxtrain::scatter"
+
 _convolution_backward = torch.ops.aten.convolution_backward.default
 
 
@@ -105,10 +109,11 @@ class LinearCRS(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, selection: Selection,
                 config: SamplingConfig, generator: torch.Generator | None, compute: LayerCompute | None) -> Tensor:
-        x_k = input.index_select(1, selection.keep)
-        w_k = weight.index_select(1, selection.keep)
-        if selection.scale is not None:
-            w_k = w_k * selection.scale.to(w_k.dtype)
+        with torch.profiler.record_function(GATHER_RANGE):
+            x_k = input.index_select(1, selection.keep)
+            w_k = weight.index_select(1, selection.keep)
+            if selection.scale is not None:
+                w_k = w_k * selection.scale.to(w_k.dtype)
         output = F.linear(x_k, w_k, bias)
         ctx.save_for_backward(x_k, w_k)
         ctx.selection, ctx.config, ctx.generator, ctx.compute = selection, config, generator, compute
@@ -128,14 +133,16 @@ class LinearCRS(torch.autograd.Function):
         grad_output = grad_output.contiguous()
         if ctx.needs_input_grad[0]:
             g, k_b = _linear_input_grad(grad_output, w_k, config, ctx.generator)
-            grad_input = _scatter_columns(ctx.input_shape, 1, selection, g)
+            with torch.profiler.record_function(SCATTER_RANGE):
+                grad_input = _scatter_columns(ctx.input_shape, 1, selection, g)
             if compute is not None:
                 compute.add("input_grad", rows * out_features * n, rows * k_b * k)
         if ctx.needs_input_grad[1]:
             g, k_w = _linear_weight_grad(grad_output, x_k, config, ctx.generator)
             if selection.scale is not None:
                 g = g * selection.scale.to(g.dtype)
-            grad_weight = _scatter_columns(ctx.weight_shape, 1, selection, g)
+            with torch.profiler.record_function(SCATTER_RANGE):
+                grad_weight = _scatter_columns(ctx.weight_shape, 1, selection, g)
             if compute is not None:
                 compute.add("weight_grad", rows * out_features * n, k_w * out_features * k)
         if ctx.needs_input_grad[2]:
@@ -168,9 +175,9 @@ def approx_linear(
             _count_exact_linear(compute, rows, n, out_features, input.requires_grad, weight.requires_grad)
         return F.linear(input, weight, bias)
     x2, weight, bias = _autocast(x2, weight, bias)
-    with torch.no_grad():
+    with torch.no_grad(), torch.profiler.record_function(SELECT_RANGE):
         scores = torch.linalg.vector_norm(x2, dim=0) * torch.linalg.vector_norm(weight, dim=0)
-    selection = select(scores, k, config, generator)
+        selection = select(scores, k, config, generator)
     if compute is not None:
         compute.calls += 1
         compute.add("forward", rows * n * out_features, rows * selection.keep.numel() * out_features)
@@ -239,10 +246,11 @@ class Conv2dCRS(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, selection: Selection, geometry: tuple,
                 config: SamplingConfig, generator: torch.Generator | None, compute: LayerCompute | None) -> Tensor:
-        x_k = _take_channels(input, selection.keep)
-        w_k = weight.index_select(1, selection.keep)
-        if selection.scale is not None:
-            w_k = w_k * _scale_view(selection.scale.to(w_k.dtype), 1, 4)
+        with torch.profiler.record_function(GATHER_RANGE):
+            x_k = _take_channels(input, selection.keep)
+            w_k = weight.index_select(1, selection.keep)
+            if selection.scale is not None:
+                w_k = w_k * _scale_view(selection.scale.to(w_k.dtype), 1, 4)
         stride, padding, dilation = geometry
         output = F.conv2d(x_k, w_k, bias, stride, padding, dilation)
         ctx.save_for_backward(x_k, w_k)
@@ -265,15 +273,17 @@ class Conv2dCRS(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             g, k_b = _conv_input_grad(grad_output, x_k, w_k, ctx.geometry, config, ctx.generator)
             memory_format = torch.channels_last if ctx.input_channels_last else torch.contiguous_format
-            grad_input = torch.zeros(ctx.input_shape, dtype=g.dtype, device=g.device).contiguous(memory_format=memory_format)
-            grad_input = grad_input.index_copy_(1, selection.keep, g) if selection.unique else grad_input.index_add_(1, selection.keep, g)
+            with torch.profiler.record_function(SCATTER_RANGE):
+                grad_input = torch.empty(ctx.input_shape, dtype=g.dtype, device=g.device, memory_format=memory_format).zero_()
+                grad_input = grad_input.index_copy_(1, selection.keep, g) if selection.unique else grad_input.index_add_(1, selection.keep, g)
             if compute is not None:
                 compute.add("input_grad", batch * channels * out_channels * per_pair, batch * k * k_b * per_pair)
         if ctx.needs_input_grad[1]:
             g, k_w = _conv_weight_grad(grad_output, x_k, w_k, ctx.geometry, config, ctx.generator)
             if selection.scale is not None:
                 g = g * _scale_view(selection.scale.to(g.dtype), 1, 4)
-            grad_weight = _scatter_columns(ctx.weight_shape, 1, selection, g)
+            with torch.profiler.record_function(SCATTER_RANGE):
+                grad_weight = _scatter_columns(ctx.weight_shape, 1, selection, g)
             if compute is not None:
                 compute.add("weight_grad", batch * channels * out_channels * per_pair, k_w * k * out_channels * per_pair)
         if ctx.needs_input_grad[2]:
@@ -318,9 +328,9 @@ def approx_conv2d(
             _count_exact_conv(compute, input, weight, output)
         return output
     input, weight, bias = _autocast(input, weight, bias)
-    with torch.no_grad():
+    with torch.no_grad(), torch.profiler.record_function(SELECT_RANGE):
         scores = torch.linalg.vector_norm(input, dim=(0, 2, 3)) * torch.linalg.vector_norm(weight, dim=(0, 2, 3))
-    selection = select(scores, k, config, generator)
+        selection = select(scores, k, config, generator)
     output = Conv2dCRS.apply(input, weight, bias, selection, geometry, config, generator, compute)
     if compute is not None:
         per_channel = output.shape[0] * output.shape[1] * output.shape[2] * output.shape[3] * weight.shape[2] * weight.shape[3]

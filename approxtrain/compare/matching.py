@@ -1,0 +1,177 @@
+"""Which config keys make two runs comparable: flattening and key classes.
+
+A run's resolved ``.hydra/config.yaml`` is flattened to dotted keys
+(``trainer.epochs``, ``sampler.name``). Every key falls in one of three classes:
+
+* *approximation* keys define how a run approximates -- ``sampler.*``, ``ratio``,
+  ``layers.*`` (and W&B's flat ``layer_rules``). They are what a comparison varies.
+* *bookkeeping* keys cannot change what a run computes -- ``resume``,
+  ``experiment_name``, ``logger.*``, ``hydra.*``, output paths, ``_``-prefixed keys
+  (W&B's own), and leaf names that only steer I/O (``num_workers``, ``root``,
+  ``download``, ``log_every_n_steps``, ``checkpoint``, ...).
+* every other key is a *setting* (``model.*``, ``dataset.*``, ``trainer.*`` --
+  ``trainer.device`` included, since step times on different devices do not
+  compare -- ``seed``, ...).
+
+The exact baseline of a run is a ``sampler.name == "exact"`` run whose settings are
+all equal to the run's, seed included.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+EXACT_SAMPLER = "exact"
+APPROXIMATION_PREFIXES = ("sampler", "ratio", "layers", "layer_rules")
+BOOKKEEPING_PREFIXES = (
+    "resume",
+    "experiment_name",
+    "logger",
+    "hydra",
+    "wandb",
+    "paths",
+    "output_dir",
+    "run_dir",
+    "work_dir",
+    "checkpoint_dir",
+)
+BOOKKEEPING_LEAVES = (
+    "num_workers",
+    "pin_memory",
+    "root",
+    "download",
+    "log_every",
+    "log_every_n_steps",
+    "log_interval",
+    "checkpoint",
+    "checkpoint_every",
+    "progress",
+)
+SEED_KEY = "seed"
+
+ConfigKey = tuple[tuple[str, Any], ...]
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings to dotted keys; lists become canonical JSON strings.
+
+    ``{"model": {"name": "mlp"}, "ratio": 0.3}`` -> ``{"model.name": "mlp", "ratio": 0.3}``.
+    Keys that are already dotted (W&B's flat config) pass through unchanged.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, prefix=f"{dotted}."))
+        elif isinstance(value, (list, tuple)):
+            flat[dotted] = json.dumps(value, sort_keys=True, default=str)
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _has_prefix(key: str, prefixes: Iterable[str]) -> bool:
+    return any(key == prefix or key.startswith(f"{prefix}.") for prefix in prefixes)
+
+
+def is_approximation_key(key: str) -> bool:
+    """True for the keys that define the approximation (``sampler.*``, ``ratio``, ``layers.*``)."""
+    return _has_prefix(key, APPROXIMATION_PREFIXES)
+
+
+def is_bookkeeping_key(key: str) -> bool:
+    """True for keys that cannot change what a run computes (logging, paths, resume)."""
+    if key.startswith("_") or _has_prefix(key, BOOKKEEPING_PREFIXES):
+        return True
+    return key.rsplit(".", 1)[-1] in BOOKKEEPING_LEAVES
+
+
+def setting_key(config: Mapping[str, Any]) -> ConfigKey:
+    """The settings a run shares with its baseline: every key but approximation,
+    bookkeeping and the seed, as a sorted hashable tuple."""
+    return tuple(
+        sorted(
+            (key, value)
+            for key, value in config.items()
+            if key != SEED_KEY and not is_approximation_key(key) and not is_bookkeeping_key(key)
+        )
+    )
+
+
+def approximation_key(config: Mapping[str, Any]) -> ConfigKey:
+    """The approximation a run uses as a sorted hashable tuple; all exact runs share one."""
+    if config.get("sampler.name") == EXACT_SAMPLER:
+        return (("sampler.name", EXACT_SAMPLER),)
+    return tuple(sorted((k, v) for k, v in config.items() if is_approximation_key(k)))
+
+
+def compact_key(key: str) -> str:
+    """Hydra-override spelling of a dotted key: ``sampler.name`` -> ``sampler``."""
+    return key[: -len(".name")] if key.endswith(".name") else key
+
+
+def _visible(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys worth comparing for display; an exact run hides its unused approximation keys."""
+    shown = {k: v for k, v in config.items() if not is_bookkeeping_key(k)}
+    if config.get("sampler.name") == EXACT_SAMPLER:
+        shown = {k: v for k, v in shown.items() if k == "sampler.name" or not is_approximation_key(k)}
+    return shown
+
+
+def _group_of(key: str) -> str | None:
+    """The config group a key belongs to when that group has a ``name`` (``sampler.scale`` -> ``sampler``)."""
+    head, _, tail = key.partition(".")
+    return head if tail and tail != "name" else None
+
+
+def varying_keys(configs: list[Mapping[str, Any]], ignore: Iterable[str] = (SEED_KEY,)) -> list[str]:
+    """Dotted keys whose values differ across ``configs``, approximation keys first.
+
+    Only configs that have a key take part (an exact run shows no ratio or layers);
+    a key of a named group (``sampler.scale``) only counts when it varies among
+    configs that chose the same option (same ``sampler.name``).
+    """
+    visible = [_visible(config) for config in configs]
+    keys = sorted({key for config in visible for key in config} - set(ignore), key=_display_order)
+    return [key for key in keys if _varies(key, visible)]
+
+
+def _varies(key: str, configs: list[Mapping[str, Any]]) -> bool:
+    """Whether ``key`` takes more than one value among the configs that have it, per group option."""
+    group = _group_of(key)
+    partitions: dict[str, set[str]] = {}
+    for config in configs:
+        if key not in config:
+            continue
+        option = config.get(f"{group}.name") if group is not None else None
+        partitions.setdefault(_hashable(option), set()).add(_hashable(config[key]))
+    return any(len(values) > 1 for values in partitions.values())
+
+
+def _display_order(key: str) -> tuple[int, str]:
+    leading = ("sampler.name", "ratio", "layers.name")
+    if key in leading:
+        return leading.index(key), key
+    return (len(leading) if is_approximation_key(key) else len(leading) + 1), key
+
+
+def _hashable(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def format_overrides(config: Mapping[str, Any], keys: Iterable[str]) -> str:
+    """``sampler=nps ratio=0.3`` for the given keys that ``config`` shows."""
+    visible = _visible(config)
+    return " ".join(f"{compact_key(key)}={_format_value(visible[key])}" for key in keys if key in visible)
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)

@@ -1,0 +1,91 @@
+"""Machine- and human-readable outputs: Markdown, CSV, JSON and the report folder.
+
+The report folder holds ``report.md`` (the tables, notes, problems and both plots),
+``pareto.png``, ``curves.png`` and ``runs.csv`` (one line per run, then one per
+problem with status ``broken``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from approxtrain.compare.formatting import COLUMNS, metric_digits, row_cells, row_notes
+from approxtrain.compare.runs import Problem
+from approxtrain.compare.table import RUN_RECORD_FIELDS, Table
+
+REPORT_FILES = ("report.md", "pareto.png", "curves.png", "runs.csv")
+
+
+def run_records(tables: Sequence[Table]) -> list[dict[str, Any]]:
+    """Every run of every table as a flat record."""
+    return [row.as_record() for table in tables for row in table.run_rows]
+
+
+def to_json(tables: Sequence[Table], problems: Sequence[Problem]) -> str:
+    """``{"tables": [...aggregated rows...], "runs": [...], "problems": [{"path", "message"}]}``."""
+    document = {
+        "tables": [table.as_record() for table in tables],
+        "runs": run_records(tables),
+        "problems": [{"path": p.path, "message": p.message} for p in problems],
+    }
+    return json.dumps(document, indent=2, default=str)
+
+
+def to_csv(tables: Sequence[Table], problems: Sequence[Problem]) -> str:
+    """One CSV line per run, then one per problem (``status=broken``, message in ``error``)."""
+    records = run_records(tables)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=RUN_RECORD_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    for problem in problems:
+        writer.writerow({"path": problem.path, "status": "broken", "error": problem.message})
+    return buffer.getvalue()
+
+
+def to_markdown(tables: Sequence[Table], problems: Sequence[Problem], images: bool = False) -> str:
+    """The tables as Markdown, with notes, problems and (``images=True``) the two plots."""
+    lines = ["# approxtrain comparison", ""]
+    if not tables:
+        lines += ["No runs to compare.", ""]
+    for table in tables:
+        lines += _markdown_table(table)
+    if images and tables:
+        lines += ["## Plots", "", "![metric vs compute reduction](pareto.png)", ""]
+        lines += ["![test metric per epoch](curves.png)", ""]
+    if problems:
+        lines += [f"## Problems ({len(problems)})", ""]
+        lines += [f"- `{p.path}`: {_escape(p.message)}" for p in problems] + [""]
+    return "\n".join(lines)
+
+
+def write_report(tables: Sequence[Table], problems: Sequence[Problem], out_dir: Path) -> dict[str, Path]:
+    """Write :data:`REPORT_FILES` into ``out_dir`` (created); returns name -> path."""
+    from approxtrain.compare.plots import write_curves_png, write_pareto_png  # matplotlib only when writing
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {name: out_dir / name for name in REPORT_FILES}
+    paths["report.md"].write_text(to_markdown(tables, problems, images=True), encoding="utf-8")
+    paths["runs.csv"].write_text(to_csv(tables, problems), encoding="utf-8")
+    write_pareto_png(tables, paths["pareto.png"])
+    write_curves_png(tables, paths["curves.png"])
+    return paths
+
+
+def _markdown_table(table: Table) -> list[str]:
+    digits = metric_digits(table)
+    lines = [f"## {table.title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_escape(cell) for cell in row_cells(row, digits)) + " |" for row in table.rows]
+    notes = row_notes(table)
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {_escape(note)}" for note in notes]
+    return lines + [""]
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|")

@@ -1,0 +1,317 @@
+"""Finding run dirs and loading them into :class:`Run` records.
+
+A *run dir* holds ``results.json`` and/or ``.hydra/``. Paths given to
+:func:`collect_runs` may be run dirs, sweep dirs or any folder above them; they are
+searched recursively. Whatever cannot be loaded becomes a :class:`Problem` -- one
+line naming the path -- and never stops the other runs from loading.
+
+Statuses: ``finished``, ``failed`` and ``running`` come from ``results.json``;
+``incomplete`` is derived -- a finished run with fewer epochs than
+``trainer.epochs`` (when no ``trainer.max_steps`` cap explains it), or a running run
+whose ``results.json`` has not changed for longer than :func:`stale_after_s`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+
+from approxtrain.compare.matching import flatten
+
+RESULTS_FILE = "results.json"
+HYDRA_DIR = ".hydra"
+SWEEP_FILE = "multirun.yaml"
+SKIP_DIRS = frozenset({HYDRA_DIR, "wandb", "checkpoints", "__pycache__", ".git", "report", "reports"})
+LOWER_IS_BETTER = frozenset({"perplexity", "loss", "error"})
+MIN_STALE_S = 3600.0
+STATUSES = ("finished", "failed", "running", "incomplete")
+
+
+@dataclass
+class Problem:
+    """A path that could not be loaded as a run, and why (one line)."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+@dataclass
+class Run:
+    """One training run as read from its run dir (or from W&B)."""
+
+    path: str
+    status: str
+    model: str
+    dataset: str
+    sampler: str
+    ratio: float | None
+    seed: int | None
+    layers: str | None
+    metric_name: str
+    best_metric: float | None
+    final_metric: float | None
+    compute_reduction: float | None
+    step_time_s: float | None
+    wall_time_s: float | None
+    epochs_done: int
+    epochs_planned: int | None
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+    has_config: bool = True
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Accuracy-like metrics grow, perplexity-like ones shrink."""
+        return self.metric_name not in LOWER_IS_BETTER
+
+    @property
+    def is_exact(self) -> bool:
+        """True for an exact-training (baseline) run."""
+        return self.sampler == "exact"
+
+
+def find_run_dirs(root: Path) -> Iterator[Path]:
+    """Yield every run dir at or below ``root`` (a dir with ``results.json`` or ``.hydra/``)."""
+    for current, dirs, files in os.walk(root):
+        here = Path(current)
+        if RESULTS_FILE in files or HYDRA_DIR in dirs:
+            dirs[:] = []
+            yield here
+            continue
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+
+
+def collect_runs(paths: Iterable[Path | str]) -> tuple[list[Run], list[Problem]]:
+    """Load every run under ``paths``; returns the runs and the problems met, both sorted by path."""
+    runs: list[Run] = []
+    problems: list[Problem] = []
+    seen: set[Path] = set()
+    for root in paths:
+        root = Path(root)
+        if root.is_file() and root.name == RESULTS_FILE:
+            root = root.parent
+        found = False
+        for run_dir in find_run_dirs(root):
+            found = True
+            resolved = run_dir.resolve()
+            if resolved in seen:
+                continue
+            seen.add(resolved)
+            run, run_problems = load_run_dir(run_dir)
+            problems.extend(run_problems)
+            if run is not None:
+                runs.append(run)
+        if not found:
+            problems.append(Problem(str(root), "no run dirs found (no results.json or .hydra/ below it)"))
+    return sorted(runs, key=lambda r: r.path), sorted(problems, key=lambda p: p.path)
+
+
+def load_run_dir(run_dir: Path) -> tuple[Run | None, list[Problem]]:
+    """Load one run dir; ``None`` plus a problem when ``results.json`` is missing or unreadable."""
+    results_path = run_dir / RESULTS_FILE
+    if not results_path.is_file():
+        return None, [Problem(str(run_dir), f"missing {RESULTS_FILE} (not started, or died before its first epoch)")]
+    results, problem = _read_json_object(results_path)
+    if problem is not None:
+        return None, [problem]
+    config, config_problem = _read_config(run_dir)
+    problems = [config_problem] if config_problem is not None else []
+    run = run_from_results(str(run_dir), results, config, overrides=_read_overrides(run_dir))
+    if config is None:
+        run.notes.append("no usable .hydra/config.yaml: baseline matched on model, dataset and seed only")
+    age_s = time.time() - results_path.stat().st_mtime
+    run.status = derive_status(run, results_age_s=age_s, stale_after=stale_after_s(results))
+    return run, problems
+
+
+def _read_json_object(path: Path) -> tuple[dict[str, Any], Problem | None]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        return {}, Problem(str(path), f"unreadable: {error}")
+    except json.JSONDecodeError as error:
+        return {}, Problem(str(path), f"corrupt JSON: {error}")
+    if not isinstance(data, dict):
+        return {}, Problem(str(path), f"expected a JSON object, got {type(data).__name__}")
+    return data, None
+
+
+def _read_config(run_dir: Path) -> tuple[dict[str, Any] | None, Problem | None]:
+    path = run_dir / HYDRA_DIR / "config.yaml"
+    if not path.is_file():
+        return None, None
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return None, Problem(str(path), f"corrupt YAML, run kept without its config: {first_line}")
+    if not isinstance(config, dict):
+        return None, Problem(str(path), "expected a mapping, run kept without its config")
+    return flatten(_resolved(config)), None
+
+
+def _resolved(config: dict[str, Any]) -> dict[str, Any]:
+    """Resolve the ``${...}`` interpolations Hydra leaves in ``config.yaml``; a leaf that
+    cannot be resolved here (e.g. a resolver of the training app) keeps its literal text."""
+    node = OmegaConf.create(config)
+    try:
+        resolved = OmegaConf.to_container(node, resolve=True)
+    except Exception:  # noqa: BLE001 - fall back leaf by leaf
+        return _resolve_leaves(node, config, prefix="")
+    return resolved if isinstance(resolved, dict) else config
+
+
+def _resolve_leaves(node: Any, config: dict[str, Any], prefix: str) -> dict[str, Any]:
+    resolved: dict[str, Any] = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            resolved[key] = _resolve_leaves(node, value, prefix=f"{dotted}.")
+            continue
+        try:
+            selected = OmegaConf.select(node, dotted)
+            resolved[key] = OmegaConf.to_container(selected, resolve=True) if OmegaConf.is_config(selected) else selected
+        except Exception:  # noqa: BLE001 - keep the literal interpolation
+            resolved[key] = value
+    return resolved
+
+
+def _read_overrides(run_dir: Path) -> list[str]:
+    path = run_dir / HYDRA_DIR / "overrides.yaml"
+    try:
+        overrides = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    return [str(item) for item in overrides] if isinstance(overrides, list) else []
+
+
+def run_from_results(
+    path: str,
+    results: Mapping[str, Any],
+    config: Mapping[str, Any] | None,
+    overrides: list[str] | None = None,
+    history: Iterable[Mapping[str, Any]] | None = None,
+) -> Run:
+    """Build a :class:`Run` from a results mapping (``results.json`` or a W&B summary)
+    and a flattened config; ``config=None`` derives a minimal one from the results."""
+    flat = dict(config) if config is not None else _config_from_results(results)
+    if results.get("device") and flat.get("trainer.device") in (None, "auto"):
+        flat["trainer.device"] = results["device"]  # the device it really ran on
+    epochs = _epoch_records(results.get("epochs"))
+    curve = _curve(epochs if history is None else _epoch_records(history))
+    return Run(
+        path=path,
+        status=str(results.get("status") or "unknown"),
+        model=str(_first(results.get("model"), flat.get("model.name"), "?")),
+        dataset=str(_first(results.get("dataset"), flat.get("dataset.name"), "?")),
+        sampler=str(_first(results.get("sampler"), flat.get("sampler.name"), "?")),
+        ratio=_number(_first(results.get("ratio"), flat.get("ratio"))),
+        seed=_integer(_first(results.get("seed"), flat.get("seed"))),
+        layers=_text(_first(results.get("layers_rule_set"), flat.get("layers.name"), flat.get("layers"))),
+        metric_name=str(results.get("metric_name") or "metric"),
+        best_metric=_number(results.get("best_metric")),
+        final_metric=_number(results.get("final_metric")),
+        compute_reduction=_number(results.get("compute_reduction")),
+        step_time_s=_number(results.get("step_time_s")),
+        wall_time_s=_number(results.get("wall_time_s")),
+        epochs_done=_epochs_done(results, epochs, curve),
+        epochs_planned=_integer(flat.get("trainer.epochs")),
+        curve=curve,
+        config=flat,
+        overrides=list(overrides or []),
+        error=_text(results.get("error")),
+        has_config=config is not None,
+    )
+
+
+def _config_from_results(results: Mapping[str, Any]) -> dict[str, Any]:
+    keys = {
+        "model.name": "model",
+        "dataset.name": "dataset",
+        "sampler.name": "sampler",
+        "ratio": "ratio",
+        "layers.name": "layers_rule_set",
+        "seed": "seed",
+    }
+    return {dotted: results.get(name) for dotted, name in keys.items() if results.get(name) is not None}
+
+
+def derive_status(run: Run, results_age_s: float, stale_after: float = MIN_STALE_S) -> str:
+    """``incomplete`` for a short finished run or a running one silent for over
+    ``stale_after`` seconds; otherwise the recorded status."""
+    if run.status == "finished" and run.epochs_planned and run.epochs_done < run.epochs_planned:
+        max_steps = _number(run.config.get("trainer.max_steps"))
+        if not max_steps or max_steps <= 0:
+            run.notes.append(f"finished after {run.epochs_done} of {run.epochs_planned} epochs")
+            return "incomplete"
+    if run.status == "running" and results_age_s > stale_after:
+        run.notes.append(f"status running but results.json unchanged for {results_age_s / 3600:.1f} h")
+        return "incomplete"
+    return run.status
+
+
+def stale_after_s(results: Mapping[str, Any]) -> float:
+    """How long a running run may leave ``results.json`` untouched: 1 h, or 3x its slowest epoch."""
+    times = [_number(e.get("time_s")) for e in _epoch_records(results.get("epochs"))]
+    return max([MIN_STALE_S] + [3 * t for t in times if t is not None])
+
+
+def _epoch_records(epochs: Any) -> list[Mapping[str, Any]]:
+    if not isinstance(epochs, (list, tuple)):
+        return []
+    return [e for e in epochs if isinstance(e, Mapping)]
+
+
+def _epochs_done(results: Mapping[str, Any], epochs: list[Mapping[str, Any]], curve: list) -> int:
+    """Epoch records in ``results.json``; else an explicit ``epochs_done`` (W&B summary); else curve points."""
+    if epochs:
+        return len(epochs)
+    explicit = _integer(results.get("epochs_done"))
+    return explicit if explicit is not None else len(curve)
+
+
+def _curve(epochs: list[Mapping[str, Any]]) -> list[tuple[int, float]]:
+    curve = []
+    for index, epoch in enumerate(epochs, start=1):
+        value = _number(epoch.get("test_metric"))
+        if value is not None:
+            curve.append((_integer(epoch.get("epoch")) or index, value))
+    return curve
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _integer(value: Any) -> int | None:
+    number = _number(value)
+    return int(number) if number is not None else None
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None or value == "" else str(value)

@@ -1,0 +1,239 @@
+"""End-to-end training-step benchmark: exact vs approximate, in one process.
+
+For each model (MLP, CNN, LSTM, WRN-28-10, ResNet-50) on synthetic data with the
+real shapes, times the median training step (forward, backward, optimizer step)
+of exact training and of ``sampler=topk`` at each ratio with the paper's layer
+rules, after warm-up, with device synchronisation. Reports per row: median step
+time, speedup vs exact (same run), the FLOP bound 1/(1 - compute reduction) and
+the fraction of it reached, the share of the step spent in selection (norms +
+top-k) and in gathers/scatters (from profiler ranges), peak memory (CUDA: max
+allocated) and the activation memory saved for backward by the approximated layers.
+
+    python scripts/bench_train.py                       # all models, CPU-sized batches on CPU
+    python scripts/bench_train.py --models wrn resnet50 --device cuda --amp bf16 --channels-last
+    python scripts/bench_train.py --json outputs/bench_train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from approxtrain import ComputeMeter, LayerRule, SamplingConfig, approximate_, attach_meter  # noqa: E402
+from approxtrain.data import DatasetInfo  # noqa: E402
+from approxtrain.functional import GATHER_RANGE, SCATTER_RANGE, SELECT_RANGE  # noqa: E402
+from approxtrain.models import build_model  # noqa: E402
+
+# model -> (dataset info, paper batch, CPU batch, the paper's layer rules as (match, type, exact))
+INFOS = {
+    "mnist": DatasetInfo("mnist", "image", 1, (28, 28), 10),
+    "cifar100": DatasetInfo("cifar100", "image", 3, (32, 32), 100),
+    "imagenet": DatasetInfo("imagenet", "image", 3, (224, 224), 1000),
+    "ptb": DatasetInfo("ptb", "text", vocab_size=10000, metric="perplexity"),
+}
+MODELS = {
+    "mlp": ("mnist", 50, 50, [(None, "Linear", False)]),
+    "cnn": ("mnist", 50, 50, [("conv1", None, True), (None, None, False)]),
+    "lstm": ("ptb", 20, 20, [("decoder", None, False)]),
+    "wrn": ("cifar100", 128, 8, [("conv1", None, True), ("fc", None, True), (None, "Conv2d", False)]),
+    "resnet50": ("imagenet", 128, 4, [("conv1", None, True), ("fc", None, True), (None, "Conv2d", False)]),
+}
+
+
+def _rules(spec, ratio: float, align_k: int) -> list[LayerRule]:
+    sampling = SamplingConfig("topk", ratio=ratio, align_k=align_k)
+    return [LayerRule(match, kind, exact, sampling) for match, kind, exact in spec]
+
+
+def _batch(info: DatasetInfo, batch: int, device: torch.device, channels_last: bool, image_size: int | None):
+    if info.kind == "text":
+        x = torch.randint(info.vocab_size, (batch, 35), device=device)
+        return x, torch.randint(info.vocab_size, (batch, 35), device=device)
+    size = (image_size, image_size) if image_size else info.image_size
+    x = torch.randn(batch, info.in_channels, *size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(info.num_classes, (batch,), device=device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _step(model, optimizer, x, y, info, amp: torch.dtype | None, device) -> None:
+    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        out = model(x)
+    if info.kind == "text":
+        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1))
+    else:
+        loss = F.cross_entropy(out.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def _saved_activation_bytes(model, x, y, info, amp, device) -> int:
+    """Bytes autograd saves for backward in one forward pass (the activation memory)."""
+    total = 0
+    seen: set[int] = set()
+
+    def pack(tensor):
+        nonlocal total
+        key = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else id(tensor)
+        if key not in seen and not isinstance(tensor, nn.Parameter):
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = model(x)
+    del out
+    return total
+
+
+def _measure(model, info, batch, device, amp, channels_last, image_size, warmup, repeats, profile_steps) -> dict:
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x, y = _batch(info, batch, device, channels_last, image_size)
+    reset = getattr(model, "reset_state", None)
+    for _ in range(warmup):
+        _step(model, optimizer, x, y, info, amp, device)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        if callable(reset):
+            reset()
+        start = time.perf_counter()
+        _step(model, optimizer, x, y, info, amp, device)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    shares = {"select": 0.0, "gather_scatter": 0.0}
+    if profile_steps:
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(profile_steps):
+                _step(model, optimizer, x, y, info, amp, device)
+            _sync(device)
+            wall = (time.perf_counter() - start) / profile_steps
+        per_step = {SELECT_RANGE: 0.0, GATHER_RANGE: 0.0, SCATTER_RANGE: 0.0}
+        for event in prof.key_averages():
+            if event.key in per_step:
+                # device time where the kernels run there, CPU time otherwise (microseconds)
+                device_us = getattr(event, "device_time_total", 0.0) or 0.0
+                per_step[event.key] = (device_us if device.type == "cuda" else event.cpu_time_total) / 1e6 / profile_steps
+        shares = {"select": per_step[SELECT_RANGE] / wall, "gather_scatter": (per_step[GATHER_RANGE] + per_step[SCATTER_RANGE]) / wall}
+    activation = _saved_activation_bytes(model, x, y, info, amp, device)
+    q1, _, q3 = statistics.quantiles(times, n=4) if len(times) >= 2 else (times[0], 0, times[0])
+    return {"median_s": statistics.median(times), "iqr_s": q3 - q1, "peak_memory_bytes": peak,
+            "saved_activation_bytes": activation, "select_share": shares["select"], "gather_scatter_share": shares["gather_scatter"]}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.3])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--batch", type=int, default=None, help="batch size for every model (default: paper batch on CUDA, a CPU-sized one on CPU)")
+    parser.add_argument("--image-size", type=int, default=None, help="override H=W of image models (e.g. 64 for a quick ResNet-50)")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"], help="auto: bf16 on CUDA, off on CPU")
+    parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"], help="auto: on for conv models on CUDA")
+    parser.add_argument("--align-k", type=int, default=1, help="round k up to a multiple of this (8 for tensor cores)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--profile-steps", type=int, default=2, help="steps profiled for the selection share (0: skip)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if any(not 0 < r <= 1 for r in args.ratios):
+        parser.error(f"--ratios {args.ratios}: each must be in (0, 1]")
+    amp = torch.bfloat16 if args.amp == "bf16" or args.amp == "auto" and device.type == "cuda" else None
+    warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 2)
+    repeats = args.repeats if args.repeats is not None else (20 if device.type == "cuda" else 5)
+    torch.backends.cudnn.benchmark = True
+
+    rows = []
+    print(f"device: {_device_name(device)}, torch {torch.__version__}, amp {amp}, warmup {warmup}, repeats {repeats}")
+    header = f"{'model':<9} {'batch':>5} {'config':<10} {'step ms':>9} {'speedup':>8} {'reduction':>9} {'bound':>6} {'of bound':>8} {'select':>7} {'gath/sc':>7} {'act MB':>8} {'peak MB':>8}"
+    print(header)
+    for name in args.models:
+        dataset, paper_batch, cpu_batch, spec = MODELS[name]
+        info = INFOS[dataset]
+        batch = args.batch or (paper_batch if device.type == "cuda" else cpu_batch)
+        channels_last = info.kind == "image" and name in ("cnn", "wrn", "resnet50") and (
+            args.channels_last == "on" or args.channels_last == "auto" and device.type == "cuda")
+        torch.manual_seed(0)
+        base = build_model(name, info).to(device)
+        if channels_last:
+            base = base.to(memory_format=torch.channels_last)
+        example = _batch(info, 2, device, channels_last, args.image_size)[0]
+        exact_time = None
+        for ratio in [1.0, *args.ratios]:
+            model = copy.deepcopy(base)
+            if ratio < 1.0:
+                plan = approximate_(model, _rules(spec, ratio, args.align_k), example_input=example, batch_size=batch)
+                reduction = plan.compute_reduction
+            else:
+                reduction = 0.0
+            meter = ComputeMeter()
+            attach_meter(model, meter)
+            step_model = torch.compile(model) if args.compile else model
+            result = _measure(step_model, info, batch, device, amp, channels_last, args.image_size, warmup, repeats,
+                              args.profile_steps if ratio < 1.0 else 0)
+            measured = meter.compute_reduction
+            if exact_time is None:
+                exact_time = result["median_s"]
+            speedup = exact_time / result["median_s"]
+            bound = 1 / (1 - reduction) if reduction < 1 else float("inf")
+            row = {"model": name, "batch": batch, "ratio": ratio, "config": "exact" if ratio == 1.0 else f"topk {ratio:g}",
+                   "planned_compute_reduction": reduction, "measured_compute_reduction": measured, "speedup": speedup,
+                   "flop_bound": bound, "fraction_of_bound": speedup / bound, **result}
+            rows.append(row)
+            peak = f"{result['peak_memory_bytes'] / 2**20:8.0f}" if result["peak_memory_bytes"] else f"{'n/a':>8}"
+            print(f"{name:<9} {batch:>5} {row['config']:<10} {result['median_s'] * 1000:9.1f} {speedup:7.2f}x {reduction:9.1%} "
+                  f"{bound:5.2f}x {row['fraction_of_bound']:8.2f} {result['select_share']:7.1%} {result['gather_scatter_share']:7.1%} "
+                  f"{result['saved_activation_bytes'] / 2**20:8.1f} {peak}", flush=True)
+            del model, step_model
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"device": _device_name(device), "torch": torch.__version__, "amp": str(amp),
+                                         "warmup": warmup, "repeats": repeats, "rows": rows}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
