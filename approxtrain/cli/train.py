@@ -35,22 +35,33 @@ if not OmegaConf.has_resolver("resume_dir"):
 _failed_jobs: list[str] = []
 
 
-def _options(group: str) -> list[str]:
-    """The options of a config group shipped with the package (e.g. sampler -> exact, topk, ...)."""
+def _options(group: str, config_dirs: list[str]) -> list[str]:
+    """The options of a config group: shipped with the package or in the user's ``--config-dir``s."""
     from importlib.resources import files
 
-    folder = files(CONFIG_PACKAGE).joinpath(group)
-    if not folder.is_dir():
-        return []
-    return sorted(entry.name[:-5] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+    folders = [files(CONFIG_PACKAGE).joinpath(group), *(Path(folder) / group for folder in config_dirs)]
+    return sorted({entry.name[:-5] for folder in folders if folder.is_dir() for entry in folder.iterdir() if entry.name.endswith(".yaml")})
+
+
+def _config_dirs(args: list[str]) -> list[str]:
+    dirs = []
+    for index, arg in enumerate(args):
+        if arg in ("--config-dir", "-cd") and index + 1 < len(args):
+            dirs.append(args[index + 1])
+        elif arg.startswith("--config-dir="):
+            dirs.append(arg.partition("=")[2])
+    return dirs
 
 
 def check_group_overrides(args: list[str]) -> str | None:
     """A one-line error for ``group=option`` overrides naming an option that does not exist, else None.
 
-    Sweep values (``sampler=topk,nps``) are checked one by one; a path to a user's own
-    file (``layers=/abs/rules`` via the search path) and sweep functions are left to Hydra.
+    Sweep values (``sampler=topk,nps``) are checked one by one; options in ``--config-dir``
+    count; with a ``hydra.searchpath`` override, and for sweep functions, Hydra decides.
     """
+    if any(arg.startswith("hydra.searchpath") for arg in args):
+        return None
+    config_dirs = _config_dirs(args)
     for arg in args:
         if arg.startswith(("-", "+", "~", "hydra")) or "=" not in arg:
             continue
@@ -58,7 +69,7 @@ def check_group_overrides(args: list[str]) -> str | None:
         key = key.removeprefix("override ").strip()
         if key not in GROUPS or "(" in value or value in ("", "null"):
             continue
-        options = _options(key)
+        options = _options(key, config_dirs)
         for choice in value.split(","):
             if options and choice not in options and "/" not in choice:
                 return f"{key}={choice} is unknown; allowed: {', '.join(options)}"
