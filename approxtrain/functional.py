@@ -20,6 +20,7 @@ dimension (batch rows; batch samples for a convolution), with the layer's policy
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -32,6 +33,11 @@ from approxtrain.sampling import SamplingConfig, Selection, select
 # Profiler ranges: benchmarks attribute time to selection (norms + sampling),
 # gathers and scatters by these names (cheap when no profiler is running).
 SELECT_RANGE, GATHER_RANGE, SCATTER_RANGE = "approxtrain::select", "approxtrain::gather", "approxtrain::scatter"
+
+
+def _range(name: str) -> contextlib.AbstractContextManager:
+    """A profiler range, or nothing while ``torch.compile`` traces (it ignores ranges)."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else torch.profiler.record_function(name)
 
 _convolution_backward = torch.ops.aten.convolution_backward.default
 
@@ -55,6 +61,25 @@ def _scale_view(scale: Tensor, dim: int, ndim: int) -> Tensor:
     shape = [1] * ndim
     shape[dim] = -1
     return scale.view(shape)
+
+
+def _counted_in_backward(config: SamplingConfig, product: str) -> bool:
+    """Whether a backward product's MACs are only known in backward: Bernoulli-sampled
+    backward products keep a random number of pairs. Every other product's count is
+    known at forward time and recorded there (no side effects inside backward, so
+    ``torch.compile`` traces the op without breaking the graph)."""
+    ratio = config.bwd_ratio if product == "input_grad" else config.wu_ratio
+    return config.policy == "bernoulli" and ratio < 1.0
+
+
+def _count_backward_at_forward(compute: LayerCompute, config: SamplingConfig, input_grad: bool, weight_grad: bool,
+                               exact: int, input_grad_macs: int, weight_grad_macs: int) -> None:
+    if not torch.is_grad_enabled():
+        return
+    if input_grad and not _counted_in_backward(config, "input_grad"):
+        compute.add("input_grad", exact, input_grad_macs)
+    if weight_grad and not _counted_in_backward(config, "weight_grad"):
+        compute.add("weight_grad", exact, weight_grad_macs)
 
 
 def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -109,7 +134,7 @@ class LinearCRS(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, selection: Selection,
                 config: SamplingConfig, generator: torch.Generator | None, compute: LayerCompute | None) -> Tensor:
-        with torch.profiler.record_function(GATHER_RANGE):
+        with _range(GATHER_RANGE):
             x_k = input.index_select(1, selection.keep)
             w_k = weight.index_select(1, selection.keep)
             if selection.scale is not None:
@@ -133,17 +158,17 @@ class LinearCRS(torch.autograd.Function):
         grad_output = grad_output.contiguous()
         if ctx.needs_input_grad[0]:
             g, k_b = _linear_input_grad(grad_output, w_k, config, ctx.generator)
-            with torch.profiler.record_function(SCATTER_RANGE):
+            with _range(SCATTER_RANGE):
                 grad_input = _scatter_columns(ctx.input_shape, 1, selection, g)
-            if compute is not None:
+            if compute is not None and _counted_in_backward(config, "input_grad"):
                 compute.add("input_grad", rows * out_features * n, rows * k_b * k)
         if ctx.needs_input_grad[1]:
             g, k_w = _linear_weight_grad(grad_output, x_k, config, ctx.generator)
             if selection.scale is not None:
                 g = g * selection.scale.to(g.dtype)
-            with torch.profiler.record_function(SCATTER_RANGE):
+            with _range(SCATTER_RANGE):
                 grad_weight = _scatter_columns(ctx.weight_shape, 1, selection, g)
-            if compute is not None:
+            if compute is not None and _counted_in_backward(config, "weight_grad"):
                 compute.add("weight_grad", rows * out_features * n, k_w * out_features * k)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_output.sum(0)
@@ -175,12 +200,15 @@ def approx_linear(
             _count_exact_linear(compute, rows, n, out_features, input.requires_grad, weight.requires_grad)
         return F.linear(input, weight, bias)
     x2, weight, bias = _autocast(x2, weight, bias)
-    with torch.no_grad(), torch.profiler.record_function(SELECT_RANGE):
+    with torch.no_grad(), _range(SELECT_RANGE):
         scores = torch.linalg.vector_norm(x2, dim=0) * torch.linalg.vector_norm(weight, dim=0)
         selection = select(scores, k, config, generator)
     if compute is not None:
+        kept, full = selection.keep.numel(), rows * n * out_features
         compute.calls += 1
-        compute.add("forward", rows * n * out_features, rows * selection.keep.numel() * out_features)
+        compute.add("forward", full, rows * kept * out_features)
+        _count_backward_at_forward(compute, config, x2.requires_grad, weight.requires_grad, full,
+                                   rows * config.bwd_k(out_features) * kept, config.wu_k(rows) * out_features * kept)
     output = LinearCRS.apply(x2, weight, bias, selection, config, generator, compute)
     return output.reshape(*input.shape[:-1], out_features)
 
@@ -246,7 +274,7 @@ class Conv2dCRS(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, selection: Selection, geometry: tuple,
                 config: SamplingConfig, generator: torch.Generator | None, compute: LayerCompute | None) -> Tensor:
-        with torch.profiler.record_function(GATHER_RANGE):
+        with _range(GATHER_RANGE):
             x_k = _take_channels(input, selection.keep)
             w_k = weight.index_select(1, selection.keep)
             if selection.scale is not None:
@@ -273,18 +301,18 @@ class Conv2dCRS(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             g, k_b = _conv_input_grad(grad_output, x_k, w_k, ctx.geometry, config, ctx.generator)
             memory_format = torch.channels_last if ctx.input_channels_last else torch.contiguous_format
-            with torch.profiler.record_function(SCATTER_RANGE):
+            with _range(SCATTER_RANGE):
                 grad_input = torch.empty(ctx.input_shape, dtype=g.dtype, device=g.device, memory_format=memory_format).zero_()
                 grad_input = grad_input.index_copy_(1, selection.keep, g) if selection.unique else grad_input.index_add_(1, selection.keep, g)
-            if compute is not None:
+            if compute is not None and _counted_in_backward(config, "input_grad"):
                 compute.add("input_grad", batch * channels * out_channels * per_pair, batch * k * k_b * per_pair)
         if ctx.needs_input_grad[1]:
             g, k_w = _conv_weight_grad(grad_output, x_k, w_k, ctx.geometry, config, ctx.generator)
             if selection.scale is not None:
                 g = g * _scale_view(selection.scale.to(g.dtype), 1, 4)
-            with torch.profiler.record_function(SCATTER_RANGE):
+            with _range(SCATTER_RANGE):
                 grad_weight = _scatter_columns(ctx.weight_shape, 1, selection, g)
-            if compute is not None:
+            if compute is not None and _counted_in_backward(config, "weight_grad"):
                 compute.add("weight_grad", batch * channels * out_channels * per_pair, k_w * k * out_channels * per_pair)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_output.sum((0, 2, 3))
@@ -328,14 +356,19 @@ def approx_conv2d(
             _count_exact_conv(compute, input, weight, output)
         return output
     input, weight, bias = _autocast(input, weight, bias)
-    with torch.no_grad(), torch.profiler.record_function(SELECT_RANGE):
+    with torch.no_grad(), _range(SELECT_RANGE):
         scores = torch.linalg.vector_norm(input, dim=(0, 2, 3)) * torch.linalg.vector_norm(weight, dim=(0, 2, 3))
         selection = select(scores, k, config, generator)
     output = Conv2dCRS.apply(input, weight, bias, selection, geometry, config, generator, compute)
     if compute is not None:
-        per_channel = output.shape[0] * output.shape[1] * output.shape[2] * output.shape[3] * weight.shape[2] * weight.shape[3]
+        batch, out_channels = output.shape[0], output.shape[1]
+        per_pair = output.shape[2] * output.shape[3] * weight.shape[2] * weight.shape[3]
+        kept, full = selection.keep.numel(), batch * out_channels * channels * per_pair
         compute.calls += 1
-        compute.add("forward", per_channel * channels, per_channel * selection.keep.numel())
+        compute.add("forward", full, batch * out_channels * kept * per_pair)
+        _count_backward_at_forward(compute, config, input.requires_grad, weight.requires_grad, full,
+                                   batch * config.bwd_k(out_channels) * kept * per_pair,
+                                   config.wu_k(batch) * out_channels * kept * per_pair)
     return output
 
 
