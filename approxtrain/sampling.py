@@ -30,6 +30,7 @@ torch's default generator when ``None``).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any, NamedTuple
 
@@ -47,7 +48,7 @@ _PROBABILITY_FLOOR = 1e-6
 
 
 def _check_ratio(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name}={value!r} is not a number; allowed: a float in (0, 1]")
     value = float(value)
     if not (0.0 < value <= 1.0):  # also rejects NaN
@@ -56,7 +57,7 @@ def _check_ratio(name: str, value: Any) -> float:
 
 
 def _check_count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= 1")
     return value
 

@@ -375,8 +375,9 @@ def attach_meter(model: nn.Module, meter: ComputeMeter) -> list[RemovableHandle]
 
     Approximate layers record what their sampled products ran (forward now, the
     backward products when backward runs); exact Linear/Conv2d/LSTM layers are
-    counted by forward hooks. Only training-mode calls are counted. Returns the
-    hook handles (``handle.remove()`` detaches).
+    counted by forward hooks. Only training-mode calls are counted. Call it after
+    :func:`approximate_` (surgery makes new layer objects). Returns the hook handles
+    (``handle.remove()`` detaches).
     """
     handles: list[RemovableHandle] = []
     for name, module in model.named_modules():
@@ -386,8 +387,8 @@ def attach_meter(model: nn.Module, meter: ComputeMeter) -> list[RemovableHandle]
             entry = meter.entry(name)
 
             def count(module: nn.Module, args: tuple, output: Any, entry=entry) -> None:
-                if not module.training:
-                    return
+                if not module.training or isinstance(module, (ApproxLinear, ApproxConv2d)):
+                    return  # an approximate layer records its own products
                 out = output[0] if isinstance(output, tuple) else output
                 grad = torch.is_grad_enabled()
                 macs = exact_layer_macs(module, args[0].shape, out.shape, grad and args[0].requires_grad,
