@@ -63,6 +63,38 @@ def _scale_view(scale: Tensor, dim: int, ndim: int) -> Tensor:
     return scale.view(shape)
 
 
+# Column norms of a tall matrix are summed over blocks of this many elements: a
+# single reduction over dim 0 of a large matrix is many times slower on CPU.
+_NORM_BLOCK_ELEMENTS = 1 << 21
+
+
+def _norm_dtype(t: Tensor) -> torch.dtype:
+    """Norms accumulate in at least float32 (bf16/fp16 inputs), else in the input's dtype."""
+    return torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype
+
+
+def _norm(t: Tensor, dim: int | tuple[int, ...]) -> Tensor:
+    return torch.linalg.vector_norm(t, dim=dim, dtype=_norm_dtype(t))
+
+
+def column_norms(a: Tensor) -> Tensor:
+    """Euclidean norm of each column of ``a: (M, n)`` -> ``(n,)`` (float32 for half inputs)."""
+    rows = max(1, _NORM_BLOCK_ELEMENTS // max(1, a.shape[1]))
+    if a.device.type != "cpu" or a.shape[0] <= rows:
+        return _norm(a, 0)
+    total = torch.zeros(a.shape[1], dtype=_norm_dtype(a), device=a.device)
+    for block in a.split(rows):
+        total += block.square().sum(0, dtype=total.dtype)
+    return total.sqrt_()
+
+
+def channel_norms(t: Tensor) -> Tensor:
+    """Frobenius norm of each channel ``t[:, c]`` of ``t: (N, C, H, W)`` -> ``(C,)``, under any memory format."""
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return column_norms(t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]))
+    return _norm(t, (0, 2, 3))
+
+
 def _counted_in_backward(config: SamplingConfig, product: str) -> bool:
     """Whether a backward product's MACs are only known in backward: Bernoulli-sampled
     backward products keep a random number of pairs. Every other product's count is
@@ -100,7 +132,7 @@ def _linear_input_grad(grad_out: Tensor, w_k: Tensor, config: SamplingConfig, ge
     if k_b >= out_features:
         return grad_out @ w_k, out_features
     with torch.no_grad():
-        scores = torch.linalg.vector_norm(grad_out, dim=0) * torch.linalg.vector_norm(w_k, dim=1)
+        scores = column_norms(grad_out) * _norm(w_k, 1)
     sel = select(scores, k_b, config, generator)
     g = grad_out.index_select(1, sel.keep)
     if sel.scale is not None:
@@ -115,7 +147,7 @@ def _linear_weight_grad(grad_out: Tensor, x_k: Tensor, config: SamplingConfig, g
     if k_w >= rows:
         return grad_out.t() @ x_k, rows
     with torch.no_grad():
-        scores = torch.linalg.vector_norm(grad_out, dim=1) * torch.linalg.vector_norm(x_k, dim=1)
+        scores = _norm(grad_out, 1) * _norm(x_k, 1)
     sel = select(scores, k_w, config, generator)
     g = grad_out.index_select(0, sel.keep)
     if sel.scale is not None:
@@ -201,7 +233,7 @@ def approx_linear(
         return F.linear(input, weight, bias)
     x2, weight, bias = _autocast(x2, weight, bias)
     with torch.no_grad(), _range(SELECT_RANGE):
-        scores = torch.linalg.vector_norm(x2, dim=0) * torch.linalg.vector_norm(weight, dim=0)
+        scores = column_norms(x2) * column_norms(weight)
         selection = select(scores, k, config, generator)
     if compute is not None:
         kept, full = selection.keep.numel(), rows * n * out_features
@@ -232,7 +264,7 @@ def _conv_input_grad(grad_out: Tensor, x_k: Tensor, w_k: Tensor, geometry: tuple
     k_b = config.bwd_k(out_channels)
     if k_b < out_channels:
         with torch.no_grad():
-            scores = torch.linalg.vector_norm(grad_out, dim=(0, 2, 3)) * torch.linalg.vector_norm(w_k, dim=(1, 2, 3))
+            scores = channel_norms(grad_out) * _norm(w_k, (1, 2, 3))
         sel = select(scores, k_b, config, generator)
         grad_out = _take_channels(grad_out, sel.keep)
         if sel.scale is not None:
@@ -251,7 +283,7 @@ def _conv_weight_grad(grad_out: Tensor, x_k: Tensor, w_k: Tensor, geometry: tupl
     k_w = config.wu_k(batch)
     if k_w < batch:
         with torch.no_grad():
-            scores = torch.linalg.vector_norm(grad_out, dim=(1, 2, 3)) * torch.linalg.vector_norm(x_k, dim=(1, 2, 3))
+            scores = _norm(grad_out, (1, 2, 3)) * _norm(x_k, (1, 2, 3))
         sel = select(scores, k_w, config, generator)
         grad_out = grad_out.index_select(0, sel.keep)
         if sel.scale is not None:
@@ -357,7 +389,7 @@ def approx_conv2d(
         return output
     input, weight, bias = _autocast(input, weight, bias)
     with torch.no_grad(), _range(SELECT_RANGE):
-        scores = torch.linalg.vector_norm(input, dim=(0, 2, 3)) * torch.linalg.vector_norm(weight, dim=(0, 2, 3))
+        scores = channel_norms(input) * channel_norms(weight)
         selection = select(scores, k, config, generator)
     output = Conv2dCRS.apply(input, weight, bias, selection, geometry, config, generator, compute)
     if compute is not None:

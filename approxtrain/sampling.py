@@ -233,7 +233,8 @@ def select(
     if config.policy == "exact" or k >= n and config.policy != "bernoulli" and not config.replacement:
         return Selection(torch.arange(n, device=device), None, True)
     if config.policy == "topk":
-        return Selection(torch.topk(scores, k, sorted=False).indices, None, True)
+        # ascending indices make the gathers and scatters walk memory in order
+        return Selection(torch.topk(scores, k, sorted=False).indices.sort().values, None, True)
 
     _check_generator(generator, device)
     if config.policy == "bernoulli":
