@@ -275,6 +275,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path, reporters: Sequence[Reporter] =
     while state.epoch < trainer["epochs"] and (max_steps is None or state.step < max_steps):
         epoch = state.epoch + 1
         epoch_started = time.perf_counter()
+        epoch_lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trains with (recorded before the scheduler steps)
         if loader_generator is not None:  # the same order per epoch, also after a resume
             loader_generator.manual_seed(seed * 1_000_003 + epoch)
         model.train()
@@ -325,7 +326,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path, reporters: Sequence[Reporter] =
             "compute_reduction": compute_reduction(exact, actual),
             "time_s": time.perf_counter() - epoch_started,
             "step_time_s": statistics.median(step_times) if step_times else None,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": epoch_lr,
         }
         state.history.append(record)
         improved = state.best_metric is None or (metric > state.best_metric if higher_is_better else metric < state.best_metric)

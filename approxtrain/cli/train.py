@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,11 +90,25 @@ def _sweep_group() -> str | None:
     return None
 
 
-def _record_failure(run_dir: Path, cfg: DictConfig, message: str) -> dict[str, Any]:
+def _select(cfg: DictConfig, key: str) -> Any:
+    """A config value for the failure record, as plain JSON-able data (``ratio=[1,2]`` is a ListConfig)."""
+    value = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+    return OmegaConf.to_container(value, resolve=False) if OmegaConf.is_config(value) else value
+
+
+def _record_failure(run_dir: Path, cfg: DictConfig, message: str, started_at: float) -> dict[str, Any] | None:
+    """Mark this run failed in its ``results.json``.
+
+    A ``results.json`` older than this process belongs to an earlier run (a failed
+    ``resume=`` attempt): it is left untouched, so nothing already recorded is lost.
+    """
+    path = run_dir / "results.json"
+    if path.exists() and path.stat().st_mtime < started_at:
+        return None
     results = read_results(run_dir) or {
-        "model": OmegaConf.select(cfg, "model.name"), "dataset": OmegaConf.select(cfg, "dataset.name"),
-        "sampler": OmegaConf.select(cfg, "sampler.name"), "ratio": OmegaConf.select(cfg, "ratio", throw_on_resolution_failure=False),
-        "seed": OmegaConf.select(cfg, "seed"), "layers_rule_set": OmegaConf.select(cfg, "layers.name"),
+        "model": _select(cfg, "model.name"), "dataset": _select(cfg, "dataset.name"),
+        "sampler": _select(cfg, "sampler.name"), "ratio": _select(cfg, "ratio"),
+        "seed": _select(cfg, "seed"), "layers_rule_set": _select(cfg, "layers.name"),
         "epochs": [], "layers": [], "best_metric": None, "final_metric": None, "compute_reduction": None,
     }
     results.update(status="failed", error=message)
@@ -106,6 +121,7 @@ def _app(cfg: DictConfig) -> float | None:
     from approxtrain.cli.console import ConsoleReporter, print_config
     from approxtrain.training import train
 
+    started_at = time.time()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -129,7 +145,7 @@ def _app(cfg: DictConfig) -> float | None:
         return results["best_metric"]
     except Exception as error:  # recorded, then reported as one line
         message = _one_line(error)
-        results = _record_failure(run_dir, cfg, message)
+        results = _record_failure(run_dir, cfg, message, started_at)
         if wandb_reporter is not None:
             wandb_reporter.fail(results, message)
         log.debug("run failed", exc_info=True)

@@ -1,0 +1,135 @@
+"""Shared fixtures: configs composed through Hydra's compose API (shrunk for CPU tests),
+a run dir under tmp_path, the shared real data, and a runner for the installed CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig, OmegaConf
+
+import approxtrain.cli.train  # noqa: F401  (registers the `resume_dir` resolver used by hydra.run.dir)
+
+CONFIG_MODULE = "approxtrain.configs"
+# The real data of this workplace (../shared/data from the project root); absent on a user's machine.
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# A shrunk run: one epoch, CPU, no loader workers, no W&B.
+FAST = ("logger=none", "trainer.epochs=1", "trainer.num_workers=0", "trainer.device=cpu")
+# The keys every results.json holds (the results contract).
+RESULT_KEYS = (
+    "status", "model", "dataset", "sampler", "ratio", "metric_name", "best_metric", "final_metric",
+    "compute_reduction", "epochs", "layers", "wall_time_s", "step_time_s", "device", "peak_memory_bytes",
+)
+EPOCH_KEYS = ("train_loss", "test_metric", "compute_reduction", "time_s")
+PLAN_ROW_KEYS = ("name", "type", "n", "k", "ratio", "policy", "exact_macs", "approx_macs")
+
+
+def compose_config(*overrides: str, return_hydra_config: bool = True) -> DictConfig:
+    """The ``train`` config composed with ``overrides``, as the CLI would compose it."""
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+def to_run_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved plain dict the app passes to ``train()`` (the ``hydra`` node dropped, as in a job)."""
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(plain, dict)
+    plain.pop("hydra", None)
+    container = OmegaConf.to_container(OmegaConf.create(plain), resolve=True)
+    assert isinstance(container, dict)
+    return container
+
+
+@pytest.fixture
+def compose_cfg() -> Callable[..., DictConfig]:
+    """Factory: ``compose_cfg("model=wrn", ...)`` -> the composed DictConfig (with its ``hydra`` node)."""
+    return compose_config
+
+
+@pytest.fixture
+def run_cfg() -> Callable[..., dict[str, Any]]:
+    """Factory: a shrunk, resolved run config (1 epoch, CPU, logger off, no workers) plus ``overrides``."""
+
+    def make(*overrides: str) -> dict[str, Any]:
+        return to_run_config(compose_config(*FAST, *overrides))
+
+    return make
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """The run's output dir (created by the run itself)."""
+    return tmp_path / "run"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """``../shared/data``; the test is skipped where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"no shared real data at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def approxtrain_command() -> list[str]:
+    """The installed console script (or the module with this interpreter when it is not on PATH)."""
+    script = shutil.which("approxtrain")
+    return [script] if script else [sys.executable, "-m", "approxtrain.cli.train"]
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """Factory: run ``approxtrain *args`` in a subprocess (cwd = tmp_path, env += ``env``); returns the completed process."""
+
+    def run(*args: str, env: dict[str, str | None] | None = None, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        environment = {key: value for key, value in os.environ.items() if key not in ("HYDRA_FULL_ERROR", "WANDB_MODE")}
+        environment["COLUMNS"] = "200"  # the sweep table unwrapped
+        for key, value in (env or {}).items():  # None removes a variable
+            if value is None:
+                environment.pop(key, None)
+            else:
+                environment[key] = value
+        return subprocess.run([*approxtrain_command(), *args], cwd=cwd or tmp_path, env=environment,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+def read_wandb_records(path: Path) -> list[Any]:
+    """The protobuf records of a W&B run file (``run-*.wandb``: a LevelDB-style log of 32 KiB blocks)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    block, position, records, pending = 32768, 7, [], b""
+    while position + 7 <= len(data):
+        left = block - position % block
+        if left < 7:  # a block's tail too short for a header is padding
+            position += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        position += 7
+        chunk = data[position : position + length]
+        position += length
+        if kind == 1:  # full
+            records.append(chunk)
+        elif kind == 2:  # first
+            pending = chunk
+        elif kind == 3:  # middle
+            pending += chunk
+        elif kind == 4:  # last
+            records.append(pending + chunk)
+            pending = b""
+    parsed = []
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        parsed.append(record)
+    return parsed

@@ -1,0 +1,228 @@
+"""The installed ``approxtrain`` script end to end, in subprocesses: a run, sweeps, failures, W&B offline, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from approxtrain.results import load_checkpoint, read_results
+from conftest import RESULT_KEYS, read_wandb_records
+
+# A short real run: the MLP on scikit-learn's digits, one epoch, no W&B.
+SMALL = ("model=mlp", "dataset=digits", "trainer.epochs=1", "trainer.num_workers=0", "trainer.device=cpu")
+
+
+def assert_clean_failure(process, *names: str) -> str:
+    """Non-zero exit; stderr ends with one ``approxtrain: error:`` line naming ``names``; no traceback anywhere."""
+    assert process.returncode != 0, process.stdout[-2000:]
+    for stream in (process.stdout, process.stderr):
+        assert "Traceback" not in stream, stream[-3000:]
+    last = process.stderr.strip().splitlines()[-1]
+    assert last.startswith("approxtrain: error: "), process.stderr[-3000:]
+    for name in names:
+        assert name in last, last
+    return last.removeprefix("approxtrain: error: ")
+
+
+def assert_finished(run_dir: Path) -> dict:
+    results = read_results(run_dir)
+    assert results is not None, f"no results.json in {run_dir}"
+    assert results["status"] == "finished", results.get("error")
+    assert all(key in results for key in RESULT_KEYS)
+    return results
+
+
+def wandb_run_file(run_dir: Path) -> Path:
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, f"expected one offline W&B run in {run_dir / 'wandb'}, found {runs}"
+    files = list(runs[0].glob("run-*.wandb"))
+    assert len(files) == 1
+    return files[0]
+
+
+def wandb_contents(path: Path) -> tuple[dict, dict, list]:
+    """(run config, final summary, exit records) of an offline W&B run file."""
+    config: dict = {}
+    summary: dict = {}
+    exits = []
+    for record in read_wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            config.update({item.key: json.loads(item.value_json) for item in record.run.config.update})
+        elif kind == "config":
+            config.update({item.key: json.loads(item.value_json) for item in record.config.update if item.key})
+        elif kind == "summary":
+            summary.update({item.key: json.loads(item.value_json) for item in record.summary.update if item.key})
+        elif kind == "exit":
+            exits.append(record.exit)
+    return config, summary, exits
+
+
+# ---------------------------------------------------------------------------------------------- single run
+
+
+def test_single_run_writes_its_outputs(cli, tmp_path):
+    run_dir = tmp_path / "run"
+    process = cli(*SMALL, "logger=none", f"hydra.run.dir={run_dir}")
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert "Traceback" not in process.stderr
+    for name in (".hydra/config.yaml", "train.log", "checkpoints/last.pt", "checkpoints/best.pt", "results.json"):
+        assert (run_dir / name).is_file(), f"{name} missing from the run dir"
+    assert not (tmp_path / "outputs").exists(), "wrote outside hydra.run.dir"
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert (config["model"]["name"], config["dataset"]["name"], config["trainer"]["epochs"]) == ("mlp", "digits", 1)
+    results = assert_finished(run_dir)
+    assert (results["model"], results["dataset"], results["sampler"], results["ratio"]) == ("mlp", "digits", "topk", 0.5)
+    assert len(results["epochs"]) == 1 and results["best_metric"] > 0.5
+    assert results["compute_reduction"] == pytest.approx(results["planned_compute_reduction"], abs=1e-6)
+    assert "finished" in (run_dir / "train.log").read_text()
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert checkpoint["state"]["epoch"] == 1 and checkpoint["config"]["model"]["name"] == "mlp"
+
+
+# ---------------------------------------------------------------------------------------------- bad overrides
+
+BAD_OVERRIDES = {
+    "ratio_out_of_range": (["ratio=1.5"], ["ratio=1.5", "allowed"]),
+    "ratio_not_a_number": (["ratio=abc"], ["ratio='abc'", "allowed"]),
+    "ratio_a_list": (["ratio=[1,2]"], ["ratio=[1, 2]", "allowed"]),
+    "unknown_sampler": (["sampler=nope"], ["sampler=nope", "allowed: bernoulli"]),
+    "unknown_model": (["model=nope"], ["model=nope", "allowed: cnn"]),
+    "rule_matching_nothing": (["layers.rules=[{match: nothing}]"], ["match='nothing'", "matches no layer", "layers: fc1"]),
+    "missing_offline_dataset": (["dataset=cifar10", "dataset.root=<empty>", "dataset.download=false"],
+                                ["'cifar10' not found", "<empty>", "dataset=digits"]),
+    "missing_ptb": (["model=lstm", "dataset=ptb", "dataset.root=<empty>"], ["'ptb' not found", "<empty>", "dataset=synthetic"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OVERRIDES))
+def test_bad_override_is_one_line_error(case, cli, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    overrides, names = BAD_OVERRIDES[case]
+    overrides = [item.replace("<empty>", str(empty)) for item in overrides]
+    run_dir = tmp_path / "run"
+    process = cli(*SMALL, "logger=none", f"hydra.run.dir={run_dir}", *overrides)
+    message = assert_clean_failure(process, *[name.replace("<empty>", str(empty)) for name in names])
+    assert not list(tmp_path.rglob("*.pt")), "a failed run wrote a checkpoint"
+    results = read_results(run_dir)
+    if results is not None:  # the failure is recorded where the run would have written
+        assert results["status"] == "failed" and results["error"] == message
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+
+
+@pytest.mark.slow
+def test_multirun_grid_runs_every_job_and_prints_the_table(cli, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    process = cli("-m", *SMALL, "logger=none", "sampler=exact,topk", "ratio=0.3,0.5", f"hydra.sweep.dir={sweep_dir}", timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert "Traceback" not in process.stdout + process.stderr
+    jobs = sorted(path for path in sweep_dir.iterdir() if path.is_dir())
+    assert [job.name for job in jobs] == ["0", "1", "2", "3"]
+    runs = {(results["sampler"], results["ratio"]) for results in map(assert_finished, jobs)}
+    assert runs == {("exact", 0.3), ("exact", 0.5), ("topk", 0.3), ("topk", 0.5)}
+    for job in jobs:
+        assert (job / "checkpoints" / "last.pt").is_file() and (job / ".hydra" / "config.yaml").is_file()
+    try:
+        from approxtrain.compare import print_sweep_table  # noqa: F401
+    except ImportError:
+        return  # the comparison package is optional: the callback skips the table
+    last_job = process.stdout.rfind("finished: best")
+    table = process.stdout[last_job:]
+    assert "mlp / digits" in table, process.stdout[-3000:]
+    assert "exact" in table and "topk" in table
+
+
+@pytest.mark.slow
+def test_multirun_records_a_failing_job_and_exits_nonzero(cli, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    process = cli("-m", *SMALL, "logger=none", "ratio=0.5,1.5", f"hydra.sweep.dir={sweep_dir}", timeout=600)
+    assert process.returncode != 0
+    assert "Traceback" not in process.stdout + process.stderr
+    good = assert_finished(sweep_dir / "0")
+    assert good["ratio"] == 0.5
+    failed = read_results(sweep_dir / "1")
+    assert failed is not None and failed["status"] == "failed" and failed["ratio"] == 1.5
+    assert failed["error"].startswith("ratio=1.5 is invalid")
+    assert not (sweep_dir / "1" / "checkpoints").exists()
+    lines = process.stderr.strip().splitlines()
+    summary = lines.index("approxtrain: 1 job(s) failed:")
+    failures = lines[summary + 1 :]
+    assert len(failures) == 1 and failures[0].strip().startswith("job 1 (") and "ratio=1.5" in failures[0]
+    assert failures[0].endswith(failed["error"])
+
+
+# ---------------------------------------------------------------------------------------------- W&B offline
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_inside_the_run_dir(cli, tmp_path):
+    run_dir = tmp_path / "run"
+    process = cli(*SMALL, "logger=wandb", f"hydra.run.dir={run_dir}", env={"WANDB_MODE": "offline", "HOME": str(tmp_path)})
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert_finished(run_dir)
+    config, summary, exits = wandb_contents(wandb_run_file(run_dir))
+    expected = {"model": "mlp", "dataset": "digits", "sampler": "topk", "ratio": 0.5, "seed": 0, "layers": "paper"}
+    assert {key: config.get(key) for key in expected} == expected
+    assert config.get("trainer.optimizer.lr") == 0.001  # the rest flattened to dotted keys
+    assert summary.get("status") == "finished" and summary.get("compute_reduction") == pytest.approx(0.5)
+    assert exits and exits[-1].exit_code == 0
+
+
+@pytest.mark.slow
+def test_wandb_auto_mode_without_api_key_logs_offline(cli, tmp_path):
+    run_dir = tmp_path / "run"
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "WANDB_API_KEY": None, "NETRC": str(home / ".netrc"), "WANDB_CONFIG_DIR": str(home / ".config" / "wandb")}
+    process = cli(*SMALL, "logger=wandb", "logger.mode=auto", f"hydra.run.dir={run_dir}", env=env)
+    assert process.returncode == 0, process.stderr[-3000:]
+    hints = [line for line in process.stdout.splitlines() if "no API key configured" in line]
+    assert len(hints) == 1 and "logging offline" in hints[0]
+    assert_finished(run_dir)
+    config, summary, exits = wandb_contents(wandb_run_file(run_dir))
+    assert config.get("model") == "mlp" and summary.get("status") == "finished"
+
+
+@pytest.mark.slow
+def test_wandb_run_is_finished_as_failed_when_the_run_fails(cli, tmp_path):
+    """A layer rule matching nothing fails in surgery, after W&B is initialised."""
+    run_dir = tmp_path / "run"
+    process = cli(*SMALL, "logger=wandb", "layers.rules=[{match: nothing}]", f"hydra.run.dir={run_dir}",
+                  env={"WANDB_MODE": "offline", "HOME": str(tmp_path)})
+    message = assert_clean_failure(process, "match='nothing'")
+    results = read_results(run_dir)
+    assert results["status"] == "failed" and results["error"] == message
+    config, summary, exits = wandb_contents(wandb_run_file(run_dir))
+    assert config.get("model") == "mlp"
+    assert summary.get("status") == "failed" and summary.get("error") == message
+    assert exits and exits[-1].exit_code == 1
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+@pytest.mark.slow
+def test_resume_through_the_cli_equals_an_uninterrupted_run(cli, tmp_path):
+    common = ("model=mlp", "dataset=digits", "trainer.num_workers=0", "trainer.device=cpu", "logger=none", "sampler=nps", "ratio=0.4")
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    assert cli(*common, "trainer.epochs=2", f"hydra.run.dir={run_a}").returncode == 0
+    assert cli(*common, "trainer.epochs=1", f"hydra.run.dir={run_b}").returncode == 0
+    assert len(read_results(run_b)["epochs"]) == 1
+    process = cli(*common, "trainer.epochs=2", f"resume={run_b}")  # hydra.run.dir follows resume
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert not (tmp_path / "outputs").exists(), "the resumed run did not write into the run dir it continues"
+    uninterrupted, resumed = assert_finished(run_a), assert_finished(run_b)
+    for key in ("best_metric", "final_metric", "compute_reduction", "steps"):
+        assert resumed[key] == pytest.approx(uninterrupted[key], abs=1e-6), key
+    assert len(resumed["epochs"]) == len(uninterrupted["epochs"]) == 2
+    for mine, theirs in zip(resumed["epochs"], uninterrupted["epochs"]):
+        for key in ("train_loss", "test_metric", "compute_reduction"):
+            assert math.isclose(mine[key], theirs[key], abs_tol=1e-6), (mine["epoch"], key)
+    assert load_checkpoint(run_b / "checkpoints" / "last.pt")["state"]["epoch"] == 2

@@ -1,0 +1,209 @@
+"""The Hydra configs: presets carry the paper's hyper-parameters, groups compose, validate() accepts them."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from approxtrain.cli.train import check_group_overrides, main
+from approxtrain.config import ConfigError, validate
+from approxtrain.data import DATASETS, PAPER_DATASET
+from approxtrain.models import MODEL_KIND, MODELS
+from conftest import to_run_config
+
+GROUPS = ("model", "dataset", "sampler", "layers", "logger", "trainer", "experiment")
+
+# experiment -> (model, dataset, the paper's hyper-parameters as dotted key -> value)
+PRESETS = {
+    "mlp_mnist": ("mlp", "mnist", {
+        "trainer.optimizer.name": "adam", "trainer.optimizer.lr": 1e-3, "dataset.batch_size": 50, "trainer.epochs": 20,
+        "trainer.scheduler.name": "none", "trainer.max_steps": None,
+    }),
+    "cnn_mnist": ("cnn", "mnist", {
+        "trainer.optimizer.name": "adam", "trainer.optimizer.lr": 1e-3, "dataset.batch_size": 50, "trainer.max_steps": 20000,
+        "trainer.scheduler.name": "none",
+    }),
+    "lstm_ptb": ("lstm", "ptb", {
+        "trainer.optimizer.name": "sgd", "trainer.optimizer.lr": 1.0, "trainer.optimizer.momentum": 0.0,
+        "trainer.grad_clip": 5.0, "trainer.scheduler.name": "exponential", "trainer.scheduler.interval": "epoch",
+        "trainer.scheduler.gamma": 0.8, "trainer.scheduler.start": 6, "trainer.epochs": 39, "dataset.batch_size": 20,
+        "dataset.seq_len": 35, "model.hidden": 650, "model.layers": 2, "model.dropout": 0.5, "model.cell": "cudnn",
+    }),
+    "wrn_cifar100": ("wrn", "cifar100", {
+        "trainer.optimizer.name": "sgd", "trainer.optimizer.lr": 0.1, "trainer.optimizer.momentum": 0.9,
+        "trainer.optimizer.weight_decay": 0.002, "dataset.batch_size": 128, "trainer.max_steps": 75000,
+        "trainer.scheduler.name": "multistep", "trainer.scheduler.milestones": [40000, 60000],
+        "trainer.scheduler.interval": "step", "trainer.scheduler.gamma": 0.1, "model.depth": 28, "model.widen_factor": 10,
+    }),
+    "wrn_cifar10": ("wrn", "cifar10", {
+        "trainer.optimizer.name": "sgd", "trainer.optimizer.lr": 0.1, "trainer.optimizer.momentum": 0.9,
+        "trainer.optimizer.weight_decay": 0.002, "dataset.batch_size": 128, "trainer.max_steps": 75000,
+        "trainer.scheduler.name": "multistep", "trainer.scheduler.milestones": [40000, 60000],
+        "trainer.scheduler.interval": "step", "trainer.scheduler.gamma": 0.1,
+    }),
+    "resnet50_imagenet": ("resnet50", "imagenet", {
+        "trainer.optimizer.name": "sgd", "trainer.optimizer.lr": 0.1, "trainer.optimizer.momentum": 0.9,
+        "trainer.optimizer.weight_decay": 1e-4, "dataset.batch_size": 256, "trainer.epochs": 90,
+        "trainer.scheduler.name": "multistep", "trainer.scheduler.milestones": [30, 60], "trainer.scheduler.interval": "epoch",
+    }),
+}
+
+# layers=paper per model: the paper's layer choice
+PAPER_RULES = {
+    "mlp": [{"type": "Linear"}],
+    "cnn": [{"match": "conv1", "exact": True}, {}],
+    "lstm": [{"match": "decoder"}],
+    "wrn": [{"match": "conv1", "exact": True}, {"match": "fc", "exact": True}, {"type": "Conv2d"}],
+    "resnet50": [{"match": "conv1", "exact": True}, {"match": "fc", "exact": True}, {"type": "Conv2d"}],
+}
+
+
+def compatible_datasets(model: str) -> list[str]:
+    text = MODEL_KIND[model] == "text"
+    return [name for name in DATASETS if name == "synthetic" or (name == "ptb") == text]
+
+
+def test_preset_table_covers_every_experiment():
+    from importlib.resources import files
+
+    shipped = sorted(entry.name[:-5] for entry in files("approxtrain.configs").joinpath("experiment").iterdir()
+                     if entry.name.endswith(".yaml"))
+    assert shipped == sorted(PRESETS)
+
+
+@pytest.mark.parametrize("experiment", list(PRESETS))
+def test_experiment_preset_has_paper_hyperparameters(experiment, compose_cfg):
+    model, dataset, expected = PRESETS[experiment]
+    cfg = compose_cfg(f"experiment={experiment}")
+    assert cfg.model.name == model and cfg.dataset.name == dataset
+    assert cfg.experiment_name == experiment
+    assert cfg.hydra.runtime.choices.experiment == experiment
+    for dotted, value in expected.items():
+        actual = OmegaConf.select(cfg, dotted)
+        actual = OmegaConf.to_container(actual) if OmegaConf.is_config(actual) else actual
+        assert actual == pytest.approx(value) if isinstance(value, float) else actual == value, f"{experiment}: {dotted}={actual!r}"
+    resolved = to_run_config(cfg)
+    assert resolved["layers"]["rules"] == PAPER_RULES[model]
+    validate(resolved)
+
+
+def test_experiment_preset_takes_further_overrides(compose_cfg):
+    cfg = to_run_config(compose_cfg("experiment=wrn_cifar100", "ratio=0.3", "sampler=nps", "layers=wide_only", "dataset=synthetic"))
+    assert (cfg["ratio"], cfg["sampler"]["name"], cfg["layers"]["name"]) == (0.3, "nps", "wide_only")
+    assert cfg["dataset"]["name"] == "synthetic" and cfg["dataset"]["like"] == "cifar100"
+    assert cfg["trainer"]["optimizer"]["lr"] == 0.1  # the preset's optimisation stays
+    validate(cfg)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_dataset_defaults_to_the_models_paper_dataset(model, compose_cfg):
+    cfg = compose_cfg(f"model={model}")
+    assert cfg.model.name == model
+    assert cfg.dataset.name == PAPER_DATASET[model] == cfg.model.paper_dataset
+    assert cfg.hydra.runtime.choices.dataset == f"paper/{model}"
+    resolved = to_run_config(cfg)
+    assert resolved["layers"]["name"] == "paper" and resolved["layers"]["rules"] == PAPER_RULES[model]
+    validate(resolved)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_dataset_choice_overrides_the_paper_dataset(model, compose_cfg):
+    for dataset in compatible_datasets(model):
+        cfg = compose_cfg(f"model={model}", f"dataset={dataset}")
+        assert cfg.dataset.name == dataset, (model, dataset)
+        resolved = to_run_config(cfg)
+        if dataset == "synthetic":
+            assert resolved["dataset"]["like"] == PAPER_DATASET[model]
+        validate(resolved)
+
+
+def test_default_config_is_mlp_on_mnist_topk_half(compose_cfg):
+    cfg = compose_cfg()
+    choices = cfg.hydra.runtime.choices
+    assert (choices.model, choices.sampler, choices.layers, choices.logger, choices.trainer) == ("mlp", "topk", "paper", "wandb", "default")
+    assert (cfg.model.name, cfg.dataset.name, cfg.sampler.name, cfg.ratio, cfg.resume) == ("mlp", "mnist", "topk", 0.5, None)
+    validate(to_run_config(cfg))
+
+
+def test_layers_gates_unrolls_the_lstm_cell(compose_cfg):
+    assert compose_cfg("model=lstm").model.cell == "cudnn"
+    cfg = compose_cfg("model=lstm", "layers=gates")
+    assert cfg.model.cell == "unrolled"
+    resolved = to_run_config(cfg)
+    assert resolved["layers"]["rules"] == [{"match": "rnn.*.gates"}, {"match": "decoder"}]
+    validate(resolved)
+
+
+@pytest.mark.parametrize("sampler", ["exact", "topk", "nps", "uniform", "bernoulli"])
+def test_every_sampler_validates(sampler, compose_cfg):
+    cfg = to_run_config(compose_cfg(f"sampler={sampler}", "ratio=0.3"))
+    assert cfg["sampler"]["name"] == sampler
+    validate(cfg)
+
+
+def test_run_dir_defaults_to_outputs_and_follows_resume(compose_cfg, tmp_path):
+    cfg = compose_cfg()
+    assert str(cfg.hydra.run.dir).startswith("outputs/runs/")
+    assert str(cfg.hydra.sweep.dir).startswith("outputs/multiruns/")
+    resumed = compose_cfg(f"resume={tmp_path}")
+    assert resumed.hydra.run.dir == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["ratio=1.5"], "ratio=1.5"),
+        (["ratio=0"], "ratio=0"),
+        (["ratio=abc"], "ratio='abc'"),
+        (["trainer.optimizer.name=rmsprop"], "trainer.optimizer.name='rmsprop'"),
+        (["trainer.epochs=0"], "trainer.epochs=0"),
+        (["trainer.device=tpu"], "trainer.device='tpu'"),
+        (["logger.mode=sometimes"], "logger.mode='sometimes'"),
+        (["layers.rules=[{type: Dense}]"], "type='Dense'"),
+    ],
+)
+def test_validate_rejects_bad_values_in_one_line(overrides, message, compose_cfg):
+    cfg = to_run_config(compose_cfg(*overrides))
+    with pytest.raises(ConfigError) as error:
+        validate(cfg)
+    text = str(error.value)
+    assert message in text and "allowed" in text and "\n" not in text
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["model=wrn", "sampler=topk", "ratio=0.5"], None),
+        (["-m", "sampler=exact,topk,nps", "ratio=0.3,0.5"], None),
+        (["experiment=lstm_ptb", "layers=gates", "logger=none", "dataset=synthetic"], None),
+        (["dataset=paper/wrn"], None),
+        (["sampler=nope"], "sampler=nope is unknown; allowed: bernoulli, exact, nps, topk, uniform"),
+        (["-m", "sampler=topk,nope"], "sampler=nope is unknown"),
+        (["model=nope"], "model=nope is unknown; allowed: cnn, lstm, mlp, resnet50, wrn"),
+        (["experiment=nope"], "experiment=nope is unknown"),
+        (["dataset=nope"], "dataset=nope is unknown"),
+        (["override layers=nope"], "layers=nope is unknown"),
+    ],
+)
+def test_check_group_overrides(args, expected):
+    error = check_group_overrides(args)
+    if expected is None:
+        assert error is None
+    else:
+        assert error is not None and error.startswith(expected)
+
+
+def test_help_lists_the_groups(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["approxtrain", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code in (0, None)
+    text = capsys.readouterr().out
+    assert text.startswith("approxtrain: train neural networks")
+    for group in GROUPS:
+        assert f"\n{group}: " in text, f"--help does not list group {group}"
+    assert "experiment: cnn_mnist, lstm_ptb, mlp_mnist, resnet50_imagenet, wrn_cifar10, wrn_cifar100" in text
+    assert "sampler: bernoulli, exact, nps, topk, uniform" in text
+    assert "model: cnn, lstm, mlp, resnet50, wrn" in text
