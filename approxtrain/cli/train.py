@@ -23,6 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
+from approxtrain.cli.allocator import retain_freed_memory
 from approxtrain.results import read_results, write_results
 
 log = logging.getLogger("approxtrain")
@@ -174,6 +175,7 @@ def main() -> None:
     if error:
         print(f"approxtrain: error: {error}", file=sys.stderr)
         raise SystemExit(2)
+    retain_freed_memory()
     _app()
     if _failed_jobs:
         print(f"approxtrain: {len(_failed_jobs)} job(s) failed:", file=sys.stderr)
