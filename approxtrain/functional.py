@@ -65,7 +65,7 @@ def _scale_view(scale: Tensor, dim: int, ndim: int) -> Tensor:
 
 # Column norms of a tall matrix are summed over blocks of this many elements: a
 # single reduction over dim 0 of a large matrix is many times slower on CPU.
-_NORM_BLOCK_ELEMENTS = 1 << 21
+_NORM_BLOCK_ELEMENTS = 1 << 20
 
 
 def _norm_dtype(t: Tensor) -> torch.dtype:
@@ -80,7 +80,7 @@ def _norm(t: Tensor, dim: int | tuple[int, ...]) -> Tensor:
 def column_norms(a: Tensor) -> Tensor:
     """Euclidean norm of each column of ``a: (M, n)`` -> ``(n,)`` (float32 for half inputs)."""
     rows = max(1, _NORM_BLOCK_ELEMENTS // max(1, a.shape[1]))
-    if a.device.type != "cpu" or a.shape[0] <= rows:
+    if a.device.type != "cpu" or a.shape[0] <= rows // 2:
         return _norm(a, 0)
     total = torch.zeros(a.shape[1], dtype=_norm_dtype(a), device=a.device)
     for block in a.split(rows):
@@ -172,14 +172,16 @@ class LinearCRS(torch.autograd.Function):
             if selection.scale is not None:
                 w_k = w_k * selection.scale.to(w_k.dtype)
         output = F.linear(x_k, w_k, bias)
-        ctx.save_for_backward(x_k, w_k)
+        # The weight itself, not its sampled copy, is kept for backward: it is held
+        # anyway, so the layer's saved memory is the input slice alone.
+        ctx.save_for_backward(x_k, weight)
         ctx.selection, ctx.config, ctx.generator, ctx.compute = selection, config, generator, compute
         ctx.input_shape, ctx.weight_shape = input.shape, weight.shape
         return output
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        x_k, w_k = ctx.saved_tensors
+        x_k, weight = ctx.saved_tensors
         selection: Selection = ctx.selection
         config: SamplingConfig = ctx.config
         compute: LayerCompute | None = ctx.compute
@@ -189,6 +191,10 @@ class LinearCRS(torch.autograd.Function):
         grad_input = grad_weight = grad_bias = None
         grad_output = grad_output.contiguous()
         if ctx.needs_input_grad[0]:
+            with _range(GATHER_RANGE):
+                w_k = weight.index_select(1, selection.keep)
+                if selection.scale is not None:
+                    w_k = w_k * selection.scale.to(w_k.dtype)
             g, k_b = _linear_input_grad(grad_output, w_k, config, ctx.generator)
             with _range(SCATTER_RANGE):
                 grad_input = _scatter_columns(ctx.input_shape, 1, selection, g)
