@@ -42,12 +42,20 @@ def _range(name: str) -> contextlib.AbstractContextManager:
 _convolution_backward = torch.ops.aten.convolution_backward.default
 
 
-def _scatter_columns(full_shape: torch.Size, dim: int, selection: Selection, values: Tensor) -> Tensor:
-    """A zero tensor of ``full_shape`` holding ``values`` at ``selection.keep`` along ``dim`` (one scatter)."""
-    out = torch.zeros(full_shape, dtype=values.dtype, device=values.device)
+def _scatter_columns(full_shape: torch.Size, dim: int, selection: Selection, values: Tensor,
+                     memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+    """A zero tensor of ``full_shape`` holding ``values`` at ``selection.keep`` along ``dim`` (one scatter).
+
+    ``scatter_`` with a broadcast (zero-stride) index is about twice as fast on CPU as
+    ``index_copy_`` along a non-leading dimension; repeated indices sum up.
+    """
+    out = torch.empty(full_shape, dtype=values.dtype, device=values.device, memory_format=memory_format).zero_()
+    shape = [1] * values.dim()
+    shape[dim] = -1
+    index = selection.keep.view(shape).expand_as(values)
     if selection.unique:
-        return out.index_copy_(dim, selection.keep, values)
-    return out.index_add_(dim, selection.keep, values)  # repeated indices sum up
+        return out.scatter_(dim, index, values)
+    return out.scatter_add_(dim, index, values)
 
 
 def _take_channels(x: Tensor, keep: Tensor) -> Tensor:
@@ -340,8 +348,7 @@ class Conv2dCRS(torch.autograd.Function):
             g, k_b = _conv_input_grad(grad_output, x_k, w_k, ctx.geometry, config, ctx.generator)
             memory_format = torch.channels_last if ctx.input_channels_last else torch.contiguous_format
             with _range(SCATTER_RANGE):
-                grad_input = torch.empty(ctx.input_shape, dtype=g.dtype, device=g.device, memory_format=memory_format).zero_()
-                grad_input = grad_input.index_copy_(1, selection.keep, g) if selection.unique else grad_input.index_add_(1, selection.keep, g)
+                grad_input = _scatter_columns(ctx.input_shape, 1, selection, g, memory_format)
             if compute is not None and _counted_in_backward(config, "input_grad"):
                 compute.add("input_grad", batch * channels * out_channels * per_pair, batch * k * k_b * per_pair)
         if ctx.needs_input_grad[1]:

@@ -7,7 +7,7 @@ rules, after warm-up, with device synchronisation. Reports per row: median step
 time, speedup vs exact (same run), the FLOP bound 1/(1 - compute reduction) and
 the fraction of it reached, the share of the step spent in selection (norms +
 top-k) and in gathers/scatters (from profiler ranges), peak memory (CUDA: max
-allocated) and the activation memory saved for backward by the approximated layers.
+allocated) and the activation memory autograd saves for backward in one forward pass.
 
     python scripts/bench_train.py                       # all models, CPU-sized batches on CPU
     python scripts/bench_train.py --models wrn resnet50 --device cuda --amp bf16 --channels-last
@@ -32,6 +32,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from approxtrain import ComputeMeter, LayerRule, SamplingConfig, approximate_, attach_meter  # noqa: E402
+from approxtrain.cli.allocator import retain_freed_memory  # noqa: E402
 from approxtrain.data import DatasetInfo  # noqa: E402
 from approxtrain.functional import GATHER_RANGE, SCATTER_RANGE, SELECT_RANGE  # noqa: E402
 from approxtrain.models import build_model  # noqa: E402
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-steps", type=int, default=2, help="steps profiled for the selection share (0: skip)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    retain_freed_memory()  # like the CLI: re-executes once with glibc keeping freed memory (APPROXTRAIN_MALLOC=system: off)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
