@@ -327,7 +327,7 @@ class Conv2dCRS(torch.autograd.Function):
                 w_k = w_k * _scale_view(selection.scale.to(w_k.dtype), 1, 4)
         stride, padding, dilation = geometry
         output = F.conv2d(x_k, w_k, bias, stride, padding, dilation)
-        ctx.save_for_backward(x_k, w_k)
+        ctx.save_for_backward(x_k, weight)  # the weight itself (held anyway), not its sampled copy
         ctx.selection, ctx.geometry, ctx.config, ctx.generator, ctx.compute = selection, geometry, config, generator, compute
         ctx.input_shape, ctx.weight_shape = input.shape, weight.shape
         ctx.input_channels_last = input.dim() == 4 and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)
@@ -335,10 +335,14 @@ class Conv2dCRS(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        x_k, w_k = ctx.saved_tensors
+        x_k, weight = ctx.saved_tensors
         selection: Selection = ctx.selection
         config: SamplingConfig = ctx.config
         compute: LayerCompute | None = ctx.compute
+        with _range(GATHER_RANGE):
+            w_k = weight.index_select(1, selection.keep)
+            if selection.scale is not None:
+                w_k = w_k * _scale_view(selection.scale.to(w_k.dtype), 1, 4)
         batch, channels = ctx.input_shape[:2]
         out_channels, _, kh, kw = ctx.weight_shape
         k = selection.keep.numel()
