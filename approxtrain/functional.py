@@ -58,10 +58,17 @@ def _scatter_columns(full_shape: torch.Size, dim: int, selection: Selection, val
     return out.scatter_add_(dim, index, values)
 
 
+def _take_last(a: Tensor, keep: Tensor) -> Tensor:
+    """``a[..., keep]``: ``gather`` with a broadcast index, about twice as fast on CPU as
+    ``index_select`` along the innermost dimension."""
+    shape = [1] * (a.dim() - 1) + [-1]
+    return torch.gather(a, a.dim() - 1, keep.view(shape).expand(*a.shape[:-1], keep.numel()))
+
+
 def _take_channels(x: Tensor, keep: Tensor) -> Tensor:
     """``x[:, keep]`` for (N, C, H, W) ``x``, gathering along the contiguous dimension under channels_last."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return x.permute(0, 2, 3, 1).index_select(3, keep).permute(0, 3, 1, 2)
+        return _take_last(x.permute(0, 2, 3, 1), keep).permute(0, 3, 1, 2)
     return x.index_select(1, keep)
 
 
@@ -142,7 +149,7 @@ def _linear_input_grad(grad_out: Tensor, w_k: Tensor, config: SamplingConfig, ge
     with torch.no_grad():
         scores = column_norms(grad_out) * _norm(w_k, 1)
     sel = select(scores, k_b, config, generator)
-    g = grad_out.index_select(1, sel.keep)
+    g = _take_last(grad_out, sel.keep)
     if sel.scale is not None:
         g = g * sel.scale.to(g.dtype)
     return g @ w_k.index_select(0, sel.keep), sel.keep.numel()
@@ -175,8 +182,8 @@ class LinearCRS(torch.autograd.Function):
     def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, selection: Selection,
                 config: SamplingConfig, generator: torch.Generator | None, compute: LayerCompute | None) -> Tensor:
         with _range(GATHER_RANGE):
-            x_k = input.index_select(1, selection.keep)
-            w_k = weight.index_select(1, selection.keep)
+            x_k = _take_last(input, selection.keep)
+            w_k = _take_last(weight, selection.keep)
             if selection.scale is not None:
                 w_k = w_k * selection.scale.to(w_k.dtype)
         output = F.linear(x_k, w_k, bias)
@@ -200,7 +207,7 @@ class LinearCRS(torch.autograd.Function):
         grad_output = grad_output.contiguous()
         if ctx.needs_input_grad[0]:
             with _range(GATHER_RANGE):
-                w_k = weight.index_select(1, selection.keep)
+                w_k = _take_last(weight, selection.keep)
                 if selection.scale is not None:
                     w_k = w_k * selection.scale.to(w_k.dtype)
             g, k_b = _linear_input_grad(grad_output, w_k, config, ctx.generator)
