@@ -175,7 +175,6 @@ def main() -> None:
     if error:
         print(f"approxtrain: error: {error}", file=sys.stderr)
         raise SystemExit(2)
-    retain_freed_memory()
     _app()
     if _failed_jobs:
         print(f"approxtrain: {len(_failed_jobs)} job(s) failed:", file=sys.stderr)
@@ -184,5 +183,11 @@ def main() -> None:
         raise SystemExit(1)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The ``approxtrain`` console script: :func:`main` in a process whose CPU allocator keeps freed memory."""
+    retain_freed_memory()  # re-executes this command once (Linux); APPROXTRAIN_MALLOC=system opts out
     main()
+
+
+if __name__ == "__main__":
+    entry()
