@@ -210,6 +210,16 @@ def bernoulli_probabilities(scores: Tensor, k: int) -> Tensor:
     return torch.empty_like(q_sorted).scatter_(0, order, q_sorted)
 
 
+@torch.compiler.disable  # a data-dependent number of pairs: the one unavoidable graph break (and host sync)
+def _bernoulli_select(scores: Tensor, k: int, scale: bool, generator: torch.Generator | None) -> Selection:
+    q = bernoulli_probabilities(scores, k)
+    draw = torch.rand(scores.numel(), device=scores.device, generator=generator)
+    keep = torch.nonzero(draw < q).squeeze(1)
+    if keep.numel() == 0:  # keep at least one pair, the likeliest, with its weight
+        keep = torch.argmax(q).reshape(1)
+    return Selection(keep, q[keep].reciprocal() if scale else None, True)
+
+
 def select(
     scores: Tensor,
     k: int,
@@ -238,12 +248,7 @@ def select(
 
     _check_generator(generator, device)
     if config.policy == "bernoulli":
-        q = bernoulli_probabilities(scores, k)
-        draw = torch.rand(n, device=device, generator=generator)
-        keep = torch.nonzero(draw < q).squeeze(1)
-        if keep.numel() == 0:  # keep at least one pair, the likeliest, with its weight
-            keep = torch.argmax(q).reshape(1)
-        return Selection(keep, q[keep].reciprocal(), True)
+        return _bernoulli_select(scores, k, config.scale, generator)
 
     if config.policy == "nps":
         p = norm_probabilities(scores)
