@@ -17,7 +17,9 @@ performed and what really ran, step after step (Bernoulli's ``k`` varies).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+import torch
 
 PRODUCTS = ("forward", "input_grad", "weight_grad")
 
@@ -42,20 +44,46 @@ class ProductMACs:
         )
 
 
-@dataclass
 class LayerCompute:
-    """Running MAC totals of one layer: what exact training costs and what ran."""
+    """Running MAC totals of one layer: what exact training costs and what ran.
 
-    exact: ProductMACs = field(default_factory=ProductMACs)
-    actual: ProductMACs = field(default_factory=ProductMACs)
-    calls: int = 0
+    The totals live in a small CPU int64 tensor updated in place: ``torch.compile``
+    traces that as state it mutates (Python ints would be guarded on, forcing a
+    recompilation every step), and reading it never waits for a GPU.
+    """
+
+    _CALLS = 6
+
+    def __init__(self) -> None:
+        # [exact forward, exact input_grad, exact weight_grad, actual ..., calls]
+        self.totals = torch.zeros(7, dtype=torch.int64)
 
     def add(self, product: str, exact: int, actual: int) -> None:
-        setattr(self.exact, product, getattr(self.exact, product) + exact)
-        setattr(self.actual, product, getattr(self.actual, product) + actual)
+        index = PRODUCTS.index(product)
+        self.totals[index] += exact
+        self.totals[3 + index] += actual
+
+    def count_call(self) -> None:
+        self.totals[self._CALLS] += 1
+
+    @property
+    def exact(self) -> ProductMACs:
+        return ProductMACs(*self.totals[:3].tolist())
+
+    @property
+    def actual(self) -> ProductMACs:
+        return ProductMACs(*self.totals[3:6].tolist())
+
+    @property
+    def calls(self) -> int:
+        return int(self.totals[self._CALLS])
+
+    @calls.setter
+    def calls(self, value: int) -> None:
+        self.totals[self._CALLS] = value
 
     def reset(self) -> None:
-        self.exact, self.actual, self.calls = ProductMACs(), ProductMACs(), 0
+        self.totals.zero_()
 
 
 def linear_macs(rows: int, in_features: int, out_features: int) -> int:

@@ -258,7 +258,7 @@ def approx_linear(
         selection = select(scores, k, config, generator)
     if compute is not None:
         kept, full = selection.keep.numel(), rows * n * out_features
-        compute.calls += 1
+        compute.count_call()
         compute.add("forward", full, rows * kept * out_features)
         _count_backward_at_forward(compute, config, x2.requires_grad, weight.requires_grad, full,
                                    rows * config.bwd_k(out_features) * kept, config.wu_k(rows) * out_features * kept)
@@ -268,7 +268,7 @@ def approx_linear(
 
 def _count_exact_linear(compute: LayerCompute, rows: int, n: int, out_features: int, input_grad: bool, weight_grad: bool) -> None:
     macs = rows * n * out_features
-    compute.calls += 1
+    compute.count_call()
     compute.add("forward", macs, macs)
     if torch.is_grad_enabled():
         if input_grad:
@@ -420,7 +420,7 @@ def approx_conv2d(
         batch, out_channels = output.shape[0], output.shape[1]
         per_pair = output.shape[2] * output.shape[3] * weight.shape[2] * weight.shape[3]
         kept, full = selection.keep.numel(), batch * out_channels * channels * per_pair
-        compute.calls += 1
+        compute.count_call()
         compute.add("forward", full, batch * out_channels * kept * per_pair)
         _count_backward_at_forward(compute, config, input.requires_grad, weight.requires_grad, full,
                                    batch * config.bwd_k(out_channels) * kept * per_pair,
@@ -430,7 +430,7 @@ def approx_conv2d(
 
 def _count_exact_conv(compute: LayerCompute, input: Tensor, weight: Tensor, output: Tensor) -> None:
     macs = output.numel() * weight.shape[1] * weight.shape[2] * weight.shape[3]  # weight.shape[1] = C / groups
-    compute.calls += 1
+    compute.count_call()
     compute.add("forward", macs, macs)
     if torch.is_grad_enabled():
         if input.requires_grad:

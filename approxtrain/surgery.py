@@ -396,9 +396,11 @@ def attach_meter(model: nn.Module, meter: ComputeMeter) -> list[RemovableHandle]
                                         else grad and module.weight.requires_grad)
                 if not grad:
                     macs = ProductMACs(macs.forward, 0, 0)
-                entry.calls += 1
-                entry.exact += macs
-                entry.actual += macs
+                entry.count_call()
+                for product in ("forward", "input_grad", "weight_grad"):
+                    value = getattr(macs, product)
+                    if value:
+                        entry.add(product, value, value)
 
             handles.append(module.register_forward_hook(count))
     return handles

@@ -50,3 +50,17 @@ def test_compiled_training_step_counts_the_same_macs() -> None:
         torch.nn.functional.cross_entropy(run(x), y).backward()
     assert compiled_meter.actual == eager_meter.actual and compiled_meter.exact == eager_meter.exact
     torch.testing.assert_close(compiled.fc1.weight.grad, eager.fc1.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_steps_do_not_recompile() -> None:
+    # the meter's running totals change every step; they must not be guarded on
+    model, meter = _cnn("topk")
+    dynamo.reset()
+    step = torch.compile(model)
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    torch.nn.functional.cross_entropy(step(x), y).backward()
+    with dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            torch.nn.functional.cross_entropy(step(x), y).backward()
+    assert meter.entries["conv2"].calls == 4
