@@ -242,6 +242,8 @@ def approximate_(
         if new is not module:
             _set_submodule(model, name, new)
         k = sampling.k(n) if sampling is not None else n
+        if sampling is not None and sampling.align_k > 1:
+            note = f"k rounded up to a multiple of {sampling.align_k} (align_k)"
         policy = sampling.policy if sampling is not None else "exact"
         rows.append(PlanRow(name, kind, n, k, k / n, policy, index, note))
     for index, rule in enumerate(rules):

@@ -212,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
                 reduction = 0.0
             meter = ComputeMeter()
             attach_meter(model, meter)
+            if args.compile:
+                # a fresh compile per configuration, as in a training run: models of one class
+                # with different ratios would otherwise share (and generalise) one cache entry
+                torch._dynamo.reset()
             step_model = torch.compile(model) if args.compile else model
             result = _measure(step_model, info, batch, device, amp, channels_last, args.image_size, warmup, repeats,
                               args.profile_steps if ratio < 1.0 else 0)
