@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from approxtrain.accounting import LayerCompute
+from approxtrain.accounting import LayerCompute, conv2d_macs, linear_macs
 from approxtrain.sampling import SamplingConfig, Selection, select
 
 # Profiler ranges: benchmarks attribute time to selection (norms + sampling),
@@ -250,7 +250,7 @@ def approx_linear(
     rows, out_features = x2.shape[0], weight.shape[0]
     if k >= n and config.policy != "bernoulli" and not config.samples_backward or config.policy == "exact":
         if compute is not None:
-            _count_exact_linear(compute, rows, n, out_features, input.requires_grad, weight.requires_grad)
+            _count_exact(compute, linear_macs(rows, n, out_features), input.requires_grad, weight.requires_grad)
         return F.linear(input, weight, bias)
     x2, weight, bias = _autocast(x2, weight, bias)
     with torch.no_grad(), _range(SELECT_RANGE):
@@ -266,8 +266,8 @@ def approx_linear(
     return output.reshape(*input.shape[:-1], out_features)
 
 
-def _count_exact_linear(compute: LayerCompute, rows: int, n: int, out_features: int, input_grad: bool, weight_grad: bool) -> None:
-    macs = rows * n * out_features
+def _count_exact(compute: LayerCompute, macs: int, input_grad: bool, weight_grad: bool) -> None:
+    """Record one exact call: each of its products costs ``macs``."""
     compute.count_call()
     compute.add("forward", macs, macs)
     if torch.is_grad_enabled():
@@ -409,7 +409,8 @@ def approx_conv2d(
     if k >= channels and config.policy != "bernoulli" and not config.samples_backward or config.policy == "exact":
         output = F.conv2d(input, weight, bias, *geometry)
         if compute is not None:
-            _count_exact_conv(compute, input, weight, output)
+            macs = conv2d_macs(output.shape[0], channels, output.shape[1], weight.shape[2:], output.shape[2:])
+            _count_exact(compute, macs, input.requires_grad, weight.requires_grad)
         return output
     input, weight, bias = _autocast(input, weight, bias)
     with torch.no_grad(), _range(SELECT_RANGE):
@@ -426,14 +427,3 @@ def approx_conv2d(
                                    batch * config.bwd_k(out_channels) * kept * per_pair,
                                    config.wu_k(batch) * out_channels * kept * per_pair)
     return output
-
-
-def _count_exact_conv(compute: LayerCompute, input: Tensor, weight: Tensor, output: Tensor) -> None:
-    macs = output.numel() * weight.shape[1] * weight.shape[2] * weight.shape[3]  # weight.shape[1] = C / groups
-    compute.count_call()
-    compute.add("forward", macs, macs)
-    if torch.is_grad_enabled():
-        if input.requires_grad:
-            compute.add("input_grad", macs, macs)
-        if weight.requires_grad:
-            compute.add("weight_grad", macs, macs)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 
@@ -133,3 +134,12 @@ def read_wandb_records(path: Path) -> list[Any]:
         record.ParseFromString(raw)
         parsed.append(record)
     return parsed
+
+
+@pytest.fixture
+def one_thread():
+    """Many tiny products in a loop: one intra-op thread avoids OpenMP hand-off overhead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

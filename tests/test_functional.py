@@ -15,15 +15,6 @@ from approxtrain.sampling import SamplingConfig, select
 DOUBLE = torch.float64
 
 
-@pytest.fixture
-def one_thread():
-    """Many tiny products in a loop: one intra-op thread avoids OpenMP hand-off overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -112,8 +112,7 @@ def test_linear_backward_sampling_in_bf16_keeps_shapes_and_zeros(precision: str)
     assert (x.grad.abs().sum(0) > 0).sum() <= 8 and (w.grad.abs().sum(0) > 0).sum() <= 8
 
 
-def test_channels_last_conv_is_unbiased_with_scaled_sampling() -> None:
-    torch.set_num_threads(1)
+def test_channels_last_conv_is_unbiased_with_scaled_sampling(one_thread) -> None:
     x = torch.randn(2, 10, 5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x = (x * torch.linspace(0.2, 3.0, 10, dtype=torch.float64).view(1, -1, 1, 1)).contiguous(memory_format=torch.channels_last)
     w = torch.randn(3, 10, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

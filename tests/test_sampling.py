@@ -19,15 +19,6 @@ from approxtrain.sampling import (
 )
 
 
-@pytest.fixture
-def one_thread():
-    """Many tiny products in a loop: one intra-op thread avoids OpenMP hand-off overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def pair_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Column-row pair scores ``|A^(i)| |B_(i)|``."""
     return torch.linalg.vector_norm(a, dim=0) * torch.linalg.vector_norm(b, dim=1)
