@@ -47,43 +47,56 @@ class ProductMACs:
 class LayerCompute:
     """Running MAC totals of one layer: what exact training costs and what ran.
 
-    The totals live in a small CPU int64 tensor updated in place: ``torch.compile``
-    traces that as state it mutates (Python ints would be guarded on, forcing a
-    recompilation every step), and reading it never waits for a GPU.
+    Eager calls add to plain ints (cheap on the hot path). Under ``torch.compile`` the
+    totals go to a small CPU int64 tensor updated in place instead: compile traces that
+    as state it mutates, whereas Python ints would be guarded on and force a
+    recompilation every step. The readers sum both.
     """
 
     _CALLS = 6
 
     def __init__(self) -> None:
         # [exact forward, exact input_grad, exact weight_grad, actual ..., calls]
-        self.totals = torch.zeros(7, dtype=torch.int64)
+        self._eager = [0] * 7
+        self._traced = torch.zeros(7, dtype=torch.int64)
+
+    def _bump(self, index: int, value: int) -> None:
+        if torch.compiler.is_compiling():
+            self._traced[index] += value
+        else:
+            self._eager[index] += value
 
     def add(self, product: str, exact: int, actual: int) -> None:
         index = PRODUCTS.index(product)
-        self.totals[index] += exact
-        self.totals[3 + index] += actual
+        self._bump(index, exact)
+        self._bump(3 + index, actual)
 
     def count_call(self) -> None:
-        self.totals[self._CALLS] += 1
+        self._bump(self._CALLS, 1)
+
+    def _totals(self) -> list[int]:
+        return [a + b for a, b in zip(self._eager, self._traced.tolist())]
 
     @property
     def exact(self) -> ProductMACs:
-        return ProductMACs(*self.totals[:3].tolist())
+        return ProductMACs(*self._totals()[:3])
 
     @property
     def actual(self) -> ProductMACs:
-        return ProductMACs(*self.totals[3:6].tolist())
+        return ProductMACs(*self._totals()[3:6])
 
     @property
     def calls(self) -> int:
-        return int(self.totals[self._CALLS])
+        return self._totals()[self._CALLS]
 
     @calls.setter
     def calls(self, value: int) -> None:
-        self.totals[self._CALLS] = value
+        self._eager[self._CALLS] = value
+        self._traced[self._CALLS] = 0
 
     def reset(self) -> None:
-        self.totals.zero_()
+        self._eager = [0] * 7
+        self._traced.zero_()
 
 
 def linear_macs(rows: int, in_features: int, out_features: int) -> int:
