@@ -7,11 +7,10 @@ steps interleaved round by round:
   ``--repeats`` timed rounds; ``torch.cuda.synchronize()`` around each on CUDA);
 * speedup = exact median / approximate median, the FLOP bound ``n / k`` and the
   fraction of it reached; at ratio 1.0 the overhead (the op takes the exact path);
-* the selection pieces timed separately on the same inputs -- pair norms (the op's
-  own ``column_norms`` / ``channel_norms``), the
-  sampler (:func:`approxtrain.sampling.select` on precomputed scores) and the
-  ``index_select`` gathers of input and weight -- as a share of the exact step, and the
-  backward scatter of the sampled gradients into full-size ones (reported apart);
+* where the approximate step's extra time goes, from the op's own profiler ranges
+  over real steps: selection (pair norms + sampler), the gathers of the sampled input
+  and weight slices, and the spreading of the sampled gradients into full-size ones
+  ("scatter"), each as a share of the exact step;
 * CPU allocator: like the CLI, the script re-executes itself once with glibc told to
   keep freed memory (``approxtrain.cli.allocator``); ``APPROXTRAIN_MALLOC=system``
   measures with the system's default allocator behaviour instead.
@@ -45,8 +44,8 @@ try:
 except ModuleNotFoundError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from approxtrain.cli.allocator import SETTINGS as MALLOC_SETTINGS, retain_freed_memory
-from approxtrain.functional import approx_conv2d, approx_linear, channel_norms, column_norms
-from approxtrain.sampling import POLICIES, SamplingConfig, select
+from approxtrain.functional import GATHER_RANGE, SCATTER_RANGE, SELECT_RANGE, approx_conv2d, approx_linear
+from approxtrain.sampling import POLICIES, SamplingConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGET_SPEEDUP_AT_HALF = 1.7
@@ -113,7 +112,6 @@ class OpCase:
     exact: Callable[[], torch.Tensor]
     approx: Callable[[SamplingConfig], torch.Tensor]
     n: int  # pairs: input features / input channels
-    pair_norms: Callable[[torch.Tensor], torch.Tensor]  # the op's per-pair norm of input or weight
 
     def step(self, forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
         def run() -> None:
@@ -133,7 +131,7 @@ def linear_case(batch: int, in_features: int, out_features: int, device: torch.d
         input=x, weight=w, grad_output=grad,
         exact=lambda: F.linear(x, w),
         approx=lambda config: approx_linear(x, w, None, config, generator),
-        n=in_features, pair_norms=column_norms,
+        n=in_features,
     )
 
 
@@ -154,54 +152,32 @@ def conv_case(batch: int, channels: int, out_channels: int, kernel: int, size: i
         input=x, weight=w, grad_output=grad,
         exact=lambda: F.conv2d(x, w, None, 1, padding),
         approx=lambda config: approx_conv2d(x, w, None, 1, padding, 1, config, generator),
-        n=channels, pair_norms=channel_norms,
+        n=channels,
     )
 
 
-def take_channels(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``x[:, keep]`` as the conv op gathers it (along the contiguous dim under channels_last)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return x.permute(0, 2, 3, 1).index_select(3, keep).permute(0, 3, 1, 2)
-    return x.index_select(1, keep)
+def profiled_pieces(step: Callable[[], None], device: torch.device, steps: int) -> dict[str, float]:
+    """Mean per-step time (ms) inside the op's own profiler ranges over ``steps`` real steps:
+    ``select`` (pair norms + sampler), ``gathers`` (sampled input and weight slices, forward and
+    backward) and ``scatter`` (spreading the sampled gradients into full-size ones).
 
-
-def selection_pieces(case: OpCase, config: SamplingConfig, generator: torch.Generator, device: torch.device,
-                     warmup: int, repeats: int) -> dict[str, dict[str, float]]:
-    """Quartiles (ms) of the selection pieces and of the backward scatter, with the op's own inputs."""
-    x, w = case.input.detach(), case.weight.detach()
-    k = config.k(case.n)
-    with torch.no_grad():
-        def norms() -> torch.Tensor:  # the scores exactly as the op computes them
-            return case.pair_norms(x) * case.pair_norms(w)
-
-        scores = norms()
-        selection = select(scores, k, config, generator)
-        keep = selection.keep
-
-        def gathers() -> tuple[torch.Tensor, torch.Tensor]:
-            x_k = take_channels(x, keep) if case.name == "conv2d" else x.index_select(1, keep)
-            w_k = w.index_select(1, keep)
-            if selection.scale is not None:
-                shape = [1] * w.dim()
-                shape[1] = -1
-                w_k = w_k * selection.scale.to(w_k.dtype).view(shape)
-            return x_k, w_k
-
-        x_k, w_k = gathers()
-        grad_x_k, grad_w_k = torch.randn_like(x_k), torch.randn_like(w_k)
-        input_format = torch.channels_last if case.shape.get("channels_last") else torch.contiguous_format
-
-        def scatter() -> tuple[torch.Tensor, torch.Tensor]:  # the full-size gradients backward returns
-            grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=input_format).zero_()
-            grad_w = torch.zeros(w.shape, dtype=w.dtype, device=w.device)
-            return grad_x.index_copy_(1, keep, grad_x_k), grad_w.index_copy_(1, keep, grad_w_k)
-
-        return {
-            "norms": time_call(norms, device, warmup, repeats),
-            "select": time_call(lambda: select(scores, k, config, generator), device, warmup, repeats),
-            "gathers": time_call(gathers, device, warmup, repeats),
-            "scatter": time_call(scatter, device, warmup, repeats),
-        }
+    Device time on CUDA, CPU time otherwise. The ranges time exactly what the op runs, so the
+    pieces follow any change to its implementation.
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()
+    synchronize(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    names = {SELECT_RANGE: "select", GATHER_RANGE: "gathers", SCATTER_RANGE: "scatter"}
+    pieces = dict.fromkeys(names.values(), 0.0)
+    for event in prof.key_averages():
+        if event.key in names:
+            micros = (getattr(event, "device_time_total", 0.0) or 0.0) if device.type == "cuda" else event.cpu_time_total
+            pieces[names[event.key]] = micros / 1e3 / steps
+    return pieces
 
 
 def saved_bytes(case: OpCase, forward: Callable[[], torch.Tensor]) -> dict[str, int]:
@@ -274,13 +250,13 @@ def benchmark(case: OpCase, ratios: list[float], policy: str, generator: torch.G
             "cuda_peak_bytes": {"exact": exact_peak, "approx": cuda_peak_bytes(case, steps[name], device)},
         }
         if k < case.n or policy == "bernoulli":  # bernoulli samples even at ratio 1.0
-            pieces = selection_pieces(case, config, generator, device, warmup=max(warmup, 2), repeats=max(repeats, 5))
-            selection_ms = sum(pieces[p]["median"] for p in ("norms", "select", "gathers"))
+            pieces = profiled_pieces(steps[name], device, steps=max(repeats // 2, 3))
+            selection_ms = pieces["select"] + pieces["gathers"]
             row.update({
                 "pieces_ms": pieces,
                 "selection_ms": selection_ms,
                 "selection_share": selection_ms / exact["median"],
-                "scatter_share": pieces["scatter"]["median"] / exact["median"],
+                "scatter_share": pieces["scatter"] / exact["median"],
             })
         else:  # the op takes the exact path: nothing is selected
             row.update({"pieces_ms": None, "selection_ms": 0.0, "selection_share": 0.0, "scatter_share": 0.0})
@@ -350,7 +326,8 @@ def print_table(rows: list[dict]) -> None:
               f"{r['speedup_quartiles']['q1']:>6.2f}-{r['speedup_quartiles']['q3']:<5.2f}{r['speedup_of_medians']:>10.2f}x{r['flop_bound']:>6.2f}x"
               f"{r['fraction_of_bound']:>10.0%}{r['selection_share']:>8.1%}{r['scatter_share']:>9.1%}{saved + saved_all:>26}")
     print("speedup = median over rounds of exact/approx in the same round (IQR of that ratio); 'of medians' = exact median / approx median;")
-    print("select = (norms + sampler + gathers) / exact fwd+bwd; scatter = backward scatter / exact fwd+bwd;")
+    print("select = (norms + sampler + gathers) / exact fwd+bwd; scatter = spreading gradients to full size / exact fwd+bwd")
+    print("(both from the op's profiler ranges over real steps);")
     print("saved = bytes saved for backward without the weight parameter (all saved tensors in parentheses).")
     for r in rows:
         if r["cuda_peak_bytes"]["exact"] is not None:
@@ -359,8 +336,8 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         if r["pieces_ms"]:
             p = r["pieces_ms"]
-            print(f"pieces {r['op']} @ {r['ratio']:g} (median ms): norms {p['norms']['median']:.2f}, select {p['select']['median']:.2f}, "
-                  f"gathers {p['gathers']['median']:.2f}, scatter {p['scatter']['median']:.2f}")
+            print(f"pieces {r['op']} @ {r['ratio']:g} (ms per step): norms + sampler {p['select']:.2f}, "
+                  f"gathers {p['gathers']:.2f}, scatter {p['scatter']:.2f}")
 
 
 def parse_ints(text: str, count: int, name: str) -> list[int]:

@@ -271,6 +271,20 @@ def test_linear_gradcheck_topk():
     assert torch.autograd.gradcheck(lambda a, w: approx_linear(a, w, None, config), (x, weight))
 
 
+
+@pytest.mark.parametrize("config", [SamplingConfig("topk", ratio=0.5), SamplingConfig("nps", ratio=0.5, replacement=True)])
+def test_linear_create_graph_backward_gives_the_same_gradients(config):
+    # create_graph=True runs backward with grad mode on: the gradients take the plain
+    # (differentiable) path instead of the out= product, with the same values
+    x = torch.randn(6, 10, generator=gen(0), dtype=DOUBLE, requires_grad=True)
+    weight = torch.randn(5, 10, generator=gen(1), dtype=DOUBLE, requires_grad=True)
+    grad_out = torch.randn(6, 5, generator=gen(2), dtype=DOUBLE)
+    plain = torch.autograd.grad(approx_linear(x, weight, None, config, gen(3)), (x, weight), grad_out)
+    graph = torch.autograd.grad(approx_linear(x, weight, None, config, gen(3)), (x, weight), grad_out, create_graph=True)
+    for a, b in zip(plain, graph):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- conv2d gradients
 
 GEOMETRIES = [  # stride, padding, dilation

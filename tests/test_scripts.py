@@ -90,6 +90,8 @@ def test_bench_ops_tiny_shapes_write_json(tmp_path: Path) -> None:
             assert r["saved_bytes"]["approx"]["all"] > 0
         assert by_ratio[1.0]["overhead"] is not None and by_ratio[1.0]["k"] == by_ratio[1.0]["n"]
         assert by_ratio[0.5]["selection_share"] > 0
+        pieces = by_ratio[0.5]["pieces_ms"]  # from the op's own profiler ranges
+        assert set(pieces) == {"select", "gathers", "scatter"} and all(ms > 0 for ms in pieces.values())
         # CRS saves only the sampled slice of the input for backward
         assert by_ratio[0.25]["saved_bytes"]["approx"]["all"] < by_ratio[1.0]["saved_bytes"]["approx"]["all"]
     assert {t["op"] for t in data["targets"]} == {"linear", "conv2d"}
