@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from approxtrain.models import check_model_options, model_options
 from approxtrain.sampling import POLICIES, SamplingConfig
 from approxtrain.surgery import LayerRule, rules_from_dicts
 
@@ -76,6 +77,11 @@ def layer_rules(cfg: Mapping[str, Any]) -> list[LayerRule]:
 def validate(cfg: Mapping[str, Any]) -> None:
     """Check every value the run depends on; raise :class:`ConfigError` on the first bad one."""
     layer_rules(cfg)
+    model = cfg.get("model") or {}
+    try:
+        check_model_options(model.get("name"), model_options(model))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(str(error)) from None
     for dotted, allowed in _CHOICES.items():
         value = _get(cfg, dotted)
         if value is not None and value not in allowed:

@@ -27,12 +27,11 @@ from torch import Tensor, nn
 from approxtrain.accounting import ComputeMeter, compute_reduction
 from approxtrain.config import layer_rules, validate
 from approxtrain.data import DatasetInfo, build_loaders
-from approxtrain.models import build_model
+from approxtrain.models import build_model, model_options
 from approxtrain.results import load_checkpoint, save_checkpoint, write_results
 from approxtrain.surgery import Plan, approximate_, attach_meter
 
 _DATA_KEYS = ("root", "download", "eval_batch_size", "num_samples", "like", "image_size", "seq_len", "train_split")
-_MODEL_BOOKKEEPING = ("name", "paper_dataset")
 
 
 class Reporter(Protocol):
@@ -175,10 +174,6 @@ def _peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # peak RSS of the process
 
 
-def _model_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in cfg["model"].items() if key not in _MODEL_BOOKKEEPING}
-
-
 def _example_input(info: DatasetInfo, seq_len: int, device: torch.device) -> Tensor:
     """A 2-example batch of the right shape, to trace the layers' MACs."""
     if info.kind == "text":
@@ -202,7 +197,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path, reporters: Sequence[Reporter] =
     train_loader, test_loader, info = build_loaders(
         data["name"], batch_size=data["batch_size"], num_workers=trainer["num_workers"], seed=seed,
         pin_memory=device.type == "cuda", **{key: data[key] for key in _DATA_KEYS if key in data})
-    model = build_model(cfg["model"]["name"], info, **_model_options(cfg)).to(device)
+    model = build_model(cfg["model"]["name"], info, **model_options(cfg["model"])).to(device)
     channels_last = trainer["channels_last"] is True or trainer["channels_last"] == "auto" and device.type == "cuda" and info.kind == "image"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -92,6 +92,7 @@ BAD_OVERRIDES = {
     "ratio_a_list": (["ratio=[1,2]"], ["ratio=[1, 2]", "allowed"]),
     "unknown_sampler": (["sampler=nope"], ["sampler=nope", "allowed: bernoulli"]),
     "unknown_model": (["model=nope"], ["model=nope", "allowed: cnn"]),
+    "model_option_not_a_number": (["model.hidden=abc"], ["model.hidden='abc'", "allowed: an integer >= 1"]),
     "rule_matching_nothing": (["layers.rules=[{match: nothing}]"], ["match='nothing'", "matches no layer", "layers: fc1"]),
     "missing_offline_dataset": (["dataset=cifar10", "dataset.root=<empty>", "dataset.download=false"],
                                 ["'cifar10' not found", "<empty>", "dataset=digits"]),

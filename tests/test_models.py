@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from approxtrain.data import PAPER_DATASET, DatasetInfo
-from approxtrain.models import MODELS, LSTMLanguageModel, build_model
+from approxtrain.models import MODELS, LSTMLanguageModel, build_model, check_model_options
 
 MNIST = DatasetInfo("mnist", "image", in_channels=1, image_size=(28, 28), num_classes=10)
 DIGITS = DatasetInfo("digits", "image", in_channels=1, image_size=(8, 8), num_classes=10)
@@ -242,10 +242,30 @@ def test_unknown_model_and_option() -> None:
         build_model("mlp", MNIST, width=3)
     with pytest.raises(TypeError, match=r"unknown option 'depth'.*'resnet50'"):
         build_model("resnet50", CIFAR10, depth=18)
-    with pytest.raises(ValueError, match=r"unknown lstm cell 'gru'"):
+    with pytest.raises(ValueError, match=r"model.cell='gru' is invalid; allowed: cudnn, unrolled"):
         build_model("lstm", PTB, cell="gru")
     with pytest.raises(ValueError, match=r"6n \+ 4"):
         build_model("wrn", CIFAR10, depth=27)
+
+
+@pytest.mark.parametrize("model, option, value, allowed", [
+    ("mlp", "hidden", "abc", "an integer >= 1"),
+    ("mlp", "hidden", 0, "an integer >= 1"),
+    ("mlp", "hidden", 2.5, "an integer >= 1"),
+    ("cnn", "dropout", 1.0, "a number in [0, 1)"),
+    ("cnn", "dropout", True, "a number in [0, 1)"),
+    ("lstm", "layers", -1, "an integer >= 1"),
+    ("lstm", "cell", "gru", "cudnn, unrolled"),
+    ("wrn", "depth", 27, "6n + 4"),
+    ("wrn", "widen_factor", "ten", "an integer >= 1"),
+])
+def test_bad_option_value_is_named_with_the_allowed_values(model, option, value, allowed) -> None:
+    with pytest.raises(ValueError) as error:
+        check_model_options(model, {option: value})
+    message = str(error.value)
+    assert message.startswith(f"model.{option}={value!r} is invalid; allowed: ") and allowed in message
+    assert "\n" not in message
+    check_model_options(model, {})  # the paper's defaults need no option
 
 
 def test_options_change_the_model() -> None:
