@@ -115,6 +115,21 @@ def test_bad_override_is_one_line_error(case, cli, tmp_path):
         assert results["status"] == "failed" and results["error"] == message
 
 
+@pytest.mark.parametrize("overrides, names", [
+    (["trainer.epoch=2"], ["trainer.epoch=2 is not a config key", "allowed under trainer:", "epochs", "+trainer.epoch=2"]),
+    (["model.dept=2", "model=wrn"], ["model.dept=2 is not a config key", "allowed under model:", "depth, dropout"]),
+    (["fo=1"], ["fo=1 is not a config key", "allowed: dataset", "ratio"]),
+    (["+ratio=0.3"], ["An item is already at 'ratio'", "'ratio=0.3'"]),
+    (["ratio=[0.3"], ["'[0.3'"]),
+])
+def test_hydra_composition_error_is_one_line(overrides, names, cli, tmp_path):
+    run_dir = tmp_path / "run"
+    process = cli(*SMALL, "logger=none", f"hydra.run.dir={run_dir}", *overrides)
+    assert_clean_failure(process, *names)
+    assert len(process.stderr.strip().splitlines()) == 1, process.stderr  # Hydra's own lines are replaced
+    assert not run_dir.exists(), "a run that never started left a run dir"
+
+
 # ---------------------------------------------------------------------------------------------- sweeps
 
 

@@ -10,7 +10,9 @@ the sweep ends with the comparison table of its runs.
 
 from __future__ import annotations
 
+import io
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -35,6 +37,36 @@ if not OmegaConf.has_resolver("resume_dir"):
     OmegaConf.register_new_resolver("resume_dir", lambda resume, default: resume if resume else default)
 
 _failed_jobs: list[str] = []
+
+
+class _HeldStream:
+    """Stands in for ``sys.stderr`` while Hydra composes the config: holds what is written
+    until :meth:`release` (the first job starts), so that a composition error can be
+    replaced by one line; passes everything through after that."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream, self._held, self.holding = stream, io.StringIO(), True
+
+    def write(self, text: str) -> int:
+        return (self._held if self.holding else self._stream).write(text)
+
+    def release(self) -> None:
+        if self.holding:
+            self.holding = False
+            self._stream.write(self._held.getvalue())
+
+    def held(self) -> str:
+        return self._held.getvalue()
+
+    def discard(self) -> None:
+        """Drop what is held (it was replaced by one line) and pass everything through from now on."""
+        self.holding, self._held = False, io.StringIO()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+_held_stderr: _HeldStream | None = None
 
 
 def _options(group: str, config_dirs: list[str]) -> list[str]:
@@ -76,6 +108,41 @@ def check_group_overrides(args: list[str]) -> str | None:
             if options and choice not in options and "/" not in choice:
                 return f"{key}={choice} is unknown; allowed: {', '.join(options)}"
     return None
+
+
+def _config_keys(path: str, args: list[str]) -> list[str] | None:
+    """The keys under ``path`` (top level for ``""``) of the config the group choices in ``args`` compose, or None."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    choices = [arg for arg in args if "=" in arg and arg.partition("=")[0].lstrip("+") in GROUPS and "," not in arg]
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
+            cfg = compose("train", overrides=choices)
+        node = OmegaConf.select(cfg, path) if path else cfg
+    except Exception:  # e.g. an option from --config-dir: no list rather than a wrong one
+        return None
+    return sorted(str(key) for key in node.keys()) if isinstance(node, DictConfig) else None
+
+
+def composition_error_line(text: str, args: list[str]) -> str:
+    """One line for what Hydra printed when it could not compose the config.
+
+    An override of a key that does not exist names the key, its value and the keys
+    allowed there; any other message is folded into one line.
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("Set the environment variable HYDRA_FULL_ERROR")]
+    match = re.match(r"Could not override '([^']+)'", lines[0]) if lines else None
+    if match:
+        key = match.group(1)
+        value = next((arg.partition("=")[2] for arg in args if arg.partition("=")[0].removeprefix("override ").strip() == key), "...")
+        parent = key.rpartition(".")[0]
+        keys = _config_keys(parent, args) if parent else _config_keys("", args)
+        where = f"allowed under {parent}: " if parent else "allowed: "
+        allowed = f"; {where}{', '.join(keys)}" if keys else ""
+        return f"{key}={value} is not a config key{allowed} (to add a new key: +{key}={value})"
+    return "; ".join(lines) if lines else "Hydra could not compose the config"
 
 
 def _one_line(error: BaseException) -> str:
@@ -122,6 +189,8 @@ def _app(cfg: DictConfig) -> float | None:
     from approxtrain.cli.console import ConsoleReporter, print_config
     from approxtrain.training import train
 
+    if _held_stderr is not None:
+        _held_stderr.release()
     started_at = time.time()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -170,12 +239,33 @@ class SweepTableCallback(Callback):
 
 
 def main() -> None:
-    """Console entry point: pre-checks group choices, runs Hydra, exits non-zero on failed jobs."""
-    error = check_group_overrides(sys.argv[1:])
+    """Console entry point: pre-checks group choices, runs Hydra, exits non-zero on failed jobs.
+
+    What Hydra writes to stderr before the first job starts is held back: if it fails to
+    compose the config (an unknown key, a malformed override), one line replaces it.
+    """
+    global _held_stderr
+    args = sys.argv[1:]
+    error = check_group_overrides(args)
     if error:
         print(f"approxtrain: error: {error}", file=sys.stderr)
         raise SystemExit(2)
-    _app()
+    real_stderr = sys.stderr
+    _held_stderr = held = _HeldStream(real_stderr)
+    sys.stderr = held  # type: ignore[assignment]
+    try:
+        _app()
+    except SystemExit as exit_:
+        if held.holding and exit_.code not in (0, None) and held.held().strip():
+            line = composition_error_line(held.held(), args)
+            held.discard()
+            print(f"approxtrain: error: {line}", file=real_stderr)
+            raise SystemExit(exit_.code) from None
+        raise
+    finally:
+        held.release()
+        sys.stderr = real_stderr
+        _held_stderr = None
     if _failed_jobs:
         print(f"approxtrain: {len(_failed_jobs)} job(s) failed:", file=sys.stderr)
         for line in _failed_jobs:
