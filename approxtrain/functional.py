@@ -44,18 +44,28 @@ _convolution_backward = torch.ops.aten.convolution_backward.default
 
 def _scatter_columns(full_shape: torch.Size, dim: int, selection: Selection, values: Tensor,
                      memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
-    """A zero tensor of ``full_shape`` holding ``values`` at ``selection.keep`` along ``dim`` (one scatter).
+    """A zero tensor of ``full_shape`` holding ``values`` at ``selection.keep`` along ``dim``; repeated indices sum up.
 
-    ``scatter_`` with a broadcast (zero-stride) index is about twice as fast on CPU as
-    ``index_copy_`` along a non-leading dimension; repeated indices sum up.
+    Along the innermost (stride-1) dimension a ``scatter_`` with a broadcast (zero-stride)
+    index is about twice as fast on CPU as ``index_copy_``; along an outer one (NCHW
+    channels: whole planes) ``index_copy_`` is about twice as fast as ``scatter_``.
     """
     out = torch.empty(full_shape, dtype=values.dtype, device=values.device, memory_format=memory_format).zero_()
-    shape = [1] * values.dim()
-    shape[dim] = -1
-    index = selection.keep.view(shape).expand_as(values)
+    if out.stride(dim) != 1:
+        if selection.unique:
+            return out.index_copy_(dim, selection.keep, values)
+        return out.index_add_(dim, selection.keep, values)
+    target, source, last = out, values, dim
+    if dim != out.dim() - 1:  # channels_last: scatter in the NHWC view, where the channels are the last dim
+        target, source, last = out.permute(0, 2, 3, 1), values.permute(0, 2, 3, 1), 3
+    shape = [1] * source.dim()
+    shape[last] = -1
+    index = selection.keep.view(shape).expand_as(source)
     if selection.unique:
-        return out.scatter_(dim, index, values)
-    return out.scatter_add_(dim, index, values)
+        target.scatter_(last, index, source)
+    else:
+        target.scatter_add_(last, index, source)
+    return out
 
 
 # Row padding of the buffer a product is written into before its columns are spread
@@ -126,21 +136,40 @@ def _norm(t: Tensor, dim: int | tuple[int, ...]) -> Tensor:
 
 
 def column_norms(a: Tensor) -> Tensor:
-    """Euclidean norm of each column of ``a: (M, n)`` -> ``(n,)`` (float32 for half inputs)."""
-    rows = max(1, _NORM_BLOCK_ELEMENTS // max(1, a.shape[1]))
-    if a.device.type != "cpu" or a.shape[0] <= rows // 2:
+    """Euclidean norm of each column of ``a: (M, n)`` -> ``(n,)`` (float32 for half inputs).
+
+    On CPU the squares are summed over blocks of rows: ``vector_norm`` over dim 0 is
+    several times slower there, and one reduction over all rows of a large matrix too.
+    """
+    if a.device.type != "cpu":
         return _norm(a, 0)
-    total = torch.zeros(a.shape[1], dtype=_norm_dtype(a), device=a.device)
+    dtype = _norm_dtype(a)
+
+    def sum_of_squares(block: Tensor) -> Tensor:  # squared in the accumulation dtype, not in bf16
+        squares = block.square() if block.dtype == dtype else block.to(dtype).square_()
+        return squares.sum(0)
+
+    rows = max(1, _NORM_BLOCK_ELEMENTS // max(1, a.shape[1]))
+    if a.shape[0] <= rows:
+        return sum_of_squares(a).sqrt_()
+    total = torch.zeros(a.shape[1], dtype=dtype, device=a.device)
     for block in a.split(rows):
-        total += block.square().sum(0, dtype=total.dtype)
+        total += sum_of_squares(block)
     return total.sqrt_()
 
 
 def channel_norms(t: Tensor) -> Tensor:
-    """Frobenius norm of each channel ``t[:, c]`` of ``t: (N, C, H, W)`` -> ``(C,)``, under any memory format."""
+    """Frobenius norm of each channel ``t[:, c]`` of ``t: (N, C, H, W)`` -> ``(C,)``, under any memory format.
+
+    NCHW: norms of the contiguous ``(N, C, H*W)`` rows first, then over the batch (a
+    reduction over dims (0, 2, 3) at once is several times slower on CPU).
+    """
     if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
         return column_norms(t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]))
-    return _norm(t, (0, 2, 3))
+    if not t.is_contiguous():
+        return _norm(t, (0, 2, 3))
+    per_sample = _norm(t.view(t.shape[0], t.shape[1], -1), 2)
+    return torch.linalg.vector_norm(per_sample, dim=0)
 
 
 def _counted_in_backward(config: SamplingConfig, product: str) -> bool:
