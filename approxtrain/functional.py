@@ -72,6 +72,8 @@ def _scatter_columns(full_shape: torch.Size, dim: int, selection: Selection, val
 # out: one zero column, rounded up so the buffer's rows stay 64-byte aligned (an odd
 # leading dimension makes the CPU GEMM about 35 % slower).
 _SPREAD_PAD_BYTES = 64
+# Below this many result elements zero-fill + scatter is the cheaper of the two (fewer ops).
+_SPREAD_GATHER_MIN_ELEMENTS = 1 << 19
 
 
 def _matmul_into_columns(a: Tensor, b: Tensor, n: int, selection: Selection) -> Tensor:
@@ -81,11 +83,12 @@ def _matmul_into_columns(a: Tensor, b: Tensor, n: int, selection: Selection) -> 
     its ``k`` columns and the result is *gathered* from it, so every element of the
     result is written once; zero-filling and then scattering writes the kept columns
     twice. Repeated indices (sampling with replacement) sum up through ``scatter_add_``;
-    a differentiable backward (``create_graph=True``) or a traced one takes that plain path
-    as well, since ``out=`` products do not record gradients.
+    a differentiable backward (``create_graph=True``), a traced one and small results take
+    that plain path as well (``out=`` products do not record gradients).
     """
     rows, k = a.shape[0], b.shape[1]
-    if not selection.unique or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if (not selection.unique or rows * n < _SPREAD_GATHER_MIN_ELEMENTS or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()):
         product = a @ b
         with _range(SCATTER_RANGE):
             return _scatter_columns(torch.Size((rows, n)), 1, selection, product)

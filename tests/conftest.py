@@ -143,3 +143,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["scatter", "gather"])
+def spread_path(request, monkeypatch):
+    """Runs a test through both ways the linear backward spreads its sampled gradients to
+    full size: zero-fill + scatter (small results) and product into a padded buffer +
+    gather (large ones), whatever the test's tensor sizes."""
+    import approxtrain.functional as functional
+
+    monkeypatch.setattr(functional, "_SPREAD_GATHER_MIN_ELEMENTS", 0 if request.param == "gather" else 1 << 62)
+    return request.param

@@ -120,7 +120,7 @@ def config_id(config: SamplingConfig) -> str:
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("config", LINEAR_FORWARD_CONFIGS, ids=config_id)
-def test_linear_gradients_equal_autograd_of_the_sliced_problem(config, with_bias):
+def test_linear_gradients_equal_autograd_of_the_sliced_problem(config, with_bias, spread_path):
     x = torch.randn(3, 4, 10, generator=gen(0), dtype=DOUBLE)  # leading dims are folded into rows
     weight = torch.randn(6, 10, generator=gen(1), dtype=DOUBLE)
     bias = torch.randn(6, generator=gen(2), dtype=DOUBLE) if with_bias else None
@@ -193,7 +193,7 @@ def linear_backward_reference(x2, weight, bias, grad_out, config, generator=None
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("ratios", [(0.4, 1.0), (1.0, 0.25), (0.4, 0.25)], ids=["bwd", "wu", "bwd+wu"])
-def test_linear_backward_sampling_topk_matches_recomputed_selections(ratios, with_bias):
+def test_linear_backward_sampling_topk_matches_recomputed_selections(ratios, with_bias, spread_path):
     bwd_ratio, wu_ratio = ratios
     config = SamplingConfig("topk", ratio=0.5, bwd_ratio=bwd_ratio, wu_ratio=wu_ratio)
     x = spread_columns(torch.randn(12, 10, generator=gen(0), dtype=DOUBLE), 1)
