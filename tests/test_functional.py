@@ -426,11 +426,17 @@ def test_conv2d_rejects_non_4d_input():
 
 
 
-@pytest.mark.parametrize("shape", [(7, 5), (50, 500), (3000, 400)], ids=["tiny", "one-block", "blocked"])
+@pytest.mark.parametrize("shape", [(7, 5), (50, 500), (3000, 400), (3001, 400)], ids=["tiny", "one-block", "slabs", "slabs+rest"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_column_norms_equal_vector_norm(shape, dtype):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_column_norms_equal_vector_norm(shape, dtype, threads):
     a = torch.randn(*shape, generator=gen(0)).to(dtype)
-    norms = column_norms(a)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # large inputs are cut into one slab of rows per thread
+    try:
+        norms = column_norms(a)
+    finally:
+        torch.set_num_threads(before)
     assert norms.dtype == torch.float32
     torch.testing.assert_close(norms, torch.linalg.vector_norm(a.float(), dim=0), rtol=1e-5, atol=1e-5)
 
