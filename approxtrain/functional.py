@@ -124,6 +124,23 @@ def _scale_view(scale: Tensor, dim: int, ndim: int) -> Tensor:
     return scale.view(shape)
 
 
+def kept_by_producer(t: Tensor) -> bool:
+    """Whether autograd already keeps ``t`` itself for backward: the op that produced it
+    saved its own result (ReLU, sigmoid, tanh, ...). A layer that then saves the full
+    ``t`` adds no memory, where saving its sampled slice would be a new copy."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():  # (dynamo cannot trace grad_fn)
+        return False
+    node = t.grad_fn
+    if node is None:
+        return False
+    try:
+        saved = getattr(node, "_saved_result", None)
+    except RuntimeError:  # already freed by an earlier backward
+        return False
+    return (isinstance(saved, Tensor) and saved.data_ptr() == t.data_ptr() and saved.dtype == t.dtype
+            and saved.shape == t.shape and saved.stride() == t.stride())
+
+
 # Column norms of a tall matrix are summed over blocks of this many elements: a
 # single reduction over dim 0 of a large matrix is many times slower on CPU.
 _NORM_BLOCK_ELEMENTS = 1 << 20
@@ -145,7 +162,7 @@ def column_norms(a: Tensor) -> Tensor:
     into one slab of whole rows per thread: ``vector_norm`` over dim 0 is several times
     slower there, and so, in some processes, is a reduction whose threads share rows.
     """
-    if a.device.type != "cpu":
+    if a.device.type != "cpu" or torch.compiler.is_compiling():  # (inductor writes its own reduction)
         return _norm(a, 0)
     dtype = _norm_dtype(a)
 
@@ -249,12 +266,15 @@ class LinearCRS(torch.autograd.Function):
 
     Inputs: ``input (M, n)``, ``weight (out, n)``, ``bias (out,)`` or None, a
     :class:`Selection` of ``k`` features, the layer's config, generator and compute
-    record (plain objects). Output: ``(M, out)``.
+    record (plain objects), and ``save_input``: keep the full input for backward (when
+    autograd keeps it anyway, see :func:`kept_by_producer`) instead of its sampled
+    slice. Output: ``(M, out)``.
     """
 
     @staticmethod
     def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, selection: Selection,
-                config: SamplingConfig, generator: torch.Generator | None, compute: LayerCompute | None) -> Tensor:
+                config: SamplingConfig, generator: torch.Generator | None, compute: LayerCompute | None,
+                save_input: bool = False) -> Tensor:
         with _range(GATHER_RANGE):
             x_k = _take_last(input, selection.keep)
             w_k = _take_last(weight, selection.keep)
@@ -262,8 +282,9 @@ class LinearCRS(torch.autograd.Function):
                 w_k = w_k * selection.scale.to(w_k.dtype)
         output = F.linear(x_k, w_k, bias)
         # The weight itself, not its sampled copy, is kept for backward: it is held
-        # anyway, so the layer's saved memory is the input slice alone.
-        ctx.save_for_backward(x_k, weight)
+        # anyway, so the layer's saved memory is the input slice alone (or nothing new).
+        ctx.save_for_backward(input if save_input else x_k, weight)
+        ctx.save_input = save_input
         ctx.selection, ctx.config, ctx.generator, ctx.compute = selection, config, generator, compute
         ctx.input_shape, ctx.weight_shape = input.shape, weight.shape
         return output
@@ -272,6 +293,9 @@ class LinearCRS(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         x_k, weight = ctx.saved_tensors
         selection: Selection = ctx.selection
+        if ctx.save_input:
+            with _range(GATHER_RANGE):
+                x_k = _take_last(x_k, selection.keep)
         config: SamplingConfig = ctx.config
         compute: LayerCompute | None = ctx.compute
         rows, n = ctx.input_shape
@@ -297,7 +321,7 @@ class LinearCRS(torch.autograd.Function):
                 compute.add("weight_grad", rows * out_features * n, k_w * out_features * k)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_output.sum(0)
-        return grad_input, grad_weight, grad_bias, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
 def approx_linear(
@@ -324,7 +348,9 @@ def approx_linear(
         if compute is not None:
             _count_exact(compute, linear_macs(rows, n, out_features), input.requires_grad, weight.requires_grad)
         return F.linear(input, weight, bias)
+    save_input = kept_by_producer(input)
     x2, weight, bias = _autocast(x2, weight, bias)
+    save_input = save_input and x2.data_ptr() == input.data_ptr() and x2.dtype == input.dtype
     with torch.no_grad(), _range(SELECT_RANGE):
         scores = column_norms(x2) * column_norms(weight)
         selection = select(scores, k, config, generator)
@@ -334,7 +360,7 @@ def approx_linear(
         compute.add("forward", full, rows * kept * out_features)
         _count_backward_at_forward(compute, config, x2.requires_grad, weight.requires_grad, full,
                                    rows * config.bwd_k(out_features) * kept, config.wu_k(rows) * out_features * kept)
-    output = LinearCRS.apply(x2, weight, bias, selection, config, generator, compute)
+    output = LinearCRS.apply(x2, weight, bias, selection, config, generator, compute, save_input)
     return output.reshape(*input.shape[:-1], out_features)
 
 
@@ -392,13 +418,14 @@ class Conv2dCRS(torch.autograd.Function):
 
     Inputs: ``input (N, C, H, W)``, ``weight (O, C, kh, kw)``, ``bias (O,)`` or None,
     a :class:`Selection` of ``k`` channels, ``geometry = (stride, padding, dilation)``
-    as int pairs, and the layer's config, generator and compute record.
-    Output: ``(N, O, H_out, W_out)``.
+    as int pairs, the layer's config, generator and compute record, and ``save_input``
+    (as for :class:`LinearCRS`). Output: ``(N, O, H_out, W_out)``.
     """
 
     @staticmethod
     def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, selection: Selection, geometry: tuple,
-                config: SamplingConfig, generator: torch.Generator | None, compute: LayerCompute | None) -> Tensor:
+                config: SamplingConfig, generator: torch.Generator | None, compute: LayerCompute | None,
+                save_input: bool = False) -> Tensor:
         with _range(GATHER_RANGE):
             x_k = _take_channels(input, selection.keep)
             w_k = weight.index_select(1, selection.keep)
@@ -406,7 +433,8 @@ class Conv2dCRS(torch.autograd.Function):
                 w_k = w_k * _scale_view(selection.scale.to(w_k.dtype), 1, 4)
         stride, padding, dilation = geometry
         output = F.conv2d(x_k, w_k, bias, stride, padding, dilation)
-        ctx.save_for_backward(x_k, weight)  # the weight itself (held anyway), not its sampled copy
+        ctx.save_for_backward(input if save_input else x_k, weight)  # the weight itself (held anyway), not its sampled copy
+        ctx.save_input = save_input
         ctx.selection, ctx.geometry, ctx.config, ctx.generator, ctx.compute = selection, geometry, config, generator, compute
         ctx.input_shape, ctx.weight_shape = input.shape, weight.shape
         ctx.input_channels_last = input.dim() == 4 and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)
@@ -419,6 +447,8 @@ class Conv2dCRS(torch.autograd.Function):
         config: SamplingConfig = ctx.config
         compute: LayerCompute | None = ctx.compute
         with _range(GATHER_RANGE):
+            if ctx.save_input:
+                x_k = _take_channels(x_k, selection.keep)
             w_k = weight.index_select(1, selection.keep)
             if selection.scale is not None:
                 w_k = w_k * _scale_view(selection.scale.to(w_k.dtype), 1, 4)
@@ -444,7 +474,7 @@ class Conv2dCRS(torch.autograd.Function):
                 compute.add("weight_grad", batch * channels * out_channels * per_pair, k_w * k * out_channels * per_pair)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_output.sum((0, 2, 3))
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
@@ -484,11 +514,13 @@ def approx_conv2d(
             macs = conv2d_macs(output.shape[0], channels, output.shape[1], weight.shape[2:], output.shape[2:])
             _count_exact(compute, macs, input.requires_grad, weight.requires_grad)
         return output
+    original = input
     input, weight, bias = _autocast(input, weight, bias)
+    save_input = input is original and kept_by_producer(input)
     with torch.no_grad(), _range(SELECT_RANGE):
         scores = channel_norms(input) * channel_norms(weight)
         selection = select(scores, k, config, generator)
-    output = Conv2dCRS.apply(input, weight, bias, selection, geometry, config, generator, compute)
+    output = Conv2dCRS.apply(input, weight, bias, selection, geometry, config, generator, compute, save_input)
     if compute is not None:
         batch, out_channels = output.shape[0], output.shape[1]
         per_pair = output.shape[2] * output.shape[3] * weight.shape[2] * weight.shape[3]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from approxtrain.functional import approx_conv2d, approx_linear, channel_norms, column_norms
+from approxtrain.functional import approx_conv2d, approx_linear, channel_norms, column_norms, kept_by_producer
 from approxtrain.sampling import SamplingConfig, select
 
 DOUBLE = torch.float64
@@ -596,3 +596,66 @@ def test_autocast_at_ratio_one_follows_torch_autocast():
         y = approx_linear(x, weight, None, SamplingConfig("topk", ratio=1.0))
         expected = F.linear(x, weight)
     assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
+
+
+# --------------------------------------------------------------------------- saved memory
+
+
+def saved_storages(forward) -> dict[int, int]:
+    """Storage pointer -> bytes of every tensor autograd saves while ``forward()`` runs."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return seen
+
+
+def test_kept_by_producer_recognises_a_saved_result():
+    a = torch.randn(4, 6, requires_grad=True)
+    assert kept_by_producer(torch.relu(a))
+    assert kept_by_producer(torch.sigmoid(a))
+    assert kept_by_producer(F.relu(a * 1.0, inplace=True))
+    assert not kept_by_producer(a)  # a leaf: nobody saves it
+    assert not kept_by_producer(a * 2.0)  # mul saves its inputs, not its result
+    assert not kept_by_producer(torch.relu(a).clone())
+    assert not kept_by_producer(F.dropout(a, 0.5, training=True))  # dropout saves a mask
+    with torch.no_grad():
+        assert not kept_by_producer(torch.relu(a))
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_input_kept_by_its_producer_is_saved_instead_of_a_sampled_copy(op, spread_path):
+    # topk: the same selection either way, so the two paths give identical results
+    config = SamplingConfig("topk", ratio=0.5)
+    if op == "linear":
+        a = torch.randn(6, 10, generator=gen(0), dtype=DOUBLE)
+        weight = torch.randn(5, 10, generator=gen(1), dtype=DOUBLE)
+        grad_out = torch.randn(6, 5, generator=gen(2), dtype=DOUBLE)
+        apply = lambda x, w: approx_linear(x, w, None, config)  # noqa: E731
+    else:
+        a = torch.randn(2, 8, 5, 5, generator=gen(0), dtype=DOUBLE)
+        weight = torch.randn(3, 8, 3, 3, generator=gen(1), dtype=DOUBLE)
+        grad_out = torch.randn(2, 3, 5, 5, generator=gen(2), dtype=DOUBLE)
+        apply = lambda x, w: approx_conv2d(x, w, None, 1, 1, 1, config)  # noqa: E731
+
+    results = []
+    for kept in (True, False):
+        a_leaf, w_leaf = leaves(a, weight)
+        x = torch.relu(a_leaf) if kept else torch.relu(a_leaf).clone()  # clone: a new tensor nobody saves
+        saved = saved_storages(lambda: results.append((apply(x, w_leaf), x)))
+        y, x = results[-1]
+        new = {ptr: size for ptr, size in saved.items() if ptr != x.untyped_storage().data_ptr()}
+        if kept:  # the ReLU keeps x: the layer saves x itself and nothing input-sized besides
+            assert x.untyped_storage().data_ptr() in saved
+            assert sum(new.values()) <= weight.numel() * weight.element_size()
+        else:  # a sampled copy of half the input
+            assert x.untyped_storage().data_ptr() not in saved
+            assert x.numel() // 2 * x.element_size() in new.values()
+        grads = torch.autograd.grad(y, (a_leaf, w_leaf), grad_out)
+        results[-1] = (y, *grads)
+    for kept_result, copied_result in zip(*results):
+        torch.testing.assert_close(kept_result, copied_result, rtol=0, atol=0)

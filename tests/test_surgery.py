@@ -257,3 +257,32 @@ def test_example_input_trace_restores_modes_and_leaves_batchnorm_alone():
     approximate_(model, [LayerRule(sampling=TOPK_HALF)], example_input=torch.randn(2, 3, 8, 8))
     assert model.training and model[0].training and not model[1].training
     assert torch.equal(model[1].running_mean, stats)
+
+
+def _saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves in one forward pass."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if not isinstance(t, nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_approximate_wide_resnet_saves_no_more_activations_than_exact(memory_format):
+    # every conv input of a pre-activation WRN is a ReLU output, which autograd keeps
+    # anyway: the approximate convs save it rather than new sampled copies
+    from approxtrain.models import WideResNet
+
+    torch.manual_seed(0)
+    model = WideResNet(depth=10, widen_factor=2, num_classes=10).train().to(memory_format=memory_format)
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=memory_format)
+    exact = _saved_activation_bytes(model, x)
+    approximate_(model, [LayerRule(match="block*", type="Conv2d", sampling=SamplingConfig("topk", ratio=0.5))])
+    approximate = _saved_activation_bytes(model, x)
+    assert approximate <= exact, (approximate, exact)
