@@ -6,8 +6,11 @@ of exact training and of ``sampler=topk`` at each ratio with the paper's layer
 rules, after warm-up, with device synchronisation. Reports per row: median step
 time, speedup vs exact (same run), the FLOP bound 1/(1 - compute reduction) and
 the fraction of it reached, the share of the step spent in selection (norms +
-top-k) and in gathers/scatters (from profiler ranges), peak memory (CUDA: max
-allocated) and the activation memory autograd saves for backward in one forward pass.
+top-k) and in gathers/scatters (from profiler ranges), the activation memory autograd
+saves for backward in one forward pass and, on CUDA, the peak memory one step allocates
+above what was allocated before it. Without ``--compile`` the configurations of a model
+are timed round by round (one step of each in turn) and the speedup is the median of the
+per-round ratios; with it each configuration is compiled and timed in turn.
 
     python scripts/bench_train.py                       # all models, CPU-sized batches on CPU
     python scripts/bench_train.py --models wrn resnet50 --device cuda --amp bf16 --channels-last
@@ -106,45 +109,76 @@ def _saved_activation_bytes(model, x, y, info, amp, device) -> int:
     return total
 
 
-def _measure(model, info, batch, device, amp, channels_last, image_size, warmup, repeats, profile_steps) -> dict:
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x, y = _batch(info, batch, device, channels_last, image_size)
-    reset = getattr(model, "reset_state", None)
-    for _ in range(warmup):
-        _step(model, optimizer, x, y, info, amp, device)
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        if callable(reset):
-            reset()
+def _profiled_shares(model, optimizer, x, y, info, amp, device, profile_steps: int) -> dict[str, float]:
+    """Shares of a step spent in the op's selection and gather/scatter profiler ranges."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
-        _step(model, optimizer, x, y, info, amp, device)
+        for _ in range(profile_steps):
+            _step(model, optimizer, x, y, info, amp, device)
         _sync(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    shares = {"select": 0.0, "gather_scatter": 0.0}
-    if profile_steps:
-        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with torch.profiler.profile(activities=activities) as prof:
-            start = time.perf_counter()
-            for _ in range(profile_steps):
-                _step(model, optimizer, x, y, info, amp, device)
+        wall = (time.perf_counter() - start) / profile_steps
+    per_step = {SELECT_RANGE: 0.0, GATHER_RANGE: 0.0, SCATTER_RANGE: 0.0}
+    for event in prof.key_averages():
+        if event.key in per_step:
+            # device time where the kernels run there, CPU time otherwise (microseconds)
+            device_us = getattr(event, "device_time_total", 0.0) or 0.0
+            per_step[event.key] = (device_us if device.type == "cuda" else event.cpu_time_total) / 1e6 / profile_steps
+    return {"select": per_step[SELECT_RANGE] / wall, "gather_scatter": (per_step[GATHER_RANGE] + per_step[SCATTER_RANGE]) / wall}
+
+
+def _step_peak_bytes(model, optimizer, x, y, info, amp, device) -> int | None:
+    """CUDA: peak allocation during one step above what was allocated before it (activations,
+    gradients, temporaries); None on CPU."""
+    if device.type != "cuda":
+        return None
+    optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    _step(model, optimizer, x, y, info, amp, device)
+    _sync(device)
+    return torch.cuda.max_memory_allocated() - before
+
+
+def _measure(models: list, info, batch, device, amp, channels_last, image_size, warmup, repeats: int | None,
+             profile_steps: list[int]) -> list[dict]:
+    """Times the training step of each model on the same batch, round by round: every round
+    runs one step of each model in turn, so drifting machine load hits all of them alike.
+    ``repeats=None``: as many rounds as fit in about 3 s of the first model's steps (5 to 200)."""
+    x, y = _batch(info, batch, device, channels_last, image_size)
+    runs = []
+    for model in models:
+        model.train()
+        runs.append((model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), getattr(model, "reset_state", None)))
+    for model, optimizer, _ in runs:
+        for _ in range(warmup):
+            _step(model, optimizer, x, y, info, amp, device)
+    _sync(device)
+    if repeats is None:
+        start = time.perf_counter()
+        _step(runs[0][0], runs[0][1], x, y, info, amp, device)
+        _sync(device)
+        repeats = max(5, min(200, int(3.0 / max(time.perf_counter() - start, 1e-6))))
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for i, (model, optimizer, reset) in enumerate(runs):
+            if callable(reset):
+                reset()
             _sync(device)
-            wall = (time.perf_counter() - start) / profile_steps
-        per_step = {SELECT_RANGE: 0.0, GATHER_RANGE: 0.0, SCATTER_RANGE: 0.0}
-        for event in prof.key_averages():
-            if event.key in per_step:
-                # device time where the kernels run there, CPU time otherwise (microseconds)
-                device_us = getattr(event, "device_time_total", 0.0) or 0.0
-                per_step[event.key] = (device_us if device.type == "cuda" else event.cpu_time_total) / 1e6 / profile_steps
-        shares = {"select": per_step[SELECT_RANGE] / wall, "gather_scatter": (per_step[GATHER_RANGE] + per_step[SCATTER_RANGE]) / wall}
-    activation = _saved_activation_bytes(model, x, y, info, amp, device)
-    q1, _, q3 = statistics.quantiles(times, n=4) if len(times) >= 2 else (times[0], 0, times[0])
-    return {"median_s": statistics.median(times), "iqr_s": q3 - q1, "peak_memory_bytes": peak,
-            "saved_activation_bytes": activation, "select_share": shares["select"], "gather_scatter_share": shares["gather_scatter"]}
+            start = time.perf_counter()
+            _step(model, optimizer, x, y, info, amp, device)
+            _sync(device)
+            times[i].append(time.perf_counter() - start)
+    results = []
+    for (model, optimizer, _), run_times, steps in zip(runs, times, profile_steps):
+        shares = _profiled_shares(model, optimizer, x, y, info, amp, device, steps) if steps else {"select": 0.0, "gather_scatter": 0.0}
+        q1, _, q3 = statistics.quantiles(run_times, n=4) if len(run_times) >= 2 else (run_times[0], 0, run_times[0])
+        results.append({"median_s": statistics.median(run_times), "iqr_s": q3 - q1, "times_s": run_times, "rounds": len(run_times),
+                        "step_peak_bytes": _step_peak_bytes(model, optimizer, x, y, info, amp, device),
+                        "saved_activation_bytes": _saved_activation_bytes(model, x, y, info, amp, device),
+                        "select_share": shares["select"], "gather_scatter_share": shares["gather_scatter"]})
+    return results
 
 
 def _device_name(device: torch.device) -> str:
@@ -171,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--align-k", type=int, default=1, help="round k up to a multiple of this (8 for tensor cores)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models")
     parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: about 3 s of exact steps, 5 to 200)")
     parser.add_argument("--profile-steps", type=int, default=2, help="steps profiled for the selection share (0: skip)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -184,12 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--ratios {args.ratios}: each must be in (0, 1]")
     amp = torch.bfloat16 if args.amp == "bf16" or args.amp == "auto" and device.type == "cuda" else None
     warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 2)
-    repeats = args.repeats if args.repeats is not None else (20 if device.type == "cuda" else 5)
+    repeats = args.repeats  # None: sized per model from its step time
     torch.backends.cudnn.benchmark = True
 
     rows = []
-    print(f"device: {_device_name(device)}, torch {torch.__version__}, amp {amp}, warmup {warmup}, repeats {repeats}")
-    header = f"{'model':<9} {'batch':>5} {'config':<10} {'step ms':>9} {'speedup':>8} {'reduction':>9} {'bound':>6} {'of bound':>8} {'select':>7} {'gath/sc':>7} {'act MB':>8} {'peak MB':>8}"
+    print(f"device: {_device_name(device)}, torch {torch.__version__}, amp {amp}, warmup {warmup}, repeats {repeats or 'auto (~3 s, 5-200)'}")
+    header = f"{'model':<9} {'batch':>5} {'config':<10} {'step ms':>9} {'speedup':>8} {'reduction':>9} {'bound':>6} {'of bound':>8} {'select':>7} {'gath/sc':>7} {'act MB':>8} {'step MB':>8}"
     print(header)
     for name in args.models:
         dataset, paper_batch, cpu_batch, spec = MODELS[name]
@@ -202,37 +236,43 @@ def main(argv: list[str] | None = None) -> int:
         if channels_last:
             base = base.to(memory_format=torch.channels_last)
         example = _batch(info, 2, device, channels_last, args.image_size)[0]
-        exact_time = None
-        for ratio in [1.0, *args.ratios]:
+        ratios = [1.0, *args.ratios]
+        configs = []  # (ratio, planned reduction, meter, model as stepped)
+        for ratio in ratios:
             model = copy.deepcopy(base)
+            reduction = 0.0
             if ratio < 1.0:
-                plan = approximate_(model, _rules(spec, ratio, args.align_k), example_input=example, batch_size=batch)
-                reduction = plan.compute_reduction
-            else:
-                reduction = 0.0
+                reduction = approximate_(model, _rules(spec, ratio, args.align_k), example_input=example, batch_size=batch).compute_reduction
             meter = ComputeMeter()
             attach_meter(model, meter)
-            if args.compile:
-                # a fresh compile per configuration, as in a training run: models of one class
-                # with different ratios would otherwise share (and generalise) one cache entry
+            configs.append((ratio, reduction, meter, model))
+        profile = [args.profile_steps if ratio < 1.0 else 0 for ratio in ratios]
+        measure = (info, batch, device, amp, channels_last, args.image_size, warmup, repeats)
+        if args.compile:
+            # a fresh compile per configuration, measured before the next one is compiled, as in a
+            # training run: models of one class would otherwise share (and generalise) one cache entry
+            results = []
+            for (ratio, _, _, model), steps in zip(configs, profile):
                 torch._dynamo.reset()
-            step_model = torch.compile(model) if args.compile else model
-            result = _measure(step_model, info, batch, device, amp, channels_last, args.image_size, warmup, repeats,
-                              args.profile_steps if ratio < 1.0 else 0)
-            measured = meter.compute_reduction
-            if exact_time is None:
-                exact_time = result["median_s"]
-            speedup = exact_time / result["median_s"]
+                results += _measure([torch.compile(model)], *measure, [steps])
+        else:
+            results = _measure([model for *_, model in configs], *measure, profile)
+        exact_times = results[0]["times_s"]
+        for (ratio, reduction, meter, _), result in zip(configs, results):
+            # per-round ratios pair each step with the exact step of the same round (compiled: the plain ratio of medians)
+            paired = [e / a for e, a in zip(exact_times, result["times_s"])]
+            speedup = statistics.median(paired) if not args.compile else results[0]["median_s"] / result["median_s"]
             bound = 1 / (1 - reduction) if reduction < 1 else float("inf")
             row = {"model": name, "batch": batch, "ratio": ratio, "config": "exact" if ratio == 1.0 else f"topk {ratio:g}",
-                   "planned_compute_reduction": reduction, "measured_compute_reduction": measured, "speedup": speedup,
+                   "planned_compute_reduction": reduction, "measured_compute_reduction": meter.compute_reduction,
+                   "speedup": speedup, "speedup_of_medians": results[0]["median_s"] / result["median_s"],
                    "flop_bound": bound, "fraction_of_bound": speedup / bound, **result}
             rows.append(row)
-            peak = f"{result['peak_memory_bytes'] / 2**20:8.0f}" if result["peak_memory_bytes"] else f"{'n/a':>8}"
+            peak = f"{result['step_peak_bytes'] / 2**20:8.0f}" if result["step_peak_bytes"] else f"{'n/a':>8}"
             print(f"{name:<9} {batch:>5} {row['config']:<10} {result['median_s'] * 1000:9.1f} {speedup:7.2f}x {reduction:9.1%} "
                   f"{bound:5.2f}x {row['fraction_of_bound']:8.2f} {result['select_share']:7.1%} {result['gather_scatter_share']:7.1%} "
                   f"{result['saved_activation_bytes'] / 2**20:8.1f} {peak}", flush=True)
-            del model, step_model
+        del configs, results
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"device": _device_name(device), "torch": torch.__version__, "amp": str(amp),

@@ -96,3 +96,22 @@ def test_bench_ops_tiny_shapes_write_json(tmp_path: Path) -> None:
         assert by_ratio[0.25]["saved_bytes"]["approx"]["all"] < by_ratio[1.0]["saved_bytes"]["approx"]["all"]
     assert {t["op"] for t in data["targets"]} == {"linear", "conv2d"}
     assert "Targets:" in result.stdout
+
+
+def test_bench_train_interleaves_configurations_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench_train.json"
+    run_script("bench_train.py", "--device", "cpu", "--models", "mlp", "--ratios", "0.5", "--warmup", "1",
+               "--repeats", "3", "--profile-steps", "1", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["config"] for r in rows] == ["exact", "topk 0.5"]
+    exact, approx = rows
+    assert exact["rounds"] == approx["rounds"] == 3 and len(approx["times_s"]) == 3
+    assert exact["speedup"] == 1.0
+    paired = sorted(e / a for e, a in zip(exact["times_s"], approx["times_s"]))
+    assert approx["speedup"] == pytest.approx(paired[1])  # the median of the per-round ratios
+    assert approx["planned_compute_reduction"] == pytest.approx(0.5)
+    assert approx["measured_compute_reduction"] == pytest.approx(0.5)
+    assert approx["fraction_of_bound"] == pytest.approx(approx["speedup"] / 2.0)
+    assert approx["select_share"] > 0 and approx["gather_scatter_share"] > 0
+    assert approx["saved_activation_bytes"] < exact["saved_activation_bytes"]
+    assert approx["step_peak_bytes"] is None  # CUDA only
