@@ -51,7 +51,7 @@ def _scatter_columns(full_shape: torch.Size, dim: int, selection: Selection, val
     channels: whole planes) ``index_copy_`` is about twice as fast as ``scatter_``.
     """
     out = torch.empty(full_shape, dtype=values.dtype, device=values.device, memory_format=memory_format).zero_()
-    if out.stride(dim) != 1:
+    if out.stride(dim) != 1 or dim != out.dim() - 1 and out.dim() != 4:
         if selection.unique:
             return out.index_copy_(dim, selection.keep, values)
         return out.index_add_(dim, selection.keep, values)
@@ -99,9 +99,54 @@ def _matmul_into_columns(a: Tensor, b: Tensor, n: int, selection: Selection) -> 
     torch.mm(a, b, out=buffer[:, :k])
     with _range(SCATTER_RANGE):
         buffer[:, k].zero_()
-        source = torch.full((n,), k, dtype=torch.long, device=a.device)
-        source[selection.keep] = torch.arange(k, device=a.device)
-        return torch.gather(buffer, 1, source.view(1, n).expand(rows, n))
+        return torch.gather(buffer, 1, _source_index(selection, n).view(1, n).expand(rows, n))
+
+
+def is_column_major(weight: Tensor) -> bool:
+    """Whether a 2-D ``(out, n)`` weight is stored column-major (strides ``(1, out)``): its
+    transpose is contiguous, so the columns sampling picks are contiguous rows of ``W^T``."""
+    return weight.dim() == 2 and weight.shape[0] > 1 and weight.stride(0) == 1 and weight.stride(1) == weight.shape[0]
+
+
+def _weight_columns(weight: Tensor, selection: Selection) -> Tensor:
+    """``W[:, keep] * scale`` as an ``(out, k)`` tensor; for a column-major weight it is the
+    transpose of ``W^T[keep]``, rows copied whole."""
+    if is_column_major(weight):
+        rows = weight.t().index_select(0, selection.keep)
+        if selection.scale is not None:
+            rows = rows * selection.scale.to(rows.dtype).unsqueeze(1)
+        return rows.t()
+    columns = _take_last(weight, selection.keep)
+    if selection.scale is not None:
+        columns = columns * selection.scale.to(columns.dtype)
+    return columns
+
+
+def _matmul_into_rows(a: Tensor, b: Tensor, n: int, selection: Selection) -> Tensor:
+    """``a @ b`` ((k, C)) at rows ``selection.keep`` of an ``(n, C)`` tensor, zero elsewhere.
+
+    As :func:`_matmul_into_columns`, along the rows: with distinct indices the product goes
+    into a buffer with one zero row after its ``k`` rows and whole rows are selected from it.
+    """
+    k, cols = a.shape[0], b.shape[1]
+    if (not selection.unique or n * cols < _SPREAD_GATHER_MIN_ELEMENTS or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()):
+        product = a @ b
+        with _range(SCATTER_RANGE):
+            return _scatter_columns(torch.Size((n, cols)), 0, selection, product)
+    buffer = torch.empty(k + 1, cols, dtype=torch.result_type(a, b), device=a.device)
+    torch.mm(a, b, out=buffer[:k])
+    with _range(SCATTER_RANGE):
+        buffer[k].zero_()
+        return buffer.index_select(0, _source_index(selection, n))
+
+
+def _source_index(selection: Selection, n: int) -> Tensor:
+    """``(n,)``: for each of the ``n`` pairs its position in ``selection.keep``, or ``k`` if dropped."""
+    k = selection.keep.numel()
+    source = torch.full((n,), k, dtype=torch.long, device=selection.keep.device)
+    source[selection.keep] = torch.arange(k, device=selection.keep.device)
+    return source
 
 
 def _take_last(a: Tensor, keep: Tensor) -> Tensor:
@@ -162,6 +207,8 @@ def column_norms(a: Tensor) -> Tensor:
     into one slab of whole rows per thread: ``vector_norm`` over dim 0 is several times
     slower there, and so, in some processes, is a reduction whose threads share rows.
     """
+    if a.dim() == 2 and not a.is_contiguous() and a.t().is_contiguous():  # column-major: row norms of a^T
+        return _norm(a.t(), 1)
     if a.device.type != "cpu" or torch.compiler.is_compiling():  # (inductor writes its own reduction)
         return _norm(a, 0)
     dtype = _norm_dtype(a)
@@ -277,9 +324,7 @@ class LinearCRS(torch.autograd.Function):
                 save_input: bool = False) -> Tensor:
         with _range(GATHER_RANGE):
             x_k = _take_last(input, selection.keep)
-            w_k = _take_last(weight, selection.keep)
-            if selection.scale is not None:
-                w_k = w_k * selection.scale.to(w_k.dtype)
+            w_k = _weight_columns(weight, selection)
         output = F.linear(x_k, w_k, bias)
         # The weight itself, not its sampled copy, is kept for backward: it is held
         # anyway, so the layer's saved memory is the input slice alone (or nothing new).
@@ -305,9 +350,7 @@ class LinearCRS(torch.autograd.Function):
         grad_output = grad_output.contiguous()
         if ctx.needs_input_grad[0]:
             with _range(GATHER_RANGE):
-                w_k = _take_last(weight, selection.keep)
-                if selection.scale is not None:
-                    w_k = w_k * selection.scale.to(w_k.dtype)
+                w_k = _weight_columns(weight, selection)
             a, b, k_b = _linear_input_grad(grad_output, w_k, config, ctx.generator)
             grad_input = _matmul_into_columns(a, b, n, selection)
             if compute is not None and _counted_in_backward(config, "input_grad"):
@@ -316,7 +359,10 @@ class LinearCRS(torch.autograd.Function):
             a, b, k_w = _linear_weight_grad(grad_output, x_k, config, ctx.generator)
             if selection.scale is not None:  # on the (rows, k) operand: cheaper than on the (out, k) product
                 b = b * selection.scale.to(b.dtype)
-            grad_weight = _matmul_into_columns(a, b, n, selection)
+            if is_column_major(weight):  # the gradient in the parameter's layout: rows of dW^T = b^T a^T
+                grad_weight = _matmul_into_rows(b.t(), a.t(), n, selection).t()
+            else:
+                grad_weight = _matmul_into_columns(a, b, n, selection)
             if compute is not None and _counted_in_backward(config, "weight_grad"):
                 compute.add("weight_grad", rows * out_features * n, k_w * out_features * k)
         if ctx.needs_input_grad[2]:

@@ -27,6 +27,16 @@ def _describe(sampling: SamplingConfig, n: int) -> str:
     return text
 
 
+def _store_column_major_(weight: nn.Parameter) -> None:
+    """Re-store a 2-D weight column-major in place: same Parameter, shape and values, strides
+    ``(1, out)``. The input features sampling keeps are then contiguous rows of ``W^T``:
+    their norms, the sampled weight and the weight gradient move whole rows, not scattered
+    elements (on CPU about 2x less time for those pieces of a 4096x4096 layer)."""
+    if weight.dim() == 2 and weight.shape[0] > 1 and weight.is_contiguous():
+        with torch.no_grad():
+            weight.data = weight.data.t().contiguous().t()
+
+
 def _rebind(cls: type, module: nn.Module) -> nn.Module:
     """A ``cls`` instance holding ``module``'s state: same Parameter objects, hooks and mode."""
     new = cls.__new__(cls)
@@ -47,20 +57,32 @@ class ApproxLinear(nn.Linear):
         generator: randomness for random policies (on the layer's device).
 
     ``compute`` (a :class:`LayerCompute` or None) receives the MACs each step ran.
+
+    The weight is stored column-major (``column_major_weight=True``, the default): shape,
+    values and ``state_dict`` are unchanged, ``weight.stride() == (1, out_features)``, and
+    its gradient comes in the same layout. Code that needs ``weight.view(...)`` should use
+    ``weight.reshape(...)`` or pass ``column_major_weight=False``.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, sampling: SamplingConfig = SamplingConfig(),
-                 generator: torch.Generator | None = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 column_major_weight: bool = True) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.sampling = sampling
         self.generator = generator
         self.compute: LayerCompute | None = None
+        if column_major_weight:
+            _store_column_major_(self.weight)
 
     @classmethod
-    def from_linear(cls, module: nn.Linear, sampling: SamplingConfig, generator: torch.Generator | None = None) -> ApproxLinear:
-        """An approximate layer sharing ``module``'s parameters (no copy)."""
+    def from_linear(cls, module: nn.Linear, sampling: SamplingConfig, generator: torch.Generator | None = None,
+                    column_major_weight: bool = True) -> ApproxLinear:
+        """An approximate layer sharing ``module``'s parameters (no copy of the Parameter
+        objects; the weight's storage is re-laid out column-major unless told not to)."""
         new = _rebind(cls, module)
         new.sampling, new.generator, new.compute = sampling, generator, None
+        if column_major_weight:
+            _store_column_major_(new.weight)
         return new
 
     def forward(self, input: Tensor) -> Tensor:

@@ -18,7 +18,9 @@ steps interleaved round by round:
   all and without the weight parameter itself (which exists anyway); on CUDA also the
   peak allocation of one step above what was allocated before it.
 
-The exact baseline is ``F.linear`` / ``F.conv2d`` with autograd; no bias on either side.
+The exact baseline is ``F.linear`` / ``F.conv2d`` with autograd; no bias on either side. The
+exact linear multiplies ``nn.Linear``'s row-major weight, the approximate one the same values
+stored column-major, as ``ApproxLinear`` keeps them (``--linear-weight row``: the same tensor).
 
     python scripts/bench_ops.py [--device auto] [--dtype fp32] [--ratios 1.0,0.5,0.25] [--json PATH]
 """
@@ -112,26 +114,36 @@ class OpCase:
     exact: Callable[[], torch.Tensor]
     approx: Callable[[SamplingConfig], torch.Tensor]
     n: int  # pairs: input features / input channels
+    approx_weight: torch.Tensor | None = None  # the approximate op's own copy of the weight (another layout), if any
+
+    @property
+    def weights(self) -> list[torch.Tensor]:
+        return [self.weight] + ([self.approx_weight] if self.approx_weight is not None else [])
 
     def step(self, forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
         def run() -> None:
             self.input.grad = None
-            self.weight.grad = None
+            for weight in self.weights:
+                weight.grad = None
             forward().backward(self.grad_output)
         return run
 
 
 def linear_case(batch: int, in_features: int, out_features: int, device: torch.device, dtype: torch.dtype,
-                generator: torch.Generator) -> OpCase:
+                generator: torch.Generator, weight_layout: str = "column") -> OpCase:
+    """The exact op multiplies ``nn.Linear``'s row-major weight; the approximate one the same
+    values laid out as ``ApproxLinear`` stores them (column-major by default)."""
     x = torch.randn(batch, in_features, device=device, dtype=dtype, requires_grad=True)
     w = (torch.randn(out_features, in_features, device=device, dtype=dtype) / in_features ** 0.5).requires_grad_()
+    w_approx = w.detach().t().contiguous().t().requires_grad_() if weight_layout == "column" else w
     grad = torch.randn(batch, out_features, device=device, dtype=dtype)
     return OpCase(
-        name="linear", shape={"batch": batch, "in_features": in_features, "out_features": out_features},
+        name="linear", shape={"batch": batch, "in_features": in_features, "out_features": out_features,
+                              "approx_weight_layout": weight_layout},
         input=x, weight=w, grad_output=grad,
         exact=lambda: F.linear(x, w),
-        approx=lambda config: approx_linear(x, w, None, config, generator),
-        n=in_features,
+        approx=lambda config: approx_linear(x, w_approx, None, config, generator),
+        n=in_features, approx_weight=w_approx if w_approx is not w else None,
     )
 
 
@@ -182,12 +194,12 @@ def profiled_pieces(step: Callable[[], None], device: torch.device, steps: int) 
 
 def saved_bytes(case: OpCase, forward: Callable[[], torch.Tensor]) -> dict[str, int]:
     """Bytes of the tensors one forward saves for backward: all, and without the weight parameter."""
-    weight_storage = case.weight.untyped_storage().data_ptr()
+    weight_storages = {weight.untyped_storage().data_ptr() for weight in case.weights}
     seen: dict[tuple, tuple[int, bool]] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        seen[key] = (t.numel() * t.element_size(), t.untyped_storage().data_ptr() == weight_storage)
+        seen[key] = (t.numel() * t.element_size(), t.untyped_storage().data_ptr() in weight_storages)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -203,7 +215,8 @@ def cuda_peak_bytes(case: OpCase, step: Callable[[], None], device: torch.device
     if device.type != "cuda":
         return None
     case.input.grad = None
-    case.weight.grad = None
+    for weight in case.weights:
+        weight.grad = None
     synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
@@ -353,6 +366,9 @@ def parse_ints(text: str, count: int, name: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--linear", default="512,4096,4096", help="B,IN,OUT of the linear case (default 512,4096,4096); 'none' skips it")
+    parser.add_argument("--linear-weight", default="column", choices=["column", "row"],
+                        help="layout of the approximate linear's weight: column-major as ApproxLinear stores it (default), "
+                             "or row-major as nn.Linear's (the exact baseline is always nn.Linear's row-major weight)")
     parser.add_argument("--conv", default="64,256,256,3,32", help="B,C,O,K,H of the conv case, padding K//2 (default 64,256,256,3,32); 'none' skips it")
     parser.add_argument("--ratios", default="1.0,0.5,0.25", help="sampling ratios, comma separated (default 1.0,0.5,0.25)")
     parser.add_argument("--policy", default="topk", choices=[p for p in POLICIES if p != "exact"], help="sampler policy (default topk)")
@@ -403,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     started, cpu_before = time.perf_counter(), cpu_seconds()
     rows: list[dict] = []
     if linear is not None:
-        rows += benchmark(linear_case(*linear, device, dtype, generator), ratios, args.policy, generator, device, warmup, repeats)
+        rows += benchmark(linear_case(*linear, device, dtype, generator, args.linear_weight), ratios, args.policy, generator, device,
+                          warmup, repeats)
     if conv is not None:
         rows += benchmark(conv_case(*conv, device, dtype, args.channels_last, generator), ratios, args.policy, generator, device,
                           warmup, repeats)

@@ -154,3 +154,16 @@ def spread_path(request, monkeypatch):
 
     monkeypatch.setattr(functional, "_SPREAD_GATHER_MIN_ELEMENTS", 0 if request.param == "gather" else 1 << 62)
     return request.param
+
+
+@pytest.fixture(params=["row_major", "column_major"])
+def weight_layout(request):
+    """Runs a linear test with its weight leaf stored row-major (``nn.Linear``'s layout) and
+    column-major (``ApproxLinear``'s); returns the function that lays a leaf out so."""
+
+    def lay_out(weight: torch.Tensor) -> torch.Tensor:
+        if request.param == "row_major":
+            return weight
+        return weight.detach().t().contiguous().t().requires_grad_(weight.requires_grad)
+
+    return lay_out

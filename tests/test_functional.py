@@ -120,15 +120,17 @@ def config_id(config: SamplingConfig) -> str:
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("config", LINEAR_FORWARD_CONFIGS, ids=config_id)
-def test_linear_gradients_equal_autograd_of_the_sliced_problem(config, with_bias, spread_path):
+def test_linear_gradients_equal_autograd_of_the_sliced_problem(config, with_bias, spread_path, weight_layout):
     x = torch.randn(3, 4, 10, generator=gen(0), dtype=DOUBLE)  # leading dims are folded into rows
     weight = torch.randn(6, 10, generator=gen(1), dtype=DOUBLE)
     bias = torch.randn(6, generator=gen(2), dtype=DOUBLE) if with_bias else None
     grad_out = torch.randn(3, 4, 6, generator=gen(3), dtype=DOUBLE)
 
     x_a, w_a, b_a = leaves(x, weight, bias)
+    w_a = weight_layout(w_a)
     y = approx_linear(x_a, w_a, b_a, config, gen(7))
     y.backward(grad_out)
+    assert w_a.grad.stride() == w_a.stride()  # the gradient comes in the weight's layout
 
     # the reference: the same selection, drawn again from an identically seeded generator
     selection = select(linear_scores(x.reshape(-1, 10), weight), config.k(10), config, gen(7))
@@ -193,7 +195,7 @@ def linear_backward_reference(x2, weight, bias, grad_out, config, generator=None
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("ratios", [(0.4, 1.0), (1.0, 0.25), (0.4, 0.25)], ids=["bwd", "wu", "bwd+wu"])
-def test_linear_backward_sampling_topk_matches_recomputed_selections(ratios, with_bias, spread_path):
+def test_linear_backward_sampling_topk_matches_recomputed_selections(ratios, with_bias, spread_path, weight_layout):
     bwd_ratio, wu_ratio = ratios
     config = SamplingConfig("topk", ratio=0.5, bwd_ratio=bwd_ratio, wu_ratio=wu_ratio)
     x = spread_columns(torch.randn(12, 10, generator=gen(0), dtype=DOUBLE), 1)
@@ -202,6 +204,7 @@ def test_linear_backward_sampling_topk_matches_recomputed_selections(ratios, wit
     grad_out = spread_columns(spread_columns(torch.randn(12, 8, generator=gen(3), dtype=DOUBLE), 1), 0)
 
     x_a, w_a, b_a = leaves(x, weight, bias)
+    w_a = weight_layout(w_a)
     y = approx_linear(x_a, w_a, b_a, config)
     y.backward(grad_out)
 

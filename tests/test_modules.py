@@ -3,6 +3,8 @@ parameter sharing, state_dict compatibility, seeds and argument checks."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -189,6 +191,44 @@ def test_state_dicts_are_interchangeable(linear, conv):
     fresh.load_state_dict(approx_conv.state_dict())
     assert torch.equal(fresh.weight, conv.weight) and torch.equal(fresh.bias, conv.bias)
 
+
+
+def test_approx_linear_stores_its_weight_column_major(linear):
+    values = linear.weight.detach().clone()
+    parameter = linear.weight
+    approx = ApproxLinear.from_linear(linear, SamplingConfig("topk", ratio=0.5))
+    assert approx.weight is parameter and torch.equal(approx.weight, values)  # same Parameter, same values
+    assert approx.weight.stride() == (1, 7) and linear.weight.stride() == (1, 7)  # re-laid out in place
+    assert ApproxLinear(20, 7).weight.stride() == (1, 7)
+    assert ApproxLinear(20, 7, column_major_weight=False).weight.stride() == (20, 1)
+    assert ApproxLinear.from_linear(nn.Linear(20, 7), SamplingConfig(), column_major_weight=False).weight.stride() == (20, 1)
+    assert approx.double().weight.stride() == (1, 7)  # dtype and device moves keep the layout
+    # a checkpoint of it loads into a plain nn.Linear, values intact
+    buffer = io.BytesIO()
+    torch.save(approx.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = nn.Linear(20, 7).double()
+    fresh.load_state_dict(torch.load(buffer))
+    assert torch.equal(fresh.weight, approx.weight) and fresh.weight.is_contiguous()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_column_major_weight_trains_like_a_row_major_one(optimizer):
+    # the same steps on the same values, one weight column-major, one row-major
+    torch.manual_seed(0)
+    layers = [ApproxLinear(20, 7, sampling=SamplingConfig("topk", ratio=0.5), column_major_weight=major) for major in (True, False)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "adam": lambda p: torch.optim.Adam(p, lr=0.01)}[optimizer]
+    optimizers = [make(layer.parameters()) for layer in layers]
+    for step in range(3):
+        x = torch.randn(16, 20, generator=gen(step))
+        for layer, opt in zip(layers, optimizers):
+            opt.zero_grad()
+            layer(x).square().sum().backward()
+            assert layer.weight.grad.stride() == layer.weight.stride()  # the gradient in the weight's layout
+            opt.step()
+    assert layers[0].weight.stride() == (1, 7)
+    torch.testing.assert_close(layers[0].weight, layers[1].weight, rtol=1e-5, atol=1e-6)
 
 def test_grouped_convolutions_are_rejected():
     with pytest.raises(ValueError, match="groups=2 is not supported"):

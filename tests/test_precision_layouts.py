@@ -81,9 +81,9 @@ def test_conv2d_ratio_one_is_exact(precision: str, layout: str) -> None:
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("backward", [False, True], ids=["forward_sampling", "with_backward_sampling"])
-def test_linear_grads_match_the_sliced_problem(precision: str, backward: bool, spread_path: str) -> None:
+def test_linear_grads_match_the_sliced_problem(precision: str, backward: bool, spread_path: str, weight_layout) -> None:
     config = SamplingConfig("topk", ratio=0.5)
-    x, w, b = _leaf((3, 5, 16), 0), _leaf((10, 16), 1), _leaf((10,), 2)
+    x, w, b = _leaf((3, 5, 16), 0), weight_layout(_leaf((10, 16), 1)), _leaf((10,), 2)
     grad = torch.randn(3, 5, 10, generator=torch.Generator().manual_seed(3))
     with _autocast(precision):
         out = approx_linear(x, w, b, config)
@@ -102,9 +102,9 @@ def test_linear_grads_match_the_sliced_problem(precision: str, backward: bool, s
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_linear_backward_sampling_in_bf16_keeps_shapes_and_zeros(precision: str, spread_path: str) -> None:
+def test_linear_backward_sampling_in_bf16_keeps_shapes_and_zeros(precision: str, spread_path: str, weight_layout) -> None:
     config = SamplingConfig("topk", ratio=0.5, bwd_ratio=0.5, wu_ratio=0.5)
-    x, w = _leaf((8, 16), 0), _leaf((12, 16), 1)
+    x, w = _leaf((8, 16), 0), weight_layout(_leaf((12, 16), 1))
     with _autocast(precision):
         out = approx_linear(x, w, None, config)
     out.float().sum().backward()

@@ -95,6 +95,8 @@ def test_bench_ops_tiny_shapes_write_json(tmp_path: Path) -> None:
         # CRS saves only the sampled slice of the input for backward
         assert by_ratio[0.25]["saved_bytes"]["approx"]["all"] < by_ratio[1.0]["saved_bytes"]["approx"]["all"]
     assert {t["op"] for t in data["targets"]} == {"linear", "conv2d"}
+    # the approximate linear runs on the layout ApproxLinear stores; the exact one on nn.Linear's
+    assert all(r["shape"]["approx_weight_layout"] == "column" for r in results if r["op"] == "linear")
     assert "Targets:" in result.stdout
 
 
