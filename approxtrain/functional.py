@@ -76,6 +76,19 @@ _SPREAD_PAD_BYTES = 64
 _SPREAD_GATHER_MIN_ELEMENTS = 1 << 19
 
 
+def _spread_plainly(selection: Selection, elements: int) -> bool:
+    """Whether a product of ``elements`` result elements is spread by zero-fill + scatter
+    rather than through a padded buffer (see :func:`_matmul_into_columns`)."""
+    return (not selection.unique or elements < _SPREAD_GATHER_MIN_ELEMENTS or torch.is_grad_enabled()
+            or torch.compiler.is_compiling())
+
+
+def _matmul_then_scatter(a: Tensor, b: Tensor, full_shape: torch.Size, dim: int, selection: Selection) -> Tensor:
+    product = a @ b
+    with _range(SCATTER_RANGE):
+        return _scatter_columns(full_shape, dim, selection, product)
+
+
 def _matmul_into_columns(a: Tensor, b: Tensor, n: int, selection: Selection) -> Tensor:
     """``a @ b`` ((R, k)) at columns ``selection.keep`` of an ``(R, n)`` tensor, zero elsewhere.
 
@@ -87,11 +100,8 @@ def _matmul_into_columns(a: Tensor, b: Tensor, n: int, selection: Selection) -> 
     that plain path as well (``out=`` products do not record gradients).
     """
     rows, k = a.shape[0], b.shape[1]
-    if (not selection.unique or rows * n < _SPREAD_GATHER_MIN_ELEMENTS or torch.is_grad_enabled()
-            or torch.compiler.is_compiling()):
-        product = a @ b
-        with _range(SCATTER_RANGE):
-            return _scatter_columns(torch.Size((rows, n)), 1, selection, product)
+    if _spread_plainly(selection, rows * n):
+        return _matmul_then_scatter(a, b, torch.Size((rows, n)), 1, selection)
     dtype = torch.result_type(a, b)
     pad = max(1, _SPREAD_PAD_BYTES // torch.empty((), dtype=dtype).element_size())
     width = (k + pad) // pad * pad
@@ -129,11 +139,8 @@ def _matmul_into_rows(a: Tensor, b: Tensor, n: int, selection: Selection) -> Ten
     into a buffer with one zero row after its ``k`` rows and whole rows are selected from it.
     """
     k, cols = a.shape[0], b.shape[1]
-    if (not selection.unique or n * cols < _SPREAD_GATHER_MIN_ELEMENTS or torch.is_grad_enabled()
-            or torch.compiler.is_compiling()):
-        product = a @ b
-        with _range(SCATTER_RANGE):
-            return _scatter_columns(torch.Size((n, cols)), 0, selection, product)
+    if _spread_plainly(selection, n * cols):
+        return _matmul_then_scatter(a, b, torch.Size((n, cols)), 0, selection)
     buffer = torch.empty(k + 1, cols, dtype=torch.result_type(a, b), device=a.device)
     torch.mm(a, b, out=buffer[:k])
     with _range(SCATTER_RANGE):
