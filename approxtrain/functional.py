@@ -103,7 +103,7 @@ def _matmul_into_columns(a: Tensor, b: Tensor, n: int, selection: Selection) -> 
     if _spread_plainly(selection, rows * n):
         return _matmul_then_scatter(a, b, torch.Size((rows, n)), 1, selection)
     dtype = torch.result_type(a, b)
-    pad = max(1, _SPREAD_PAD_BYTES // torch.empty((), dtype=dtype).element_size())
+    pad = max(1, _SPREAD_PAD_BYTES // dtype.itemsize)
     width = (k + pad) // pad * pad
     buffer = torch.empty(rows, width, dtype=dtype, device=a.device)
     torch.mm(a, b, out=buffer[:, :k])
