@@ -47,6 +47,7 @@ except ModuleNotFoundError:  # run from a checkout without installing the packag
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from approxtrain.cli.allocator import SETTINGS as MALLOC_SETTINGS, retain_freed_memory
 from approxtrain.functional import GATHER_RANGE, SCATTER_RANGE, SELECT_RANGE, approx_conv2d, approx_linear
+from approxtrain.profiling import device_name, range_seconds
 from approxtrain.sampling import POLICIES, SamplingConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -176,20 +177,10 @@ def profiled_pieces(step: Callable[[], None], device: torch.device, steps: int) 
     Device time on CUDA, CPU time otherwise. The ranges time exactly what the op runs, so the
     pieces follow any change to its implementation.
     """
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    step()
-    synchronize(device)
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
-        synchronize(device)
+    step()  # one unprofiled step first
+    seconds, _ = range_seconds(step, device, steps)
     names = {SELECT_RANGE: "select", GATHER_RANGE: "gathers", SCATTER_RANGE: "scatter"}
-    pieces = dict.fromkeys(names.values(), 0.0)
-    for event in prof.key_averages():
-        if event.key in names:
-            micros = (getattr(event, "device_time_total", 0.0) or 0.0) if device.type == "cuda" else event.cpu_time_total
-            pieces[names[event.key]] = micros / 1e3 / steps
-    return pieces
+    return {names[key]: value * 1e3 for key, value in seconds.items()}
 
 
 def saved_bytes(case: OpCase, forward: Callable[[], torch.Tensor]) -> dict[str, int]:
@@ -308,18 +299,6 @@ def cpu_seconds() -> tuple[float, float] | None:
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
     own = os.times()
     return (sum(fields[:8]) - idle) / ticks, own.user + own.system
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def mib(n: int | None) -> str:

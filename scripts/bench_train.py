@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ from approxtrain.cli.allocator import retain_freed_memory  # noqa: E402
 from approxtrain.data import DatasetInfo  # noqa: E402
 from approxtrain.functional import GATHER_RANGE, SCATTER_RANGE, SELECT_RANGE  # noqa: E402
 from approxtrain.models import build_model  # noqa: E402
+from approxtrain.profiling import device_name, range_seconds  # noqa: E402
 
 # model -> (dataset info, paper batch, CPU batch, the paper's layer rules as (match, type, exact))
 INFOS = {
@@ -111,20 +111,8 @@ def _saved_activation_bytes(model, x, y, info, amp, device) -> int:
 
 def _profiled_shares(model, optimizer, x, y, info, amp, device, profile_steps: int) -> dict[str, float]:
     """Shares of a step spent in the op's selection and gather/scatter profiler ranges."""
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.profiler.profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for _ in range(profile_steps):
-            _step(model, optimizer, x, y, info, amp, device)
-        _sync(device)
-        wall = (time.perf_counter() - start) / profile_steps
-    per_step = {SELECT_RANGE: 0.0, GATHER_RANGE: 0.0, SCATTER_RANGE: 0.0}
-    for event in prof.key_averages():
-        if event.key in per_step:
-            # device time where the kernels run there, CPU time otherwise (microseconds)
-            device_us = getattr(event, "device_time_total", 0.0) or 0.0
-            per_step[event.key] = (device_us if device.type == "cuda" else event.cpu_time_total) / 1e6 / profile_steps
-    return {"select": per_step[SELECT_RANGE] / wall, "gather_scatter": (per_step[GATHER_RANGE] + per_step[SCATTER_RANGE]) / wall}
+    seconds, wall = range_seconds(lambda: _step(model, optimizer, x, y, info, amp, device), device, profile_steps)
+    return {"select": seconds[SELECT_RANGE] / wall, "gather_scatter": (seconds[GATHER_RANGE] + seconds[SCATTER_RANGE]) / wall}
 
 
 def _step_peak_bytes(model, optimizer, x, y, info, amp, device) -> int | None:
@@ -182,15 +170,7 @@ def _measure(models: list, info, batch, device, amp, channels_last, image_size, 
 
 
 def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+    return device_name(device) if device.type == "cuda" else f"{device_name(device)} ({torch.get_num_threads()} threads)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,52 @@
+"""Where the approximate ops' time goes, for benchmarks: the time per step spent inside
+their profiler ranges (selection, gathers, scatters), and the name of the device measured."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from approxtrain.functional import GATHER_RANGE, SCATTER_RANGE, SELECT_RANGE
+
+RANGES = (SELECT_RANGE, GATHER_RANGE, SCATTER_RANGE)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def range_seconds(step: Callable[[], None], device: torch.device, steps: int) -> tuple[dict[str, float], float]:
+    """Run ``step`` ``steps`` times under the profiler; return the seconds per step inside each
+    of :data:`RANGES` (device time on CUDA, CPU time otherwise) and the wall seconds per step."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _synchronize(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _synchronize(device)
+        wall = (time.perf_counter() - start) / steps
+    per_step = dict.fromkeys(RANGES, 0.0)
+    for event in prof.key_averages():
+        if event.key in per_step:
+            micros = (getattr(event, "device_time_total", 0.0) or 0.0) if device.type == "cuda" else event.cpu_time_total
+            per_step[event.key] = micros / 1e6 / steps
+    return per_step, wall
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name from ``/proc/cpuinfo`` (else the platform's)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
