@@ -28,7 +28,7 @@ from approxtrain.accounting import ComputeMeter, compute_reduction
 from approxtrain.config import layer_rules, validate
 from approxtrain.data import DatasetInfo, build_loaders
 from approxtrain.models import build_model, model_options
-from approxtrain.results import load_checkpoint, save_checkpoint, write_results
+from approxtrain.run.rundir import load_checkpoint, save_checkpoint, write_results
 from approxtrain.surgery import Plan, approximate_, attach_meter
 
 _DATA_KEYS = ("root", "download", "eval_batch_size", "num_samples", "like", "image_size", "seq_len", "train_split")
@@ -213,7 +213,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path, reporters: Sequence[Reporter] =
 
     state = _State()
     if cfg.get("resume"):
-        checkpoint = load_checkpoint(Path(cfg["resume"]) / "checkpoints" / "last.pt", device)
+        checkpoint = load_checkpoint(Path(cfg["resume"]) / "checkpoints" / "last.pt")
         try:
             model.load_state_dict(checkpoint["model"])
         except RuntimeError as error:

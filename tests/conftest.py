@@ -18,18 +18,13 @@ from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 
 import approxtrain.cli.train  # noqa: F401  (registers the `resume_dir` resolver used by hydra.run.dir)
+from approxtrain.run.schema import EPOCH_KEYS, RESULT_KEYS  # noqa: F401  (the results contract, for the tests)
 
 CONFIG_MODULE = "approxtrain.configs"
 # The real data of this workplace (../shared/data from the project root); absent on a user's machine.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # A shrunk run: one epoch, CPU, no loader workers, no W&B.
 FAST = ("logger=none", "trainer.epochs=1", "trainer.num_workers=0", "trainer.device=cpu")
-# The keys every results.json holds (the results contract).
-RESULT_KEYS = (
-    "status", "model", "dataset", "sampler", "ratio", "metric_name", "best_metric", "final_metric",
-    "compute_reduction", "epochs", "layers", "wall_time_s", "step_time_s", "device", "peak_memory_bytes",
-)
-EPOCH_KEYS = ("train_loss", "test_metric", "compute_reduction", "time_s")
 PLAN_ROW_KEYS = ("name", "type", "n", "k", "ratio", "policy", "exact_macs", "approx_macs")
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from approxtrain.results import load_checkpoint, read_results
+from approxtrain.run.rundir import load_checkpoint
+from approxtrain.run.schema import read_results
 from conftest import RESULT_KEYS, read_wandb_records
 
 # A short real run: the MLP on scikit-learn's digits, one epoch, no W&B.

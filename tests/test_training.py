@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from approxtrain import results as results_module
-from approxtrain.results import load_checkpoint, read_results, save_checkpoint, write_results
+from approxtrain.run import rundir as results_module
+from approxtrain.run.rundir import load_checkpoint, save_checkpoint, write_results
+from approxtrain.run.schema import read_results
 from approxtrain.training import build_optimizer, build_scheduler, train
 from conftest import EPOCH_KEYS, PLAN_ROW_KEYS, RESULT_KEYS
 

@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from approxtrain.cli.allocator import retain_freed_memory
-from approxtrain.results import read_results, write_results
+from approxtrain.run.rundir import write_results
+from approxtrain.run.schema import read_results
 
 log = logging.getLogger("approxtrain")
 CONFIG_PACKAGE = "approxtrain.configs"

@@ -1,0 +1,118 @@
+"""The ``results.json`` contract: one definition of what a run records.
+
+The trainer writes it, the W&B logger mirrors its scalars into the run summary, and
+the compare tool reads it (from disk or from a W&B summary). Every key, status and
+metric direction lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+RESULTS_FILE = "results.json"
+
+# What a run can be; ``running`` until it ends one way or the other.
+RUNNING, FINISHED, FAILED = "running", "finished", "failed"
+STATUSES = (RUNNING, FINISHED, FAILED)
+
+# The metric each dataset kind is evaluated with, and which way is better.
+ACCURACY, PERPLEXITY = "accuracy", "perplexity"
+LOWER_IS_BETTER = frozenset({PERPLEXITY, "loss", "error"})
+
+
+def higher_is_better(metric_name: str) -> bool:
+    """Accuracy-like metrics grow, perplexity-like ones shrink."""
+    return metric_name not in LOWER_IS_BETTER
+
+
+def improves(metric_name: str, value: float, best: float | None) -> bool:
+    """Whether ``value`` beats ``best`` (None: nothing yet) in the metric's direction."""
+    if best is None:
+        return True
+    return value > best if higher_is_better(metric_name) else value < best
+
+
+@dataclass
+class EpochRecord:
+    """One entry of ``results.json``'s ``epochs``: what an epoch did."""
+
+    epoch: int
+    step: int  # optimizer steps done at its end
+    train_loss: float
+    test_metric: float
+    compute_reduction: float  # measured over this epoch's training steps
+    time_s: float
+    step_time_s: float | None  # median training step
+    lr: float  # the learning rate it trained with
+
+
+@dataclass
+class Results:
+    """Everything ``results.json`` holds; see the README's table."""
+
+    model: str
+    dataset: str
+    sampler: str
+    ratio: float
+    seed: int
+    layers_rule_set: str
+    metric_name: str = ACCURACY
+    status: str = RUNNING
+    best_metric: float | None = None
+    final_metric: float | None = None
+    compute_reduction: float | None = None  # counted from what really ran
+    planned_compute_reduction: float | None = None
+    epochs: list[dict[str, Any]] = field(default_factory=list)  # EpochRecord dicts
+    layers: list[dict[str, Any]] = field(default_factory=list)  # the plan's rows
+    wall_time_s: float = 0.0
+    step_time_s: float | None = None
+    steps: int = 0
+    device: str | None = None
+    peak_memory_bytes: int | None = None
+    error: str | None = None  # one line, when failed
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Results:
+        """Build from a ``results.json`` mapping; unknown keys are ignored, missing ones take defaults."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+
+# Every key of results.json, in file order.
+RESULT_KEYS = tuple(f.name for f in fields(Results))
+EPOCH_KEYS = tuple(f.name for f in fields(EpochRecord))
+# The scalar keys: what W&B's run summary mirrors.
+SUMMARY_KEYS = tuple(key for key in RESULT_KEYS if key not in ("epochs", "layers"))
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/inf; a diverged metric is recorded as null
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def results_text(results: Results | dict[str, Any]) -> str:
+    """The JSON text of ``results`` (non-finite floats as null)."""
+    values = results.to_dict() if isinstance(results, Results) else results
+    return json.dumps(_json_safe(values), indent=2)
+
+
+def results_path(run_dir: Path | str) -> Path:
+    return Path(run_dir) / RESULTS_FILE
+
+
+def read_results(run_dir: Path | str) -> dict[str, Any] | None:
+    """The ``results.json`` of ``run_dir`` as a mapping, or None when there is none."""
+    path = results_path(run_dir)
+    return json.loads(path.read_text()) if path.exists() else None
