@@ -11,9 +11,9 @@ steps interleaved round by round:
   over real steps: selection (pair norms + sampler), the gathers of the sampled input
   and weight slices, and the spreading of the sampled gradients into full-size ones
   ("scatter"), each as a share of the exact step;
-* CPU allocator: like the CLI, the script re-executes itself once with glibc told to
-  keep freed memory (``approxtrain.cli.allocator``); ``APPROXTRAIN_MALLOC=system``
-  measures with the system's default allocator behaviour instead.
+* CPU allocator: like the CLI, the script tells glibc to keep freed memory
+  (``approxtrain.cli.allocator``); ``APPROXTRAIN_MALLOC=system`` measures with the
+  system's default allocator behaviour instead.
 * memory: bytes saved for backward (``torch.autograd.graph.saved_tensors_hooks``),
   all and without the weight parameter itself (which exists anyway); on CUDA also the
   peak allocation of one step above what was allocated before it.
@@ -45,7 +45,7 @@ try:
     import approxtrain  # noqa: F401
 except ModuleNotFoundError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from approxtrain.cli.allocator import SETTINGS as MALLOC_SETTINGS, retain_freed_memory
+from approxtrain.cli.allocator import retain_freed_memory
 from approxtrain.functional import GATHER_RANGE, SCATTER_RANGE, SELECT_RANGE, approx_conv2d, approx_linear
 from approxtrain.profiling import device_name, range_seconds
 from approxtrain.sampling import POLICIES, SamplingConfig
@@ -389,11 +389,11 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(), "date": datetime.date.today().isoformat(),
         "command": " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
         "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "malloc": {key: os.environ[key] for key in (*MALLOC_SETTINGS, "APPROXTRAIN_MALLOC", "GLIBC_TUNABLES") if key in os.environ},
+        "malloc": "keeps freed memory" if retain_freed_memory() else "system defaults",
     }
     print(f"device {meta['device_name']} ({device.type}), torch {meta['torch']}, {meta['threads']} threads, {args.dtype}, "
           f"policy {args.policy}, warmup {warmup}, repeats {repeats}, load average {meta['load_average_start']}, "
-          f"malloc settings {meta['malloc'] or 'system defaults'}")
+          f"malloc: {meta['malloc']}")
 
     started, cpu_before = time.perf_counter(), cpu_seconds()
     rows: list[dict] = []
@@ -431,5 +431,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    retain_freed_memory()  # re-executes this command once (Linux), unless APPROXTRAIN_MALLOC=system
     sys.exit(main())

@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-steps", type=int, default=2, help="steps profiled for the selection share (0: skip)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    retain_freed_memory()  # like the CLI: re-executes once with glibc keeping freed memory (APPROXTRAIN_MALLOC=system: off)
+    retain_freed_memory()  # like the CLI: glibc keeps freed memory (APPROXTRAIN_MALLOC=system: off)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -27,11 +27,11 @@ PAPER_DATASET = {"mlp": "mnist", "cnn": "mnist", "lstm": "ptb", "wrn": "cifar100
 
 
 def build_loaders(
-    name: str,
+    name,
     *,
     root: str = "data/",
     download: bool = True,
-    batch_size: int,
+    batch_size: int = 0,
     eval_batch_size: int | None = None,
     num_workers: int = 0,
     seed: int = 0,
@@ -54,6 +54,12 @@ def build_loaders(
     Raises ``ValueError`` for an unknown name or bad argument and :class:`DatasetNotFound`
     when the data is missing and cannot be downloaded (one-line messages).
     """
+    if not isinstance(name, str):  # TEMP shim until the registry lands
+        keys = ("root", "download", "eval_batch_size", "num_samples", "like", "image_size", "seq_len", "train_split")
+        node = name
+        name, batch_size = node["name"], node["batch_size"]
+        return build_loaders(name, batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory,
+                             **{key: node[key] for key in keys if key in node})
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
     if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):

@@ -99,12 +99,14 @@ def _datasets_for(kind: str) -> str:
     return f"{', '.join(real)}, synthetic (like={'|'.join(likes)})"
 
 
-def build_model(name: str, info: DatasetInfo, **options) -> nn.Module:
+def build_model(name, info: DatasetInfo, **options) -> nn.Module:
     """Model ``name`` sized for dataset ``info``; ``options`` override the paper's defaults.
 
     Raises ``ValueError`` for an unknown model, a bad option value or a text/image
     mismatch and ``TypeError`` for an unknown option (one-line messages).
     """
+    if isinstance(name, Mapping):  # TEMP shim until the registry lands
+        name, options = name["name"], model_options(name)
     check_model_options(name, options)
     kind = MODEL_KIND[name]
     if info.kind != kind:
