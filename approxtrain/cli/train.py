@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -35,8 +36,11 @@ log = logging.getLogger("approxtrain")
 CONFIG_PACKAGE = "approxtrain.configs"
 CONFIG_NAME = "train"
 GROUPS = ("model", "dataset", "sampler", "layers", "logger", "experiment", "trainer")
-USAGE_ERROR = 2  # a bad command line: nothing ran
-RUN_FAILED = 1  # a run (or a sweep's job) failed; recorded in its results.json
+# Exit codes: 0 finished; RUN_FAILED a run (or a sweep's job) failed, recorded in its results.json;
+# USAGE_ERROR the command line cannot be composed (nothing ran); 128 + N stopped by signal N
+# (130 SIGINT, 143 SIGTERM) at a step boundary, with a checkpoint to continue from.
+RUN_FAILED = 1
+USAGE_ERROR = 2
 
 # hydra.run.dir: a resumed run keeps writing into the run dir it continues
 if not OmegaConf.has_resolver("resume_dir"):
@@ -178,7 +182,7 @@ def _app(cfg: DictConfig) -> float | None:
     from rich.console import Console
 
     from approxtrain.cli.console import ConsoleCallback, print_config
-    from approxtrain.run.trainer import Trainer
+    from approxtrain.run.trainer import RunInterrupted, Trainer
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -193,6 +197,12 @@ def _app(cfg: DictConfig) -> float | None:
 
             trainer.callbacks.append(WandbCallback(container, run_dir, _run_group() or container["experiment_name"], console.print))
         results = trainer.fit()
+    except RunInterrupted as interrupt:  # checkpointed and recorded: say how to continue, exit as the signal asks
+        print(f"approxtrain: {interrupt}", file=sys.stderr)
+        raise SystemExit(128 + interrupt.signal_number) from None
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, like a kill
+        print(f"approxtrain: stopped at once by a second SIGINT; {run_dir} keeps its last completed epoch", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     except Exception as error:  # recorded (fit records its own failures), then reported as one line
         message = trainer.results.error if trainer.results.error is not None else trainer.record_failure(error)
         log.debug("run failed", exc_info=True)

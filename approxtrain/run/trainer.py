@@ -11,11 +11,14 @@ Hydra, W&B or rich). Training is approximate; evaluation on the test split is ex
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import signal
 import statistics
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,13 +31,27 @@ from torch import Tensor, nn
 from approxtrain.accounting import ComputeMeter, compute_reduction
 from approxtrain.config import layer_rules, validate
 from approxtrain.data import DatasetInfo, build_loaders
+from approxtrain.data.order import shutdown_workers
 from approxtrain.models import build_model
 from approxtrain.run.callbacks import Callback, StepReport
 from approxtrain.run.device import StepTimer, peak_memory_bytes, resolve_device
 from approxtrain.run.optim import build_optimizer, build_scheduler
 from approxtrain.run.rundir import BEST_CHECKPOINT, checkpoint_path, load_checkpoint, save_checkpoint, write_results
-from approxtrain.run.schema import FAILED, FINISHED, PERPLEXITY, EpochRecord, Results, improves
+from approxtrain.run.schema import FAILED, FINISHED, INTERRUPTED, PERPLEXITY, EpochRecord, Results, improves
 from approxtrain.surgery import Plan, approximate_, attach_meter
+
+
+@dataclass
+class EpochProgress:
+    """An epoch stopped at a step boundary (by a signal): what its record needs from the batches done."""
+
+    batches: int = 0
+    loss_sum: float = 0.0
+    exact_macs: int = 0
+    actual_macs: int = 0
+    time_s: float = 0.0
+    step_times: list[float] = field(default_factory=list)
+    lr: float = 0.0  # the rate the epoch trains with
 
 
 @dataclass
@@ -49,6 +66,28 @@ class TrainState:
     actual_macs: int = 0
     wall_time_s: float = 0.0
     step_times: list[float] = field(default_factory=list)
+    progress: EpochProgress | None = None  # the unfinished epoch epoch + 1, when stopped inside it
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainState:
+        progress = values.get("progress")
+        return cls(**{**values, "progress": EpochProgress(**progress) if progress else None})
+
+
+class RunError(Exception):
+    """A run that cannot go on; the message is one line that stands on its own."""
+
+
+class TrainingDiverged(RunError):
+    """The training loss became NaN or infinite."""
+
+
+class RunInterrupted(RunError):
+    """SIGINT or SIGTERM stopped the run at a step boundary, after it saved a checkpoint."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.signal_number = signal_number
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -60,11 +99,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def failure_message(error: BaseException) -> str:
-    """One line for a failed run: a ``ValueError``'s message as is (ours name the bad value and the
-    allowed ones); anything else prefixed with its type."""
+    """One line for a failed run: a ``ValueError``'s (ours name the bad value and the allowed ones) or a
+    :class:`RunError`'s message as is; anything else prefixed with its type."""
     lines = str(error).strip().splitlines()
     message = lines[0] if lines else type(error).__name__
-    return message if isinstance(error, ValueError) else f"{type(error).__name__}: {message}"
+    return message if isinstance(error, (ValueError, RunError)) else f"{type(error).__name__}: {message}"
 
 
 def text_loss(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -156,7 +195,7 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
-        self.state = TrainState(**checkpoint["state"])
+        self.state = TrainState.from_dict(checkpoint["state"])
         self.owns_run_dir = True
 
     # ------------------------------------------------------------------------------------------ the run
@@ -165,19 +204,26 @@ class Trainer:
         """Set up, train epoch after epoch (evaluate, checkpoint, record each), finish; on an error
         record the failure, tell the callbacks and re-raise."""
         try:
-            self.setup()
-            self._emit("on_start")
-            started = time.perf_counter() - self.state.wall_time_s
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
-            while not self.done:
-                epoch = self.state.epoch + 1
-                self._emit("on_epoch_start", epoch)
-                record = self.train_epoch(epoch)
-                self.end_epoch(record, wall_time_s=time.perf_counter() - started)
+            with stop_signals() as self.stop_requests:
+                self.setup()
+                self._emit("on_start")
+                self.started = time.perf_counter() - self.state.wall_time_s
+                if self.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(self.device)
+                while not self.done:
+                    epoch = self.state.epoch + 1
+                    self._emit("on_epoch_start", epoch)
+                    record = self.train_epoch(epoch)
+                    self.end_epoch(record)
+                    self._stop_if_asked()
+        except RunInterrupted:
+            raise
         except Exception as error:
             self.record_failure(error)
             raise
+        finally:
+            for loader in (getattr(self, "train_loader", None), getattr(self, "test_loader", None)):
+                shutdown_workers(loader)
         self.results.status = FINISHED
         self._write_results()
         self._emit("on_end")
@@ -189,42 +235,51 @@ class Trainer:
         return self.state.epoch >= self.cfg["trainer"]["epochs"] or max_steps is not None and self.state.step >= max_steps
 
     def train_epoch(self, epoch: int) -> EpochRecord:
-        """Train one epoch (approximate products), then evaluate it (exact); returns its record."""
+        """Train one epoch (approximate products) -- or what is left of it after a resume --, then
+        evaluate it (exact); returns its record."""
         trainer = self.cfg["trainer"]
-        epoch_started = time.perf_counter()
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trains with (read before the scheduler steps)
-        self._start_epoch(epoch)
-        loss_sum = torch.zeros((), device=self.device)
-        batches, window = 0, _SpeedWindow(self.cfg["dataset"]["batch_size"])
+        progress = self.state.progress or EpochProgress(lr=self.optimizer.param_groups[0]["lr"])
+        self.state.progress = None
+        epoch_started = time.perf_counter() - progress.time_s
+        self._start_epoch(epoch, progress.batches)
+        loss_sum = torch.tensor(progress.loss_sum, device=self.device)
+        window = _SpeedWindow(self.cfg["dataset"]["batch_size"], progress.batches)
         for input, target in self.train_loader:
             self.timer.start()
             reported = self.training_step(input, target)
             self.timer.stop()
             loss_sum += reported
-            batches += 1
+            progress.batches += 1
             self.state.step += 1
-            if self.state.step % trainer["log_every_n_steps"] == 0 or batches == self.steps_per_epoch:
-                loss = reported.item()  # the one host sync, at the logging interval
-                self._emit("on_step", StepReport(epoch, batches, self.state.step, loss, window.samples_per_s(batches),
-                                                 self.meter.compute_reduction))
-            if trainer["max_steps"] is not None and self.state.step >= trainer["max_steps"]:
+            last = progress.batches == self.steps_per_epoch or trainer["max_steps"] is not None and self.state.step >= trainer["max_steps"]
+            if self.state.step % trainer["log_every_n_steps"] == 0 or last:
+                self._report_step(epoch, progress.batches, reported, loss_sum, window)
+            if last:
                 break
+            if self.stop_requests:
+                self._pause(epoch, progress, loss_sum, epoch_started)
         if self.scheduler is not None and not self.scheduler_per_step:
             self.scheduler.step()
-        step_times = self.timer.collect()
+        step_times = progress.step_times + self.timer.collect()
         self.state.step_times.extend(step_times)
-        exact, actual = self.meter.exact.total, self.meter.actual.total
+        exact, actual = progress.exact_macs + self.meter.exact.total, progress.actual_macs + self.meter.actual.total
         self.state.exact_macs += exact
         self.state.actual_macs += actual
-        return EpochRecord(epoch=epoch, step=self.state.step, train_loss=loss_sum.item() / max(batches, 1),
+        return EpochRecord(epoch=epoch, step=self.state.step, train_loss=loss_sum.item() / max(progress.batches, 1),
                            test_metric=self.evaluate(), compute_reduction=compute_reduction(exact, actual),
                            time_s=time.perf_counter() - epoch_started,
-                           step_time_s=statistics.median(step_times) if step_times else None, lr=lr)
+                           step_time_s=statistics.median(step_times) if step_times else None, lr=progress.lr)
 
-    def _start_epoch(self, epoch: int) -> None:
-        generator = getattr(self.train_loader, "generator", None)
-        if generator is not None:  # the same order per epoch, also after a resume
-            generator.manual_seed(self.cfg["seed"] * 1_000_003 + epoch)
+    def _report_step(self, epoch: int, batch: int, reported: Tensor, loss_sum: Tensor, window: _SpeedWindow) -> None:
+        """A logging step: the one host sync (loss values), the divergence check, the callbacks."""
+        loss, total = torch.stack((reported.float(), loss_sum.float())).tolist()
+        if not (math.isfinite(loss) and math.isfinite(total)):
+            raise TrainingDiverged(f"non-finite training loss ({loss}) by step {self.state.step}, epoch {epoch}: the run diverged; "
+                                   "lower trainer.optimizer.lr or set trainer.grad_clip")
+        self._emit("on_step", StepReport(epoch, batch, self.state.step, loss, window.samples_per_s(batch), self.meter.compute_reduction))
+
+    def _start_epoch(self, epoch: int, start_batch: int) -> None:
+        self.train_loader.set_epoch(epoch, start_batch)  # the order depends on (seed, epoch) only
         self.model.train()
         self._reset_model_state()
         self.meter.reset()
@@ -268,16 +323,18 @@ class Trainer:
             count += target.numel()
         self._reset_model_state()
         mean = total.item() / max(count, 1)
-        return math.exp(mean) if self.info.metric == PERPLEXITY else mean
+        if self.info.metric != PERPLEXITY:
+            return mean
+        return math.exp(mean) if mean < 700 else math.inf  # a diverged model's perplexity overflows
 
-    def end_epoch(self, record: EpochRecord, wall_time_s: float) -> None:
+    def end_epoch(self, record: EpochRecord) -> None:
         """Book an evaluated epoch: state, checkpoints, ``results.json``, callbacks."""
         improved = improves(self.info.metric, record.test_metric, self.state.best_metric)
         if improved:
             self.state.best_metric = record.test_metric
         self.state.history.append(asdict(record))
         self.state.epoch = record.epoch
-        self.state.wall_time_s = wall_time_s
+        self.state.wall_time_s = time.perf_counter() - self.started
         self._update_results()
         self.results.peak_memory_bytes = peak_memory_bytes(self.device)
         if self.cfg["trainer"]["checkpoint"]:
@@ -319,6 +376,35 @@ class Trainer:
         self._emit("on_failure", message)
         return message
 
+    def _stop_if_asked(self) -> None:
+        """Between epochs: a pending stop request ends the run (the epoch's checkpoint is written)."""
+        if self.stop_requests:
+            self._interrupt()
+
+    def _pause(self, epoch: int, progress: EpochProgress, loss_sum: Tensor, epoch_started: float) -> None:
+        """At a step boundary inside ``epoch``: keep what the epoch did so far in the state, then stop."""
+        progress.loss_sum = loss_sum.item()
+        progress.exact_macs += self.meter.exact.total
+        progress.actual_macs += self.meter.actual.total
+        progress.time_s = time.perf_counter() - epoch_started
+        progress.step_times += self.timer.collect()
+        self.state.progress = progress
+        self.state.wall_time_s = time.perf_counter() - self.started
+        self._update_results()
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        """Checkpoint, record ``interrupted``, tell the callbacks and raise :class:`RunInterrupted`."""
+        signal_number = self.stop_requests[0]
+        name = signal.Signals(signal_number).name
+        if self.cfg["trainer"]["checkpoint"]:
+            self.save_checkpoint()
+        self.results.status = INTERRUPTED
+        self.results.error = f"interrupted by {name} at step {self.state.step}"
+        self._write_results()
+        self._emit("on_end")
+        raise RunInterrupted(f"{self.results.error}; continue with resume={self.run_dir}", signal_number)
+
     def _update_results(self) -> None:
         state, results = self.state, self.results
         results.best_metric = state.best_metric
@@ -345,14 +431,38 @@ class Trainer:
 class _SpeedWindow:
     """Samples per second over the steps since the last report (read right after a host sync)."""
 
-    def __init__(self, batch_size: int) -> None:
-        self.batch_size, self.batches, self.since = batch_size, 0, time.perf_counter()
+    def __init__(self, batch_size: int, batches: int = 0) -> None:
+        self.batch_size, self.batches, self.since = batch_size, batches, time.perf_counter()
 
     def samples_per_s(self, batches: int) -> float:
         now = time.perf_counter()
         rate = (batches - self.batches) * self.batch_size / max(now - self.since, 1e-9)
         self.batches, self.since = batches, now
         return rate
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """While inside: SIGINT and SIGTERM (what SLURM sends before preemption) are noted in the yielded
+    list instead of killing the process; the trainer stops at the next step boundary. A second
+    SIGINT stops at once (``KeyboardInterrupt``), like a kill: ``results.json`` and the checkpoints
+    keep the last completed epoch. Outside the main thread nothing is installed."""
+    requests: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requests
+        return
+
+    def note(signal_number: int, frame: Any) -> None:
+        if requests and signal_number == signal.SIGINT:
+            raise KeyboardInterrupt
+        requests.append(signal_number)
+
+    previous = {number: signal.signal(number, note) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requests
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _select(cfg: Mapping[str, Any], group: str, key: str) -> Any:
