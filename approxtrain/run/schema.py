@@ -96,6 +96,12 @@ EPOCH_KEYS = tuple(f.name for f in fields(EpochRecord))
 SUMMARY_KEYS = tuple(key for key in RESULT_KEYS if key not in ("epochs", "layers"))
 
 
+def summary_of(results: Results | dict[str, Any]) -> dict[str, Any]:
+    """What W&B's run summary mirrors of ``results``: every :data:`SUMMARY_KEYS` key (missing ones as None)."""
+    values = results.to_dict() if isinstance(results, Results) else results
+    return {key: values.get(key) for key in SUMMARY_KEYS}
+
+
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN/inf; a diverged metric is recorded as null
