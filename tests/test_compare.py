@@ -20,6 +20,7 @@ from approxtrain.compare import build_rows, collect_runs, print_sweep_table, to_
 from approxtrain.compare.matching import flatten, setting_key, varying_keys
 from approxtrain.compare.plots import pareto_front
 from approxtrain.compare.table import Table
+from approxtrain.run.schema import STATUSES as SCHEMA_STATUSES
 from approxtrain.run.schema import (
     ACCURACY,
     FAILED,
@@ -183,7 +184,7 @@ def test_every_status_a_compared_run_can_show_has_a_style() -> None:
     from approxtrain.compare.console import STATUS_STYLES
     from approxtrain.compare.runs import STATUSES
 
-    assert set(STATUSES) == {FINISHED, FAILED, RUNNING, "incomplete"} == set(STATUS_STYLES)
+    assert set(STATUSES) == {*SCHEMA_STATUSES, "incomplete"} == set(STATUS_STYLES)
 
 
 def test_failed_run_and_corrupt_config_are_shown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

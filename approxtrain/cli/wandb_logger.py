@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from approxtrain.run.callbacks import Callback, StepReport
-from approxtrain.run.schema import SUMMARY_KEYS, higher_is_better
+from approxtrain.run.schema import INTERRUPTED, higher_is_better, summary_of
 
 if TYPE_CHECKING:
     from approxtrain.run.schema import EpochRecord
@@ -108,9 +108,14 @@ class WandbCallback(Callback):
                      step=record.step)
 
     def on_end(self, trainer: Trainer) -> None:
-        self.run.summary.update({key: getattr(trainer.results, key) for key in SUMMARY_KEYS})
-        self.run.finish()
+        """Finished, or interrupted by a signal: then marked preempting, so W&B shows it as preempted."""
+        self.run.summary.update(summary_of(trainer.results))
+        if trainer.results.status == INTERRUPTED:
+            self.run.mark_preempting()
+            self.run.finish(exit_code=1)
+        else:
+            self.run.finish()
 
     def on_failure(self, trainer: Trainer, message: str) -> None:
-        self.run.summary.update({key: getattr(trainer.results, key) for key in SUMMARY_KEYS})
+        self.run.summary.update(summary_of(trainer.results))
         self.run.finish(exit_code=1)
