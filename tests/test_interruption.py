@@ -122,3 +122,20 @@ def _cmdline_mentions(pid: str, text: str) -> bool:
         return text in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return False
+
+
+def test_preemption_signal_checkpoints_then_hands_over_to_the_launchers_handler(run_cfg, run_dir):
+    """submitit installs a SIGUSR2 handler that requeues the job: it must run after the checkpoint."""
+    seen = []
+
+    def launcher_handler(signal_number, frame):
+        seen.append((read_results(run_dir)["status"], load_checkpoint(checkpoint_path(run_dir))["state"]["step"]))
+
+    previous = signal.signal(signal.SIGUSR2, launcher_handler)
+    try:
+        with pytest.raises(RunInterrupted, match="interrupted by SIGUSR2 at step 5"):
+            Trainer(run_cfg(*DIGITS, "sampler=topk"), run_dir, [SignalAt(5, signal.SIGUSR2)]).fit()
+        assert signal.getsignal(signal.SIGUSR2) is launcher_handler
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert seen == [("interrupted", 5)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import signal
 import statistics
@@ -395,7 +396,7 @@ class Trainer:
 
     def _interrupt(self) -> None:
         """Checkpoint, record ``interrupted``, tell the callbacks and raise :class:`RunInterrupted`."""
-        signal_number = self.stop_requests[0]
+        signal_number = self.stop_requests.signals[0]
         name = signal.Signals(signal_number).name
         if self.cfg["trainer"]["checkpoint"]:
             self.save_checkpoint()
@@ -403,6 +404,7 @@ class Trainer:
         self.results.error = f"interrupted by {name} at step {self.state.step}"
         self._write_results()
         self._emit("on_end")
+        self.stop_requests.hand_over(signal_number)  # e.g. submitit: requeue the job (and exit)
         raise RunInterrupted(f"{self.results.error}; continue with resume={self.run_dir}", signal_number)
 
     def _update_results(self) -> None:
@@ -441,13 +443,36 @@ class _SpeedWindow:
         return rate
 
 
+# The signals that stop a run at the next step boundary: Ctrl-C, what SLURM sends before it kills
+# a job, and submitit's preemption warning (SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise).
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+
+
+@dataclass
+class StopRequests:
+    """The stop signals received while a run trains (truthy once there is one), and the handlers
+    they replaced: a launcher's own (submitit requeues the job on SIGUSR2) runs after the checkpoint."""
+
+    signals: list[int] = field(default_factory=list)
+    previous: dict[int, Any] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.signals)
+
+    def hand_over(self, signal_number: int) -> None:
+        """Call the handler this signal had before the run (when it was a Python function)."""
+        handler = self.previous.get(signal_number)
+        if callable(handler):
+            handler(signal_number, None)
+
+
 @contextlib.contextmanager
-def stop_signals() -> Iterator[list[int]]:
-    """While inside: SIGINT and SIGTERM (what SLURM sends before preemption) are noted in the yielded
-    list instead of killing the process; the trainer stops at the next step boundary. A second
-    SIGINT stops at once (``KeyboardInterrupt``), like a kill: ``results.json`` and the checkpoints
-    keep the last completed epoch. Outside the main thread nothing is installed."""
-    requests: list[int] = []
+def stop_signals() -> Iterator[StopRequests]:
+    """While inside, the :data:`STOP_SIGNALS` are noted instead of killing the process; the trainer
+    stops at the next step boundary. A second SIGINT stops at once (``KeyboardInterrupt``), like a
+    kill: ``results.json`` and the checkpoints keep the last completed epoch. Outside the main
+    thread nothing is installed."""
+    requests = StopRequests()
     if threading.current_thread() is not threading.main_thread():
         yield requests
         return
@@ -455,13 +480,14 @@ def stop_signals() -> Iterator[list[int]]:
     def note(signal_number: int, frame: Any) -> None:
         if requests and signal_number == signal.SIGINT:
             raise KeyboardInterrupt
-        requests.append(signal_number)
+        requests.signals.append(signal_number)
 
-    previous = {number: signal.signal(number, note) for number in (signal.SIGINT, signal.SIGTERM)}
+    numbers = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
+    requests.previous = {number: signal.signal(number, note) for number in numbers}
     try:
         yield requests
     finally:
-        for number, handler in previous.items():
+        for number, handler in requests.previous.items():
             signal.signal(number, handler)
 
 
