@@ -191,7 +191,7 @@ def _app(cfg: DictConfig) -> float | None:
         if container["logger"]["name"] == "wandb":
             from approxtrain.cli.wandb_logger import WandbCallback
 
-            trainer.callbacks.append(WandbCallback(container, run_dir, _run_group() or container["experiment_name"], console.print))
+            trainer.callbacks.append(WandbCallback(container, run_dir, _run_group() or container["experiment_name"]))
         results = trainer.fit()
     except Exception as error:  # recorded (fit records its own failures), then reported as one line
         message = trainer.results.error if trainer.results.error is not None else trainer.record_failure(error)
