@@ -1,10 +1,11 @@
 """W&B that never stalls or ends a run: the reachability probe, the offline fallback, W&B errors
-during training. No network: closed and silent
+during training, and ANSI codes kept out of ``train.log``. No network: closed and silent
 loopback ports, and a stand-in for the few ``wandb`` calls the logger makes."""
 
 from __future__ import annotations
 
 import logging
+import logging.config
 import socket
 import sys
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from omegaconf import OmegaConf
 
 from approxtrain.cli.wandb_logger import WandbCallback, open_run, reachable
 from approxtrain.run.trainer import Trainer
@@ -214,3 +216,20 @@ def test_a_bad_init_timeout_is_one_line(value, shown, run_cfg, run_dir):
     with pytest.raises(ValueError, match=r"^logger\.init_timeout_s=.* is invalid; allowed: a number of seconds > 0") as error:
         WandbCallback(cfg, run_dir, group=None)
     assert f"init_timeout_s={shown} " in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------- train.log
+
+
+def test_train_log_is_written_without_ansi_codes(compose_cfg, tmp_path):
+    """The run's file handler (hydra.job_logging) strips colour, cursor and hyperlink codes; the console keeps them."""
+    job_logging = compose_cfg().hydra.job_logging
+    formatters = OmegaConf.to_container(job_logging.formatters, resolve=True)
+    configurator = logging.config.DictConfigurator({})
+    to_file = configurator.configure_formatter(formatters[job_logging.handlers.file.formatter])
+    to_console = configurator.configure_formatter(formatters[job_logging.handlers.console.formatter])
+    coloured = "\x1b[1;34mwandb\x1b[0m: \x1b]8;;https://wandb.ai\x1b\\run\x1b]8;;\x1b\\ \x1b[2K\x1b[1Adone"
+    record = logging.LogRecord("approxtrain", logging.WARNING, __file__, 1, coloured, None, None)
+    line = to_file.format(record)
+    assert "\x1b" not in line and line.endswith("[approxtrain][WARNING] - wandb: run done")
+    assert to_console.format(record).endswith(coloured)
