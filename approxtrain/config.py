@@ -28,8 +28,8 @@ _CHOICES = {
     "trainer.scheduler.name": ("none", "multistep", "exponential"),
     "trainer.scheduler.interval": ("epoch", "step"),
     "logger.name": ("wandb", "none"),
-    "logger.mode": ("auto", "online", "offline", "disabled"),
 }
+_LOGGER_MODES = ("auto", "online", "offline", "disabled")
 
 
 def _get(cfg: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
@@ -74,6 +74,18 @@ def layer_rules(cfg: Mapping[str, Any]) -> list[LayerRule]:
         raise ConfigError(str(error)) from None
 
 
+def check_logger(cfg: Mapping[str, Any]) -> None:
+    """The W&B logger's keys; :func:`validate` checks them, and so does the logger, which starts before the run's setup."""
+    if _get(cfg, "logger.name") != "wandb":
+        return
+    mode = _get(cfg, "logger.mode")
+    if mode not in _LOGGER_MODES:
+        raise ConfigError(f"logger.mode={mode!r} is invalid; allowed: {', '.join(_LOGGER_MODES)}")
+    timeout = _get(cfg, "logger.init_timeout_s")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ConfigError(f"logger.init_timeout_s={timeout!r} is invalid; allowed: a number of seconds > 0, e.g. 15")
+
+
 def validate(cfg: Mapping[str, Any]) -> None:
     """Check every value the run depends on; raise :class:`ConfigError` on the first bad one."""
     layer_rules(cfg)
@@ -86,6 +98,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
         value = _get(cfg, dotted)
         if value is not None and value not in allowed:
             raise ConfigError(f"{dotted}={value!r} is invalid; allowed: {', '.join(allowed)}")
+    check_logger(cfg)
     for dotted in ("trainer.epochs", "dataset.batch_size"):
         value = _get(cfg, dotted)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

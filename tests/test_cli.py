@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import socket
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -220,6 +222,36 @@ def test_wandb_run_is_finished_as_failed_when_the_run_fails(cli, tmp_path):
     assert config.get("model") == "mlp"
     assert summary.get("status") == "failed" and summary.get("error") == message
     assert exits and exits[-1].exit_code == 1
+
+
+@pytest.mark.slow
+def test_wandb_online_without_a_server_logs_offline_within_the_bound(cli, tmp_path):
+    """An API key, logger.mode=online and a W&B server that never answers: one line within
+    logger.init_timeout_s (not W&B's 90 s), then the run trains and logs offline; train.log stays plain."""
+    run_dir, home = tmp_path / "run", tmp_path / "home"
+    with socket.socket() as server:  # accepts connections, never answers
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        env = {"HOME": str(home), "WANDB_CONFIG_DIR": str(home / ".config" / "wandb"), "WANDB_API_KEY": "0" * 40,
+               "WANDB_BASE_URL": url, "FORCE_COLOR": "1"}
+        process = cli(*SMALL, "logger=wandb", "logger.mode=online", "logger.init_timeout_s=3", f"hydra.run.dir={run_dir}", env=env)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert_finished(run_dir)
+    offline_run = wandb_run_file(run_dir).parent
+    expected = (f"W&B: cannot reach {url} within 3 s (logger.mode=online); "
+                f"logging offline to {offline_run} (upload later with `wandb sync {offline_run}`)")
+    lines = [line for line in process.stdout.splitlines() if "W&B:" in line]
+    assert len(lines) == 1 and lines[0].endswith(expected), lines
+    assert not list((run_dir / "wandb").glob("run-*")), "an online W&B run was started"
+    config, summary, exits = wandb_contents(wandb_run_file(run_dir))
+    assert config.get("model") == "mlp" and summary.get("status") == "finished" and exits[-1].exit_code == 0
+    train_log = (run_dir / "train.log").read_text()
+    assert "\x1b" not in train_log
+    (logged,) = [line for line in train_log.splitlines() if line.endswith(expected)]
+    logged_at = datetime.strptime(logged[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    job_started = (run_dir / ".hydra" / "config.yaml").stat().st_mtime
+    assert logged_at - job_started < 3 + 30  # the bound, plus importing and starting offline W&B
 
 
 # ---------------------------------------------------------------------------------------------- resume

@@ -161,6 +161,8 @@ def test_run_dir_defaults_to_outputs_and_follows_resume(compose_cfg, tmp_path):
         (["trainer.epochs=0"], "trainer.epochs=0"),
         (["trainer.device=tpu"], "trainer.device='tpu'"),
         (["logger.mode=sometimes"], "logger.mode='sometimes'"),
+        (["logger.init_timeout_s=0"], "logger.init_timeout_s=0"),
+        (["logger.init_timeout_s=soon"], "logger.init_timeout_s='soon'"),
         (["layers.rules=[{type: Dense}]"], "type='Dense'"),
     ],
 )

@@ -168,6 +168,18 @@ def composition_error_line(text: str, args: list[str]) -> str:
     return "; ".join(lines) if lines else "Hydra could not compose the config"
 
 
+# ANSI escape sequences: CSI (colour, cursor: ESC [ ... final byte), OSC (hyperlinks, titles: ESC ] ... BEL
+# or ESC backslash) and the short ones (ESC, intermediate bytes, final byte, e.g. ESC 7, ESC ( B)
+ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[ -/]*[0-~])")
+
+
+class PlainFormatter(logging.Formatter):
+    """The formatter of the run's ``train.log`` (``hydra.job_logging``): ANSI escape codes removed."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return ANSI_ESCAPE.sub("", super().format(record))
+
+
 def _run_group() -> str | None:
     """The W&B group of this run: the sweep's (``sweep-<dir name>``), else the experiment's name."""
     hydra_cfg = HydraConfig.get()
@@ -195,7 +207,7 @@ def _app(cfg: DictConfig) -> float | None:
         if container["logger"]["name"] == "wandb":
             from approxtrain.cli.wandb_logger import WandbCallback
 
-            trainer.callbacks.append(WandbCallback(container, run_dir, _run_group() or container["experiment_name"], console.print))
+            trainer.callbacks.append(WandbCallback(container, run_dir, _run_group() or container["experiment_name"]))
         results = trainer.fit()
     except RunInterrupted as interrupt:  # checkpointed and recorded: say how to continue, exit as the signal asks
         print(f"approxtrain: {interrupt}", file=sys.stderr)

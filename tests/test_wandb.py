@@ -1,0 +1,235 @@
+"""W&B that never stalls or ends a run: the reachability probe, the offline fallback, W&B errors
+during training, and ANSI codes kept out of ``train.log``. No network: closed and silent
+loopback ports, and a stand-in for the few ``wandb`` calls the logger makes."""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from omegaconf import OmegaConf
+
+from approxtrain.cli.wandb_logger import WandbCallback, open_run, reachable
+from approxtrain.run.trainer import Trainer
+
+DIGITS = ("model=mlp", "dataset=digits", "dataset.batch_size=200", "trainer.log_every_n_steps=3", "logger=wandb")
+
+
+@pytest.fixture
+def closed_port_url() -> str:
+    """A loopback URL nothing listens on: connecting is refused at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def silent_server_url():
+    """A loopback URL that accepts connections and never answers (a network that swallows packets)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+@pytest.fixture
+def answering_server_url():
+    """A loopback HTTP server answering 404 to everything."""
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+class FakeRun:
+    """A W&B run; ``log`` raises once ``fail_after`` rows were logged."""
+
+    def __init__(self, mode: str, sync_dir: Path, fail_after: int | None) -> None:
+        self.settings = SimpleNamespace(mode=mode, sync_dir=str(sync_dir))
+        self.rows: list[dict] = []
+        self.summary: dict = {}
+        self.finished: int | None = None
+        self.fail_after = fail_after
+
+    def define_metric(self, name: str, summary: str) -> None:
+        pass
+
+    def log(self, row: dict, step: int) -> None:
+        if self.fail_after is not None and len(self.rows) >= self.fail_after:
+            raise RuntimeError("the W&B service died")
+        self.rows.append(row)
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.finished = exit_code
+
+
+class FakeWandb:
+    """The ``wandb`` calls the logger makes; ``init`` raises for the modes in ``fails``."""
+
+    def __init__(self, base_url: str, run_dir: Path, fails: tuple[str, ...] = (), fail_after: int | None = None) -> None:
+        self.base_url, self.run_dir, self.fails, self.fail_after = base_url, run_dir, fails, fail_after
+        self.inits: list[tuple[str | None, dict | None]] = []
+        self.runs: list[FakeRun] = []
+
+    def setup(self) -> SimpleNamespace:
+        return SimpleNamespace(settings=SimpleNamespace(base_url=self.base_url))
+
+    def Settings(self, **settings) -> dict:  # noqa: N802 - wandb's name
+        return settings
+
+    def Table(self, columns: list, data: list) -> tuple:  # noqa: N802
+        return columns, data
+
+    def init(self, mode: str | None = None, settings: dict | None = None, **init_args) -> FakeRun:
+        self.inits.append((mode, settings))
+        if mode in self.fails:
+            raise ConnectionError(f"cannot start a {mode} run")
+        run = FakeRun(mode or "from WANDB_MODE", self.run_dir / "wandb" / f"{mode}-run-1", self.fail_after)
+        self.runs.append(run)
+        return run
+
+
+@pytest.fixture
+def api_key(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+
+
+def warnings_of(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+
+
+# ---------------------------------------------------------------------------------------------- reachability
+
+
+def test_a_refused_connection_is_unreachable_at_once(closed_port_url):
+    started = time.perf_counter()
+    assert not reachable(closed_port_url, timeout_s=5)
+    assert time.perf_counter() - started < 2
+
+
+def test_a_silent_server_is_unreachable_after_the_timeout(silent_server_url):
+    started = time.perf_counter()
+    assert not reachable(silent_server_url, timeout_s=1)
+    assert 0.9 < time.perf_counter() - started < 2
+
+
+def test_any_http_answer_counts_as_reachable(answering_server_url):
+    assert reachable(answering_server_url, timeout_s=5)
+
+
+# ---------------------------------------------------------------------------------------------- opening the run
+
+
+def test_online_without_a_server_logs_offline_in_one_line(api_key, silent_server_url, tmp_path, caplog):
+    wandb = FakeWandb(silent_server_url, tmp_path)
+    started = time.perf_counter()
+    with caplog.at_level(logging.INFO):
+        run = open_run(wandb, "online", 1, project="p", dir=str(tmp_path))
+    assert time.perf_counter() - started < 2
+    assert [mode for mode, _ in wandb.inits] == ["offline"] and run is wandb.runs[0]
+    where = run.settings.sync_dir
+    assert warnings_of(caplog) == [f"W&B: cannot reach {silent_server_url} within 1 s (logger.mode=online); "
+                                   f"logging offline to {where} (upload later with `wandb sync {where}`)"]
+
+
+def test_auto_mode_with_a_key_tries_online_with_the_bounded_timeout(api_key, answering_server_url, tmp_path, caplog):
+    wandb = FakeWandb(answering_server_url, tmp_path)
+    with caplog.at_level(logging.INFO):
+        run = open_run(wandb, "auto", 2.5, project="p")
+    assert wandb.inits == [("online", {"init_timeout": 2.5})] and run.settings.mode == "online"
+    assert not caplog.records
+
+
+def test_an_online_start_that_fails_logs_offline(api_key, answering_server_url, tmp_path, caplog):
+    wandb = FakeWandb(answering_server_url, tmp_path, fails=("online",))
+    with caplog.at_level(logging.INFO):
+        run = open_run(wandb, "auto", 2, project="p")
+    assert [mode for mode, _ in wandb.inits] == ["online", "offline"] and run.settings.mode == "offline"
+    (line,) = warnings_of(caplog)
+    assert line.startswith(f"W&B: no online run at {answering_server_url} (ConnectionError: cannot start a online run); "
+                           f"logging offline to {run.settings.sync_dir}")
+
+
+def test_wandb_mode_wins_and_online_from_it_falls_back_too(monkeypatch, closed_port_url, tmp_path, caplog):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    wandb = FakeWandb(closed_port_url, tmp_path)
+    open_run(wandb, "online", 2, project="p")
+    assert wandb.inits == [(None, None)]  # wandb reads WANDB_MODE itself; no probe, no fallback
+    monkeypatch.setenv("WANDB_MODE", "online")
+    wandb = FakeWandb(closed_port_url, tmp_path)
+    with caplog.at_level(logging.INFO):
+        run = open_run(wandb, "auto", 2, project="p")
+    assert [mode for mode, _ in wandb.inits] == ["offline"] and run.settings.mode == "offline"
+    (line,) = warnings_of(caplog)
+    assert line.startswith(f"W&B: cannot reach {closed_port_url} within 2 s (WANDB_MODE=online); logging offline")
+
+
+def test_when_offline_fails_too_training_goes_on_without_wandb(api_key, closed_port_url, tmp_path, caplog):
+    wandb = FakeWandb(closed_port_url, tmp_path, fails=("online", "offline"))
+    with caplog.at_level(logging.INFO):
+        assert open_run(wandb, "online", 2, project="p") is None
+    (line,) = warnings_of(caplog)
+    assert "offline logging failed too (ConnectionError: cannot start a offline run)" in line
+    assert line.endswith("training goes on without W&B")
+
+
+# ---------------------------------------------------------------------------------------------- during training
+
+
+def test_a_wandb_error_during_training_ends_the_logging_not_the_run(
+        api_key, closed_port_url, run_cfg, run_dir, monkeypatch, caplog):
+    wandb = FakeWandb(closed_port_url, run_dir, fail_after=2)  # the layer plan, one step row, then the service dies
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    with caplog.at_level(logging.INFO):
+        callback = WandbCallback(run_cfg(*DIGITS), run_dir, group=None)
+        results = Trainer(run_cfg(*DIGITS), run_dir, [callback]).fit()
+    assert results.status == "finished"
+    (run,) = wandb.runs
+    assert len(run.rows) == 2 and run.finished is None and callback.run is None
+    assert warnings_of(caplog)[1:] == ["W&B: on_step failed (RuntimeError: the W&B service died); training goes on without W&B"]
+
+
+@pytest.mark.parametrize(("value", "shown"), [(0, "0"), (-3, "-3"), ("soon", "'soon'"), (True, "True"), (float("inf"), "inf")])
+def test_a_bad_init_timeout_is_one_line(value, shown, run_cfg, run_dir):
+    cfg = run_cfg("logger=wandb")
+    cfg["logger"]["init_timeout_s"] = value
+    with pytest.raises(ValueError, match=r"^logger\.init_timeout_s=.* is invalid; allowed: a number of seconds > 0") as error:
+        WandbCallback(cfg, run_dir, group=None)
+    assert f"init_timeout_s={shown} " in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------- train.log
+
+
+def test_train_log_is_written_without_ansi_codes(compose_cfg, tmp_path):
+    """The run's file handler (hydra.job_logging) strips colour, cursor and hyperlink codes; the console keeps them."""
+    job_logging = compose_cfg().hydra.job_logging
+    formatters = OmegaConf.to_container(job_logging.formatters, resolve=True)
+    configurator = logging.config.DictConfigurator({})
+    to_file = configurator.configure_formatter(formatters[job_logging.handlers.file.formatter])
+    to_console = configurator.configure_formatter(formatters[job_logging.handlers.console.formatter])
+    coloured = "\x1b[1;34mwandb\x1b[0m: \x1b]8;;https://wandb.ai\x1b\\run\x1b]8;;\x1b\\ \x1b[2K\x1b[1Adone"
+    record = logging.LogRecord("approxtrain", logging.WARNING, __file__, 1, coloured, None, None)
+    line = to_file.format(record)
+    assert "\x1b" not in line and line.endswith("[approxtrain][WARNING] - wandb: run done")
+    assert to_console.format(record).endswith(coloured)
