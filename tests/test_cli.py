@@ -264,8 +264,10 @@ def test_resume_through_the_cli_equals_an_uninterrupted_run(cli, tmp_path):
     assert cli(*common, "trainer.epochs=2", f"hydra.run.dir={run_a}").returncode == 0
     assert cli(*common, "trainer.epochs=1", f"hydra.run.dir={run_b}").returncode == 0
     assert len(read_results(run_b)["epochs"]) == 1
-    process = cli(*common, "trainer.epochs=2", f"resume={run_b}")  # hydra.run.dir follows resume
+    process = cli("trainer.epochs=2", f"resume={run_b}")  # the run's own config; hydra.run.dir follows resume
     assert process.returncode == 0, process.stderr[-3000:]
+    config = yaml.safe_load((run_b / ".hydra" / "config.yaml").read_text())  # the record says how the run went on
+    assert (config["sampler"]["name"], config["ratio"], config["trainer"]["epochs"]) == ("nps", 0.4, 2)
     assert not (tmp_path / "outputs").exists(), "the resumed run did not write into the run dir it continues"
     uninterrupted, resumed = assert_finished(run_a), assert_finished(run_b)
     for key in ("best_metric", "final_metric", "compute_reduction", "steps"):

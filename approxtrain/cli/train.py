@@ -4,7 +4,12 @@
     approxtrain -m sampler=exact,topk,nps ratio=0.3,0.5 model=mlp dataset=digits logger=none
 
 Before Hydra runs, the command line is checked (group options, then the whole
-composition) so that a mistake is one line and exit code 2. A failing job is recorded
+composition) and the run dir is settled, so that a mistake is one line and exit code 2
+and nothing is written: a new run gets a dir no other run has (``${unique_dir:...}``
+in ``hydra.run.dir``/``hydra.sweep.dir``); an explicit ``hydra.run.dir`` (or
+``hydra.sweep.dir``) that holds a run or that a live run holds is refused; ``resume=``
+continues the run it names with that run's own config (:mod:`approxtrain.cli.resume`).
+A run holds its dir (``.lock``) for its life. A failing job is recorded
 (``results.json`` with ``status: failed`` and the one-line error, W&B run finished as
 failed); in a sweep the other jobs go on, and when the sweep ends its comparison table
 is printed and the jobs' ``results.json`` statuses decide the exit code -- the same
@@ -14,6 +19,7 @@ process that launched them.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
@@ -25,11 +31,14 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.types import Override
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from approxtrain.cli.allocator import retain_freed_memory
+from approxtrain.cli.resume import RESUME_KEY, RecordResume, last_value, parse_overrides, resume_overrides
+from approxtrain.run.rundir import claim_new_dir, hold, holder, recorded_run, release
 from approxtrain.run.schema import FINISHED, read_results
 
 log = logging.getLogger("approxtrain")
@@ -42,9 +51,10 @@ GROUPS = ("model", "dataset", "sampler", "layers", "logger", "experiment", "trai
 RUN_FAILED = 1
 USAGE_ERROR = 2
 
-# hydra.run.dir: a resumed run keeps writing into the run dir it continues
-if not OmegaConf.has_resolver("resume_dir"):
-    OmegaConf.register_new_resolver("resume_dir", lambda resume, default: resume if resume else default)
+# hydra.run.dir / hydra.sweep.dir: a new dir, claimed (created and held) by this process. Cached,
+# and the cache travels with the config to a sweep's jobs (Hydra's load_sweep_config, pickling).
+if not OmegaConf.has_resolver("unique_dir"):
+    OmegaConf.register_new_resolver("unique_dir", claim_new_dir, use_cache=True)
 
 
 def _options(group: str, config_dirs: list[str]) -> list[str]:
@@ -106,31 +116,98 @@ def _first_of_each_sweep(overrides: list[str]) -> list[str]:
     return single
 
 
-def composition_error(args: list[str]) -> str | None:
-    """Compose the config the command line asks for, as Hydra will, and return the reason it
-    cannot be composed in one line (None when it can). A sweep is checked through its first job."""
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_config_search_path, get_args_parser
-    from hydra.core.global_hydra import GlobalHydra
+def parse_args(args: list[str]) -> argparse.Namespace | None:
+    """Hydra's reading of the command line, or None for one that composes nothing (argparse's own
+    usage error, which Hydra reports; ``--help``, ``--info``, shell completion)."""
+    from hydra._internal.utils import get_args_parser
 
     try:
         parsed = get_args_parser().parse_args(args)
     except SystemExit:
-        return None  # argparse's own usage error: Hydra reports it
+        return None
     if parsed.help or parsed.hydra_help or parsed.shell_completion or parsed.info:
         return None
+    return parsed
+
+
+def compose(parsed: argparse.Namespace, overrides: list[str]) -> DictConfig:
+    """The config ``overrides`` compose, as Hydra will compose it for the command line ``parsed``."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.global_hydra import GlobalHydra
+
     search_path = create_config_search_path(f"pkg://{CONFIG_PACKAGE}")
     if parsed.config_dir is not None:
         search_path.prepend("command-line", f"file://{os.path.abspath(parsed.config_dir)}")
     try:
-        overrides = _first_of_each_sweep(parsed.overrides) if parsed.multirun else parsed.overrides
-        Hydra.create_main_hydra2(task_name=CONFIG_NAME, config_search_path=search_path).compose_config(
+        return Hydra.create_main_hydra2(task_name=CONFIG_NAME, config_search_path=search_path).compose_config(
             parsed.config_name or CONFIG_NAME, overrides, run_mode=RunMode.RUN)
-    except Exception as error:  # noqa: BLE001 - every composition error becomes one line
-        return composition_error_line(str(error), args)
     finally:
         GlobalHydra.instance().clear()
+
+
+def composition_error(args: list[str]) -> str | None:
+    """Compose the config the command line asks for, as Hydra will, and return the reason it
+    cannot be composed in one line (None when it can). A sweep is checked through its first job."""
+    parsed = parse_args(args)
+    if parsed is None:
+        return None
+    try:
+        compose(parsed, _first_of_each_sweep(parsed.overrides) if parsed.multirun else parsed.overrides)
+    except Exception as error:  # noqa: BLE001 - every composition error becomes one line
+        return composition_error_line(str(error), args)
     return None
+
+
+def settle_run_dir(args: list[str]) -> list[str]:
+    """The command line to run, its run dir settled and held by this process: for ``resume=DIR`` the
+    run's own command line (:func:`resumed_args`); an explicit ``hydra.run.dir`` (``hydra.sweep.dir``
+    with ``-m``) as given. ``ValueError`` (one line) when the dir is held by a live run, holds a run
+    (other than for ``resume=``) or cannot be resumed so; nothing is written then. The default dir
+    is left to ``${unique_dir:...}``."""
+    parsed = parse_args(args)
+    if parsed is None or parsed.cfg:  # --cfg prints the config and runs nothing
+        return args
+    try:
+        overrides = parse_overrides(parsed.overrides)
+    except Exception:  # noqa: BLE001 - malformed (only reached with HYDRA_FULL_ERROR=1): Hydra reports it
+        return args
+    resume = last_value(overrides, RESUME_KEY)
+    if resume is not None and resume.value() in (None, ""):
+        resume = None
+    target = resume or last_value(overrides, "hydra.sweep.dir" if parsed.multirun else "hydra.run.dir")
+    if target is None or "${" in str(target.value()):
+        return args  # the default dir (claimed by unique_dir) or one Hydra has to resolve: its jobs hold it
+    run_dir = Path(str(target.value()))
+    pid = holder(run_dir)
+    if pid is not None:
+        raise ValueError(f"{target.input_line}: the dir is held by a live run (pid {pid}); allowed: a dir no live run holds")
+    if resume is not None:
+        args = resumed_args(args, parsed, overrides, resume)
+    elif (found := recorded_run(run_dir)) is not None:
+        raise ValueError(f"{target.input_line}: the dir already holds a run ({found}); allowed: a new or empty dir"
+                         + ("" if parsed.multirun else f", or resume={target.get_value_element_as_str()} to continue it"))
+    hold(run_dir)
+    return args
+
+
+def resumed_args(args: list[str], parsed: argparse.Namespace, overrides: list[Override], resume: Override) -> list[str]:
+    """The command line that continues the run ``resume`` names: its saved overrides with the command
+    line's on top (:func:`~approxtrain.cli.resume.resume_overrides`), run in its dir without Hydra
+    rewriting its ``.hydra`` files (:class:`~approxtrain.cli.resume.RecordResume` does, once the
+    checkpoint is restored). ``ValueError`` (one line) when it cannot be continued so."""
+    if parsed.multirun:
+        raise ValueError(f"{resume.input_line}: resume continues one run; it cannot be part of a sweep (-m)")
+    if last_value(overrides, "hydra.run.dir") is not None:
+        raise ValueError(f"{resume.input_line}: the run continues in its own dir; leave out hydra.run.dir")
+    try:
+        merged = resume_overrides(resume, [o for o in overrides if not o.is_hydra_override()],
+                                  lambda overrides: compose(parsed, overrides))
+    except ValueError as error:
+        raise ValueError(f"{resume.input_line}: {str(error).removeprefix('resume: ')}") from None
+    flags = [arg for arg in args if arg not in parsed.overrides]
+    return [*flags, *merged, *(o.input_line for o in overrides if o.is_hydra_override()), resume.input_line,
+            f"hydra.run.dir={resume.get_value_element_as_str()}", "hydra.output_subdir=null"]
 
 
 def _config_keys(path: str, args: list[str]) -> list[str] | None:
@@ -191,19 +268,39 @@ def _run_group() -> str | None:
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name=CONFIG_NAME)
 def _app(cfg: DictConfig) -> float | None:
     """One job: train, recording a failure in the run's ``results.json`` (and W&B) as one line."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:  # a single run's dir is held already (by main or unique_dir); a sweep's job holds its own
+        taken = hold(run_dir)
+    except ValueError as busy:  # held by another live run: nothing of it is touched
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            log.error("job %s not run: %s", hydra_cfg.job.num, busy)
+            return None
+        print(f"approxtrain: error: {busy}", file=sys.stderr)
+        raise SystemExit(USAGE_ERROR) from None
+    try:
+        return _train(cfg, run_dir)
+    finally:
+        if taken:
+            release(run_dir)
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     from rich.console import Console
 
     from approxtrain.cli.console import ConsoleCallback, print_config
     from approxtrain.run.trainer import RunInterrupted, Trainer
 
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
     console = Console()
     trainer = Trainer(container, run_dir, [ConsoleCallback(console)])
     try:
-        print_config(console, container, run_dir)
+        if container["resume"]:  # the run's record is rewritten once its checkpoint is restored
+            trainer.callbacks.insert(0, RecordResume(cfg, hydra_cfg.overrides.task, lambda: print_config(console, container, run_dir)))
+        else:
+            print_config(console, container, run_dir)
         if container["logger"]["name"] == "wandb":
             from approxtrain.cli.wandb_logger import WandbCallback
 
@@ -279,6 +376,11 @@ def main() -> None:
     error = check_group_overrides(args)
     if error is None and os.environ.get("HYDRA_FULL_ERROR") != "1":
         error = composition_error(args)
+    if error is None:
+        try:
+            sys.argv[1:] = settle_run_dir(args)
+        except ValueError as refused:
+            error = str(refused)
     if error:
         print(f"approxtrain: error: {error}", file=sys.stderr)
         raise SystemExit(USAGE_ERROR)

@@ -1,22 +1,105 @@
-"""What a run writes into its run dir, written atomically: ``results.json`` and checkpoints.
+"""A run's dir: claimed and held by one live run, written atomically (``results.json``, checkpoints).
 
-A file is written to a temporary sibling and moved into place with ``os.replace``, so
-a killed run never leaves a half-written file behind.
+A new run claims a dir no other run has (:func:`claim_new_dir`: an atomic ``mkdir``, with
+a ``_1``, ``_2``, ... suffix on a name already taken) and holds it for its life
+(:func:`hold`: ``fcntl.flock`` on ``<dir>/.lock``, released when the process ends), so a
+second process aimed at it is refused (:func:`holder` names it). A file is written to a
+temporary sibling and moved into place with ``os.replace``, so a killed run never leaves
+a half-written file behind.
 """
 
 from __future__ import annotations
 
+import fcntl
+import itertools
 import os
 import tempfile
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
-from approxtrain.run.schema import Results, results_path, results_text
+from approxtrain.run.schema import RESULTS_FILE, Results, results_path, results_text
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT, BEST_CHECKPOINT = "last.pt", "best.pt"
+LOCK_FILE = ".lock"
+_held: dict[Path, IO[str]] = {}  # the run dirs this process holds: their open, locked .lock files
+
+
+def hold(run_dir: Path | str) -> bool:
+    """Hold ``run_dir`` (created if missing) for this process; True if newly taken, False if this
+    process held it already. ``ValueError`` (one line, naming the holder) if another process does."""
+    path = Path(run_dir).resolve()
+    if path in _held:
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    handle = open(path / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        pid = handle.read().strip() or "?"
+        handle.close()
+        raise ValueError(f"{str(run_dir)!r} is held by a live run (pid {pid})") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    _held[path] = handle
+    return True
+
+
+def release(run_dir: Path | str) -> None:
+    """Let go of a run dir this process holds (the lock also ends with the process)."""
+    handle = _held.pop(Path(run_dir).resolve(), None)
+    if handle is not None:
+        handle.close()
+
+
+def holder(run_dir: Path | str) -> str | None:
+    """The pid of the live process (this one included) holding ``run_dir``, else None; creates nothing."""
+    path = Path(run_dir).resolve()
+    if path in _held:
+        return str(os.getpid())
+    try:
+        handle = open(path / LOCK_FILE)
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "?"
+    return None
+
+
+def claim_new_dir(path: Path | str) -> str:
+    """Create and hold a dir no run has: ``path``, or ``path_1``, ``path_2``, ... when taken
+    (``os.mkdir`` is atomic: two processes never get the same one); returns it."""
+    base = Path(path)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for number in itertools.count():
+        candidate = base if number == 0 else base.with_name(f"{base.name}_{number}")
+        try:
+            candidate.mkdir()
+            hold(candidate)
+        except (FileExistsError, ValueError):  # taken (or held by a process that just aimed at it)
+            continue
+        return str(candidate)
+    raise AssertionError("unreachable")
+
+
+def recorded_run(run_dir: Path | str) -> Path | None:
+    """A file showing that ``run_dir`` (or a job dir of it, for a sweep dir) holds a run --
+    its ``results.json`` or a checkpoint -- else None."""
+    path = Path(run_dir)
+    for pattern in (RESULTS_FILE, f"{CHECKPOINT_DIR}/*.pt", f"*/{RESULTS_FILE}", f"*/{CHECKPOINT_DIR}/*.pt"):
+        found = next(iter(sorted(path.glob(pattern))), None)
+        if found is not None:
+            return found
+    return None
 
 
 def checkpoint_path(run_dir: Path | str, name: str = LAST_CHECKPOINT) -> Path:
@@ -51,10 +134,24 @@ def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
     atomic_write(Path(path), lambda handle: torch.save(checkpoint, handle))
 
 
+def check_checkpoint(path: Path) -> None:
+    """A cheap look at a checkpoint before anything is built: ``ValueError`` (one line naming the
+    file) when it is missing, empty or not a torch zip archive; :func:`load_checkpoint` reads it in full."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"resume: no checkpoint at {str(path)!r}; allowed: a run dir with checkpoints/last.pt")
+    if path.stat().st_size == 0 or not zipfile.is_zipfile(path):
+        raise ValueError(f"resume: {str(path)!r} is not a readable checkpoint "
+                         f"({'an empty file' if path.stat().st_size == 0 else 'not a torch zip archive'})")
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (tensors on the CPU; the caller moves them)."""
     path = Path(path)
-    if not path.exists():
-        raise ValueError(f"resume: no checkpoint at {str(path)!r}; allowed: a run dir with checkpoints/last.pt")
-    # Our own file: it also holds numpy/python RNG states, which weights_only rejects.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    check_checkpoint(path)
+    try:
+        # Our own file: it also holds numpy/python RNG states, which weights_only rejects.
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - a damaged file: one line naming it
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"resume: {str(path)!r} is not a readable checkpoint ({reason})") from None
