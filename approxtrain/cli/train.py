@@ -25,6 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
+import approxtrain.cli.config_store  # noqa: F401  (stores the config nodes made from code before anything is composed)
 from approxtrain.cli.allocator import retain_freed_memory
 from approxtrain.run.rundir import write_results
 from approxtrain.run.schema import read_results
