@@ -25,13 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from approxtrain.accounting import ComputeMeter, compute_reduction
-from approxtrain.config import layer_rules, validate
+from approxtrain.config import layer_rules
 from approxtrain.data import DatasetInfo, build_loaders
-from approxtrain.models import build_model, model_options
+from approxtrain.models import build_model, model_spec
 from approxtrain.run.rundir import load_checkpoint, save_checkpoint, write_results
 from approxtrain.surgery import Plan, approximate_, attach_meter
-
-_DATA_KEYS = ("root", "download", "eval_batch_size", "num_samples", "like", "image_size", "seq_len", "train_split")
 
 
 class Reporter(Protocol):
@@ -78,19 +76,19 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 def build_optimizer(settings: Mapping[str, Any], parameters) -> torch.optim.Optimizer:
     if settings["name"] == "adam":
-        return torch.optim.Adam(parameters, lr=settings["lr"], betas=tuple(settings.get("betas", (0.9, 0.999))),
-                                eps=settings.get("eps", 1e-8), weight_decay=settings.get("weight_decay", 0.0))
-    return torch.optim.SGD(parameters, lr=settings["lr"], momentum=settings.get("momentum", 0.0),
-                           nesterov=settings.get("nesterov", False), weight_decay=settings.get("weight_decay", 0.0))
+        return torch.optim.Adam(parameters, lr=settings["lr"], betas=tuple(settings["betas"]),
+                                eps=settings["eps"], weight_decay=settings["weight_decay"])
+    return torch.optim.SGD(parameters, lr=settings["lr"], momentum=settings["momentum"],
+                           nesterov=settings["nesterov"], weight_decay=settings["weight_decay"])
 
 
 def build_scheduler(settings: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
     """``multistep``: x gamma at each milestone; ``exponential``: ``start`` intervals at the full rate, then x gamma per interval."""
-    name = settings.get("name", "none")
+    name = settings["name"]
     if name == "multistep":
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(settings["milestones"]), settings.get("gamma", 0.1))
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(settings["milestones"]), settings["gamma"])
     if name == "exponential":
-        gamma, start = settings.get("gamma", 0.1), settings.get("start", 0)
+        gamma, start = settings["gamma"], settings["start"]
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: gamma ** max(0, t + 1 - start))
     return None
 
@@ -174,19 +172,19 @@ def _peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # peak RSS of the process
 
 
-def _example_input(info: DatasetInfo, seq_len: int, device: torch.device) -> Tensor:
-    """A 2-example batch of the right shape, to trace the layers' MACs."""
-    if info.kind == "text":
-        return torch.zeros(2, seq_len, dtype=torch.long, device=device)
+def _example_input(kind: str, info: DatasetInfo, dataset: Mapping[str, Any], device: torch.device) -> Tensor:
+    """A 2-example batch of the model's input ``kind``, to trace the layers' MACs."""
+    if kind == "text":
+        return torch.zeros(2, dataset["seq_len"], dtype=torch.long, device=device)
     return torch.zeros(2, info.in_channels, *info.image_size, device=device)
 
 
 def train(cfg: Mapping[str, Any], run_dir: Path, reporters: Sequence[Reporter] = ()) -> dict[str, Any]:
     """Train as ``cfg`` says, writing ``results.json`` and checkpoints into ``run_dir``.
 
-    Returns the final results (the same dict ``results.json`` holds).
+    Returns the final results (the same dict ``results.json`` holds). ``cfg`` has passed
+    :func:`approxtrain.config.validate` (the CLI validates it once, before anything starts).
     """
-    validate(cfg)
     trainer, data = cfg["trainer"], cfg["dataset"]
     run_dir = Path(run_dir)
     seed = cfg["seed"]
@@ -194,25 +192,23 @@ def train(cfg: Mapping[str, Any], run_dir: Path, reporters: Sequence[Reporter] =
     device = resolve_device(trainer["device"])
     amp_dtype = torch.bfloat16 if trainer["amp"] == "bf16" or trainer["amp"] == "auto" and device.type == "cuda" else None
 
-    train_loader, test_loader, info = build_loaders(
-        data["name"], batch_size=data["batch_size"], num_workers=trainer["num_workers"], seed=seed,
-        pin_memory=device.type == "cuda", **{key: data[key] for key in _DATA_KEYS if key in data})
-    model = build_model(cfg["model"]["name"], info, **model_options(cfg["model"])).to(device)
+    train_loader, test_loader, info = build_loaders(data, num_workers=trainer["num_workers"], seed=seed, pin_memory=device.type == "cuda")
+    model = build_model(cfg["model"], info).to(device)
     channels_last = trainer["channels_last"] is True or trainer["channels_last"] == "auto" and device.type == "cuda" and info.kind == "image"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
     generator = torch.Generator(device=device).manual_seed(seed)
     plan = approximate_(model, layer_rules(cfg), generator=generator,
-                        example_input=_example_input(info, data.get("seq_len", 35), device), batch_size=data["batch_size"])
+                        example_input=_example_input(model_spec(cfg["model"]).kind, info, data, device), batch_size=data["batch_size"])
     meter = ComputeMeter()
     attach_meter(model, meter)
     optimizer = build_optimizer(trainer["optimizer"], model.parameters())
     scheduler = build_scheduler(trainer["scheduler"], optimizer)
-    step_scheduler = scheduler is not None and trainer["scheduler"].get("interval", "epoch") == "step"
+    step_scheduler = scheduler is not None and trainer["scheduler"]["interval"] == "step"
 
     state = _State()
-    if cfg.get("resume"):
+    if cfg["resume"]:
         checkpoint = load_checkpoint(Path(cfg["resume"]) / "checkpoints" / "last.pt")
         try:
             model.load_state_dict(checkpoint["model"])
@@ -257,8 +253,8 @@ def train(cfg: Mapping[str, Any], run_dir: Path, reporters: Sequence[Reporter] =
         reporter.on_start(results, plan, len(train_loader))
 
     higher_is_better = info.metric == "accuracy"
-    max_steps = trainer.get("max_steps")
-    log_every = max(1, trainer.get("log_every_n_steps", 20))
+    max_steps = trainer["max_steps"]
+    log_every = max(1, trainer["log_every_n_steps"])
     timer = _StepTimer(device)
     batch_size = data["batch_size"]
     reset_state = getattr(model, "reset_state", None)
@@ -289,7 +285,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path, reporters: Sequence[Reporter] =
             loss, reported = _loss(output, target, info)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if trainer.get("grad_clip"):
+            if trainer["grad_clip"]:
                 nn.utils.clip_grad_norm_(model.parameters(), trainer["grad_clip"])
             optimizer.step()
             if step_scheduler:
