@@ -1,5 +1,6 @@
 """Where the approximate ops' time goes, for benchmarks: the time per step spent inside
-their profiler ranges (selection, gathers, scatters), and the name of the device measured."""
+their profiler ranges (selection, gathers, scatters), the top kernels of a step, and the
+name of the device measured."""
 
 from __future__ import annotations
 
@@ -20,12 +21,15 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _activities(device: torch.device) -> list[torch.profiler.ProfilerActivity]:
+    return [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+
 def range_seconds(step: Callable[[], None], device: torch.device, steps: int) -> tuple[dict[str, float], float]:
     """Run ``step`` ``steps`` times under the profiler; return the seconds per step inside each
     of :data:`RANGES` (device time on CUDA, CPU time otherwise) and the wall seconds per step."""
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     _synchronize(device)
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=_activities(device)) as prof:
         start = time.perf_counter()
         for _ in range(steps):
             step()
@@ -37,6 +41,17 @@ def range_seconds(step: Callable[[], None], device: torch.device, steps: int) ->
             micros = (getattr(event, "device_time_total", 0.0) or 0.0) if device.type == "cuda" else event.cpu_time_total
             per_step[event.key] = micros / 1e6 / steps
     return per_step, wall
+
+
+def kernel_table(step: Callable[[], None], device: torch.device, rows: int = 30) -> str:
+    """The profiler's table of one call of ``step``: its top ``rows`` entries by self time on the
+    device (the kernels) on CUDA, by self CPU time (the operators) otherwise."""
+    _synchronize(device)
+    with torch.profiler.profile(activities=_activities(device)) as prof:
+        step()
+        _synchronize(device)
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=90)
 
 
 def device_name(device: torch.device) -> str:

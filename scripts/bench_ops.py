@@ -11,9 +11,9 @@ steps interleaved round by round:
   over real steps: selection (pair norms + sampler), the gathers of the sampled input
   and weight slices, and the spreading of the sampled gradients into full-size ones
   ("scatter"), each as a share of the exact step;
-* CPU allocator: like the CLI, the script re-executes itself once with glibc told to
-  keep freed memory (``approxtrain.cli.allocator``); ``APPROXTRAIN_MALLOC=system``
-  measures with the system's default allocator behaviour instead.
+* CPU allocator: like the CLI, the script tells glibc to keep freed memory
+  (``approxtrain.cli.allocator``); ``APPROXTRAIN_MALLOC=system`` measures with the
+  system's default allocator behaviour instead.
 * memory: bytes saved for backward (``torch.autograd.graph.saved_tensors_hooks``),
   all and without the weight parameter itself (which exists anyway); on CUDA also the
   peak allocation of one step above what was allocated before it.
@@ -23,6 +23,7 @@ exact linear multiplies ``nn.Linear``'s row-major weight, the approximate one th
 stored column-major, as ``ApproxLinear`` keeps them (``--linear-weight row``: the same tensor).
 
     python scripts/bench_ops.py [--device auto] [--dtype fp32] [--ratios 1.0,0.5,0.25] [--json PATH]
+    python scripts/bench_ops.py --device cuda --dtype bf16 --channels-last --linear 512,4096,4096 8192,4096,4096
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ try:
     import approxtrain  # noqa: F401
 except ModuleNotFoundError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from approxtrain.cli.allocator import SETTINGS as MALLOC_SETTINGS, retain_freed_memory
+from approxtrain.cli.allocator import retain_freed_memory
 from approxtrain.functional import GATHER_RANGE, SCATTER_RANGE, SELECT_RANGE, approx_conv2d, approx_linear
 from approxtrain.profiling import device_name, range_seconds
 from approxtrain.sampling import POLICIES, SamplingConfig
@@ -108,6 +109,7 @@ class OpCase:
     """One benchmarked op: its tensors and how to run / dissect it."""
 
     name: str
+    label: str  # the op and its shape, e.g. "linear 512x4096->4096"
     shape: dict[str, int]
     input: torch.Tensor
     weight: torch.Tensor
@@ -139,8 +141,8 @@ def linear_case(batch: int, in_features: int, out_features: int, device: torch.d
     w_approx = w.detach().t().contiguous().t().requires_grad_() if weight_layout == "column" else w
     grad = torch.randn(batch, out_features, device=device, dtype=dtype)
     return OpCase(
-        name="linear", shape={"batch": batch, "in_features": in_features, "out_features": out_features,
-                              "approx_weight_layout": weight_layout},
+        name="linear", label=f"linear {batch}x{in_features}->{out_features}",
+        shape={"batch": batch, "in_features": in_features, "out_features": out_features, "approx_weight_layout": weight_layout},
         input=x, weight=w, grad_output=grad,
         exact=lambda: F.linear(x, w),
         approx=lambda config: approx_linear(x, w_approx, None, config, generator),
@@ -159,7 +161,7 @@ def conv_case(batch: int, channels: int, out_channels: int, kernel: int, size: i
     out_size = size + 2 * padding - kernel + 1
     grad = torch.randn(batch, out_channels, out_size, out_size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
     return OpCase(
-        name="conv2d",
+        name="conv2d", label=f"conv2d {batch}x{channels}x{size}x{size}->{out_channels} {kernel}x{kernel}",
         shape={"batch": batch, "in_channels": channels, "out_channels": out_channels, "kernel": kernel, "size": size,
                "padding": padding, "channels_last": channels_last},
         input=x, weight=w, grad_output=grad,
@@ -240,7 +242,7 @@ def benchmark(case: OpCase, ratios: list[float], policy: str, generator: torch.G
         paired = quartiles([e / a for e, a in zip(times["exact"], times[name])])
         relative = quartiles([a / e for e, a in zip(times["exact"], times[name])])
         row = {
-            "op": case.name, "shape": case.shape, "policy": policy, "ratio": ratio, "k": k, "n": case.n,
+            "op": case.name, "case": case.label, "shape": case.shape, "policy": policy, "ratio": ratio, "k": k, "n": case.n,
             "ratio_effective": k / case.n,
             "exact_ms": exact, "approx_ms": approx,
             "exact_times_ms": times["exact"], "approx_times_ms": times[name],
@@ -270,20 +272,21 @@ def benchmark(case: OpCase, ratios: list[float], policy: str, generator: torch.G
 
 def targets(rows: list[dict]) -> list[dict]:
     checks = []
-    for op in dict.fromkeys(r["op"] for r in rows):
-        by_ratio = {r["ratio"]: r for r in rows if r["op"] == op}
+    for case in dict.fromkeys(r["case"] for r in rows):
+        by_ratio = {r["ratio"]: r for r in rows if r["case"] == case}
+        which = {"op": next(iter(by_ratio.values()))["op"], "case": case}
         if 0.5 in by_ratio:
             s = by_ratio[0.5]["speedup"]
-            checks.append({"op": op, "target": f"speedup at ratio 0.5 >= {TARGET_SPEEDUP_AT_HALF}x", "measured": s,
+            checks.append({**which, "target": f"speedup at ratio 0.5 >= {TARGET_SPEEDUP_AT_HALF}x", "measured": s,
                            "pass": s >= TARGET_SPEEDUP_AT_HALF})
         if 1.0 in by_ratio:
             o = by_ratio[1.0]["overhead"]
-            checks.append({"op": op, "target": f"overhead at ratio 1.0 <= {TARGET_OVERHEAD_AT_ONE:.0%}", "measured": o,
+            checks.append({**which, "target": f"overhead at ratio 1.0 <= {TARGET_OVERHEAD_AT_ONE:.0%}", "measured": o,
                            "pass": o <= TARGET_OVERHEAD_AT_ONE})
         sampled = [r for r in by_ratio.values() if r["k"] < r["n"]]
         if sampled:
             worst = max(sampled, key=lambda r: r["selection_share"])
-            checks.append({"op": op, "target": f"selection <= {TARGET_SELECTION_SHARE:.0%} of the exact op",
+            checks.append({**which, "target": f"selection <= {TARGET_SELECTION_SHARE:.0%} of the exact op",
                            "measured": worst["selection_share"], "at_ratio": worst["ratio"],
                            "pass": worst["selection_share"] <= TARGET_SELECTION_SHARE})
     return checks
@@ -309,8 +312,9 @@ def print_table(rows: list[dict]) -> None:
     header = (f"{'op':<7}{'ratio':>6}{'k/n':>11}{'exact ms':>10}{'(IQR)':>8}{'approx ms':>11}{'(IQR)':>8}{'speedup':>9}"
               f"{'(IQR)':>12}{'of medians':>11}{'bound':>7}{'of bound':>10}{'select':>8}{'scatter':>9}{'saved MiB exact->approx':>26}")
     print(header)
-    print("-" * len(header))
-    for r in rows:
+    for i, r in enumerate(rows):
+        if i == 0 or r["case"] != rows[i - 1]["case"]:
+            print(f"-- {r['case']} ".ljust(len(header), "-"))
         saved = f"{mib(r['saved_bytes']['exact']['without_weight'])}->{mib(r['saved_bytes']['approx']['without_weight'])}"
         saved_all = f" ({mib(r['saved_bytes']['exact']['all'])}->{mib(r['saved_bytes']['approx']['all'])})"
         print(f"{r['op']:<7}{r['ratio']:>6g}{r['k']:>6}/{r['n']:<4}{r['exact_ms']['median']:>10.2f}{r['exact_ms']['iqr']:>8.2f}"
@@ -323,12 +327,12 @@ def print_table(rows: list[dict]) -> None:
     print("saved = bytes saved for backward without the weight parameter (all saved tensors in parentheses).")
     for r in rows:
         if r["cuda_peak_bytes"]["exact"] is not None:
-            print(f"CUDA peak above baseline, {r['op']} @ {r['ratio']:g}: exact {mib(r['cuda_peak_bytes']['exact'])} MiB, "
+            print(f"CUDA peak above baseline, {r['case']} @ {r['ratio']:g}: exact {mib(r['cuda_peak_bytes']['exact'])} MiB, "
                   f"approx {mib(r['cuda_peak_bytes']['approx'])} MiB")
     for r in rows:
         if r["pieces_ms"]:
             p = r["pieces_ms"]
-            print(f"pieces {r['op']} @ {r['ratio']:g} (ms per step): norms + sampler {p['select']:.2f}, "
+            print(f"pieces {r['case']} @ {r['ratio']:g} (ms per step): norms + sampler {p['select']:.2f}, "
                   f"gathers {p['gathers']:.2f}, scatter {p['scatter']:.2f}")
 
 
@@ -344,11 +348,13 @@ def parse_ints(text: str, count: int, name: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--linear", default="512,4096,4096", help="B,IN,OUT of the linear case (default 512,4096,4096); 'none' skips it")
+    parser.add_argument("--linear", nargs="+", default=["512,4096,4096"],
+                        help="B,IN,OUT of each linear case (default 512,4096,4096); 'none' skips the linear")
     parser.add_argument("--linear-weight", default="column", choices=["column", "row"],
                         help="layout of the approximate linear's weight: column-major as ApproxLinear stores it (default), "
                              "or row-major as nn.Linear's (the exact baseline is always nn.Linear's row-major weight)")
-    parser.add_argument("--conv", default="64,256,256,3,32", help="B,C,O,K,H of the conv case, padding K//2 (default 64,256,256,3,32); 'none' skips it")
+    parser.add_argument("--conv", nargs="+", default=["64,256,256,3,32"],
+                        help="B,C,O,K,H of each conv case, padding K//2 (default 64,256,256,3,32); 'none' skips the conv")
     parser.add_argument("--ratios", default="1.0,0.5,0.25", help="sampling ratios, comma separated (default 1.0,0.5,0.25)")
     parser.add_argument("--policy", default="topk", choices=[p for p in POLICIES if p != "exact"], help="sampler policy (default topk)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -365,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         ratios = [float(r) for r in args.ratios.split(",")]
         for r in ratios:
             SamplingConfig(args.policy, ratio=r)
-        linear = None if args.linear == "none" else parse_ints(args.linear, 3, "--linear")
-        conv = None if args.conv == "none" else parse_ints(args.conv, 5, "--conv")
+        linears = [] if args.linear == ["none"] else [parse_ints(shape, 3, "--linear") for shape in args.linear]
+        convs = [] if args.conv == ["none"] else [parse_ints(shape, 5, "--conv") for shape in args.conv]
     except (ValueError, argparse.ArgumentTypeError) as error:
         parser.error(str(error))
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -379,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
+    torch.backends.cudnn.benchmark = True  # CUDA: each conv shape picks its fastest algorithm in the warm-up steps
 
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -389,20 +396,18 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(), "date": datetime.date.today().isoformat(),
         "command": " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
         "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "malloc": {key: os.environ[key] for key in (*MALLOC_SETTINGS, "APPROXTRAIN_MALLOC", "GLIBC_TUNABLES") if key in os.environ},
+        "malloc": "keeps freed memory" if retain_freed_memory() else "system defaults",
     }
     print(f"device {meta['device_name']} ({device.type}), torch {meta['torch']}, {meta['threads']} threads, {args.dtype}, "
           f"policy {args.policy}, warmup {warmup}, repeats {repeats}, load average {meta['load_average_start']}, "
-          f"malloc settings {meta['malloc'] or 'system defaults'}")
+          f"malloc: {meta['malloc']}")
 
     started, cpu_before = time.perf_counter(), cpu_seconds()
     rows: list[dict] = []
-    if linear is not None:
-        rows += benchmark(linear_case(*linear, device, dtype, generator, args.linear_weight), ratios, args.policy, generator, device,
-                          warmup, repeats)
-    if conv is not None:
-        rows += benchmark(conv_case(*conv, device, dtype, args.channels_last, generator), ratios, args.policy, generator, device,
-                          warmup, repeats)
+    cases = [lambda shape=shape: linear_case(*shape, device, dtype, generator, args.linear_weight) for shape in linears]
+    cases += [lambda shape=shape: conv_case(*shape, device, dtype, args.channels_last, generator) for shape in convs]
+    for make_case in cases:  # one case's tensors alive at a time
+        rows += benchmark(make_case(), ratios, args.policy, generator, device, warmup, repeats)
     meta["seconds"] = time.perf_counter() - started
     cpu_after = cpu_seconds()
     if cpu_before is not None and cpu_after is not None:
@@ -418,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     for c in checks:
         value = f"{c['measured']:.2f}x" if "speedup" in c["target"] else f"{c['measured']:+.1%}" if "overhead" in c["target"] else f"{c['measured']:.1%}"
         where = f" (worst, at ratio {c['at_ratio']:g})" if "at_ratio" in c else ""
-        print(f"[{'PASS' if c['pass'] else 'FAIL'}] {c['op']}: {c['target']}: measured {value}{where}")
+        print(f"[{'PASS' if c['pass'] else 'FAIL'}] {c['case']}: {c['target']}: measured {value}{where}")
     share = meta.get("other_processes_cpu_share")
     print(f"\n{meta['seconds']:.0f} s, load average at end {meta['load_average_end']}"
           + ("" if share is None else f", other processes used {share:.0%} of the machine's CPU time during the run"))
@@ -431,5 +436,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    retain_freed_memory()  # re-executes this command once (Linux), unless APPROXTRAIN_MALLOC=system
     sys.exit(main())

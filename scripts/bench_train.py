@@ -16,6 +16,7 @@ per-round ratios; with it each configuration is compiled and timed in turn.
     python scripts/bench_train.py                       # all models, CPU-sized batches on CPU
     python scripts/bench_train.py --models wrn resnet50 --device cuda --amp bf16 --channels-last
     python scripts/bench_train.py --json outputs/bench_train.json
+    python scripts/bench_train.py --models wrn --kernel-profile outputs/   # + outputs/profile_wrn.txt
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from approxtrain.data import DatasetInfo  # noqa: E402
 from approxtrain.data.synthetic import like_info  # noqa: E402
 from approxtrain.functional import GATHER_RANGE, SCATTER_RANGE, SELECT_RANGE  # noqa: E402
 from approxtrain.models import build_model, list_models  # noqa: E402
-from approxtrain.profiling import device_name, range_seconds  # noqa: E402
+from approxtrain.profiling import device_name, kernel_table, range_seconds  # noqa: E402
 
 # Batches other than the paper dataset's batch_size, sized to one device: CUDA, CPU.
 CUDA_BATCH = {"resnet50": 128}
@@ -86,6 +87,10 @@ def _step(model, optimizer, x, y, info, amp: torch.dtype | None, device) -> None
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+
+
+def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
 
 def _saved_activation_bytes(model, x, y, info, amp, device) -> int:
@@ -137,7 +142,7 @@ def _measure(models: list, info, batch, device, amp, channels_last, image_size, 
     runs = []
     for model in models:
         model.train()
-        runs.append((model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), getattr(model, "reset_state", None)))
+        runs.append((model, _optimizer(model), getattr(model, "reset_state", None)))
     for model, optimizer, _ in runs:
         for _ in range(warmup):
             _step(model, optimizer, x, y, info, amp, device)
@@ -168,6 +173,26 @@ def _measure(models: list, info, batch, device, amp, channels_last, image_size, 
     return results
 
 
+def _config_name(ratio: float) -> str:
+    return "exact" if ratio == 1.0 else f"topk {ratio:g}"
+
+
+def _write_kernel_profile(path: Path, name: str, models: list[tuple[float, nn.Module]], info, batch, device, amp,
+                          channels_last, image_size, seq_len) -> None:
+    """One profiled training step of each ``(ratio, model)`` (after one unprofiled step), as tables of top kernels, to ``path``."""
+    x, y = _batch(info, batch, device, channels_last, image_size, seq_len)
+    sections = [f"{name}: batch {batch}, input {tuple(x.shape)}, amp {amp}, channels_last {channels_last}, {_device_name(device)}, "
+                f"torch {torch.__version__}; one training step (forward, backward, SGD step) per table\n"]
+    for ratio, model in models:
+        optimizer = _optimizer(model)
+        step = lambda: _step(model, optimizer, x, y, info, amp, device)  # noqa: E731
+        step()
+        sections.append(f"== {name}, {_config_name(ratio)} ==\n{kernel_table(step, device)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(sections))
+    print(f"wrote {path}", flush=True)
+
+
 def _device_name(device: torch.device) -> str:
     return device_name(device) if device.type == "cuda" else f"{device_name(device)} ({torch.get_num_threads()} threads)"
 
@@ -183,12 +208,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"], help="auto: on for conv models on CUDA")
     parser.add_argument("--align-k", type=int, default=1, help="round k up to a multiple of this (8 for tensor cores)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor; aot_eager: "
+                        "traces forward and backward without generating code, for quick checks)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: about 3 s of exact steps, 5 to 200)")
     parser.add_argument("--profile-steps", type=int, default=2, help="steps profiled for the selection share (0: skip)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--kernel-profile", type=Path, default=None, metavar="DIR",
+                        help="write DIR/profile_<model>.txt: the top kernels (CPU: operators) of one exact and one step at the "
+                             "first ratio, by self time (not with --compile)")
     args = parser.parse_args(argv)
-    retain_freed_memory()  # like the CLI: re-executes once with glibc keeping freed memory (APPROXTRAIN_MALLOC=system: off)
+    if args.compile and args.kernel_profile:
+        parser.error("--kernel-profile with --compile: the profile is of eager steps; allowed: one or the other")
+    if args.compile and args.compile_backend not in (backends := torch._dynamo.list_backends(exclude_tags=())):
+        parser.error(f"--compile-backend={args.compile_backend!r} is unknown; allowed: {', '.join(backends)}")
+    retain_freed_memory()  # like the CLI: glibc keeps freed memory (APPROXTRAIN_MALLOC=system: off)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -234,7 +268,10 @@ def main(argv: list[str] | None = None) -> int:
             results = []
             for (ratio, _, _, model), steps in zip(configs, profile):
                 torch._dynamo.reset()
-                results += _measure([torch.compile(model)], *measure, [steps])
+                started = time.perf_counter()
+                results += _measure([torch.compile(model, backend=args.compile_backend)], *measure, [steps])
+                print(f"{name}: {_config_name(ratio)} compiled ({args.compile_backend}) and measured in "
+                      f"{time.perf_counter() - started:.0f} s, median step {results[-1]['median_s'] * 1000:.1f} ms", flush=True)
         else:
             results = _measure([model for *_, model in configs], *measure, profile)
         exact_times = results[0]["times_s"]
@@ -243,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             paired = [e / a for e, a in zip(exact_times, result["times_s"])]
             speedup = statistics.median(paired) if not args.compile else results[0]["median_s"] / result["median_s"]
             bound = 1 / (1 - reduction) if reduction < 1 else float("inf")
-            row = {"model": name, "batch": batch, "ratio": ratio, "config": "exact" if ratio == 1.0 else f"topk {ratio:g}",
+            row = {"model": name, "batch": batch, "ratio": ratio, "config": _config_name(ratio),
                    "planned_compute_reduction": reduction, "measured_compute_reduction": meter.compute_reduction,
                    "speedup": speedup, "speedup_of_medians": results[0]["median_s"] / result["median_s"],
                    "flop_bound": bound, "fraction_of_bound": speedup / bound, **result}
@@ -252,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<9} {batch:>5} {row['config']:<10} {result['median_s'] * 1000:9.1f} {speedup:7.2f}x {reduction:9.1%} "
                   f"{bound:5.2f}x {row['fraction_of_bound']:8.2f} {result['select_share']:7.1%} {result['gather_scatter_share']:7.1%} "
                   f"{result['saved_activation_bytes'] / 2**20:8.1f} {peak}", flush=True)
+        if args.kernel_profile:
+            profiled = [(ratio, model) for ratio, _, _, model in configs[:2]]  # exact and the first ratio
+            _write_kernel_profile(args.kernel_profile / f"profile_{name}.txt", name, profiled, info, batch, device, amp,
+                                  channels_last, args.image_size, seq_len)
         del configs, results
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,10 @@
 """Shared fixtures: configs composed through Hydra's compose API (shrunk for CPU tests),
-a run dir under tmp_path, the shared real data, and a runner for the installed CLI."""
+a run dir under tmp_path (and a writer of finished ones), the shared real data, and a
+runner for the installed CLI."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import struct
@@ -14,11 +16,13 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 
 import approxtrain.cli.train  # noqa: F401  (registers the `resume_dir` resolver used by hydra.run.dir)
-from approxtrain.run.schema import EPOCH_KEYS, RESULT_KEYS  # noqa: F401  (the results contract, for the tests)
+from approxtrain.run.rundir import write_results
+from approxtrain.run.schema import EPOCH_KEYS, RESULT_KEYS, Results  # noqa: F401  (the results contract, for the tests)
 
 CONFIG_MODULE = "approxtrain.configs"
 # The real data of this workplace (../shared/data from the project root); absent on a user's machine.
@@ -42,6 +46,28 @@ def to_run_config(cfg: DictConfig) -> dict[str, Any]:
     container = OmegaConf.to_container(OmegaConf.create(plain), resolve=True)
     assert isinstance(container, dict)
     return container
+
+
+@functools.lru_cache(maxsize=None)
+def saved_config(overrides: tuple[str, ...]) -> str:
+    """``.hydra/config.yaml`` as Hydra saves it for ``overrides``: the task config, unresolved."""
+    return OmegaConf.to_yaml(compose_config(*overrides, return_hydra_config=False))
+
+
+def write_run_dir(run_dir: Path, results: Results, *overrides: str) -> Path:
+    """A run dir as ``approxtrain`` leaves it, without training: ``results.json`` written
+    through the schema (so it holds only keys the trainer writes) and ``.hydra/`` with the
+    config composed from the run's axes (model, dataset, sampler, ratio, seed, layers)
+    plus ``overrides``."""
+    axes = (f"model={results.model}", f"dataset={results.dataset}", f"sampler={results.sampler}",
+            f"ratio={results.ratio}", f"seed={results.seed}", f"layers={results.layers_rule_set}")
+    task_overrides = (*axes, *overrides)
+    hydra_dir = run_dir / ".hydra"
+    hydra_dir.mkdir(parents=True)
+    (hydra_dir / "config.yaml").write_text(saved_config(task_overrides))
+    (hydra_dir / "overrides.yaml").write_text(yaml.safe_dump(list(task_overrides)))
+    write_results(run_dir, results)
+    return run_dir
 
 
 @pytest.fixture

@@ -7,25 +7,38 @@ import os
 import sys
 import time
 import types
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from conftest import write_run_dir
 
+from approxtrain.accounting import ProductMACs
 from approxtrain.cli.compare import main
 from approxtrain.compare import build_rows, collect_runs, print_sweep_table, to_csv, to_json
 from approxtrain.compare.matching import flatten, setting_key, varying_keys
 from approxtrain.compare.plots import pareto_front
 from approxtrain.compare.table import Table
+from approxtrain.run.schema import STATUSES as SCHEMA_STATUSES
+from approxtrain.run.schema import (
+    ACCURACY,
+    FAILED,
+    FINISHED,
+    PERPLEXITY,
+    RESULTS_FILE,
+    RUNNING,
+    EpochRecord,
+    Results,
+    results_path,
+    summary_of,
+)
+from approxtrain.surgery import PlanRow
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-SAMPLERS = {
-    "exact": {"name": "exact", "replacement": False, "scale": False, "min_k": 1},
-    "topk": {"name": "topk", "replacement": False, "scale": False, "min_k": 1},
-    "nps": {"name": "nps", "replacement": True, "scale": True, "min_k": 1},
-}
+# Optimizer steps per epoch of the fabricated runs (digits: 1437 training images / 50).
+STEPS_PER_EPOCH = 29
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -42,65 +55,36 @@ def write_run(
     best: float | None = 0.9,
     step_time: float = 0.01,
     reduction: float | None = None,
-    status: str = "finished",
+    status: str = FINISHED,
     epochs_done: int = 3,
     epochs_planned: int = 3,
-    metric_name: str = "accuracy",
+    metric_name: str = ACCURACY,
     lr: float = 0.1,
     error: str | None = None,
 ) -> Path:
-    """Write a realistic run dir: results.json and .hydra/{config,overrides,hydra}.yaml."""
-    hydra_dir = run_dir / ".hydra"
-    hydra_dir.mkdir(parents=True)
-    config = {
-        "model": {"name": model, "hidden": 64},
-        "dataset": {"name": dataset, "batch_size": 32, "num_workers": 0, "root": "data"},
-        "sampler": SAMPLERS[sampler],
-        "layers": {"name": "paper", "rules": [{"match": "fc*", "ratio": None}]},
-        "trainer": {"epochs": epochs_planned, "max_steps": None, "device": "cpu", "amp": False, "lr": lr},
-        "logger": {"wandb": False, "project": "approxtrain", "dir": str(run_dir)},
-        "ratio": ratio,
-        "seed": seed,
-        "resume": None,
-    }
-    overrides = [f"model={model}", f"sampler={sampler}", f"ratio={ratio}", f"seed={seed}"]
-    (hydra_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    (hydra_dir / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    hydra = {"mode": "MULTIRUN", "job": {"override_dirname": ",".join(overrides)}}
-    (hydra_dir / "hydra.yaml").write_text(yaml.safe_dump({"hydra": hydra}))
+    """Write a realistic run dir without training: results.json through the schema, the
+    composed config and the overrides in .hydra/ (see conftest.write_run_dir)."""
     if reduction is None:
         reduction = 0.0 if sampler == "exact" else round(1 - ratio * 1.6, 3)
-    curve = [None if best is None else best - 0.01 * (epochs_done - e) for e in range(1, epochs_done + 1)]
-    results = {
-        "status": status,
-        "model": model,
-        "dataset": dataset,
-        "sampler": sampler,
-        "ratio": ratio,
-        "seed": seed,
-        "layers_rule_set": "paper",
-        "metric_name": metric_name,
-        "best_metric": best,
-        "final_metric": best,
-        "compute_reduction": reduction,
-        "epochs": [
-            {"epoch": e, "train_loss": 0.5 / e, "test_metric": curve[e - 1], "compute_reduction": reduction,
-             "time_s": 1.0, "step_time_s": step_time}
-            for e in range(1, epochs_done + 1)
-        ],
-        "layers": [{"name": "fc1", "type": "Linear", "n": 64, "k": 19, "ratio": 0.297, "policy": sampler,
-                    "exact_macs": 123, "approx_macs": 45, "note": ""}],
-        "wall_time_s": 12.3,
-        "step_time_s": step_time,
-        "device": "cpu",
-        "peak_memory_bytes": 123456,
-        "error": error,
-    }
-    (run_dir / "results.json").write_text(json.dumps(results))
-    return run_dir
+    epochs = [
+        EpochRecord(epoch=e, step=e * STEPS_PER_EPOCH, train_loss=0.5 / e,
+                    test_metric=None if best is None else best - 0.01 * (epochs_done - e),
+                    compute_reduction=reduction, time_s=1.0, step_time_s=step_time, lr=lr)
+        for e in range(1, epochs_done + 1)
+    ]
+    plan_row = PlanRow("fc1", "Linear", n=64, k=19, ratio=19 / 64, policy=sampler, rule=0,
+                       exact_macs=ProductMACs(32 * 64 * 10, 32 * 64 * 10, 32 * 64 * 10))
+    results = Results(
+        model=model, dataset=dataset, sampler=sampler, ratio=ratio, seed=seed, layers_rule_set="paper",
+        metric_name=metric_name, status=status, best_metric=best, final_metric=best, compute_reduction=reduction,
+        planned_compute_reduction=reduction, epochs=[asdict(record) for record in epochs],
+        layers=[plan_row.to_dict()], wall_time_s=12.3, step_time_s=step_time, steps=epochs_done * STEPS_PER_EPOCH,
+        device="cpu", error=error,
+    )
+    return write_run_dir(run_dir, results, f"trainer.epochs={epochs_planned}", f"trainer.optimizer.lr={lr}")
 
 
-LSTM = {"model": "lstm", "dataset": "ptb", "metric_name": "perplexity"}
+LSTM = {"model": "lstm", "dataset": "ptb", "metric_name": PERPLEXITY}
 
 
 def make_sweep(tmp_path: Path) -> Path:
@@ -117,7 +101,7 @@ def make_sweep(tmp_path: Path) -> Path:
         dict(sampler="nps", seed=0, best=0.92, step_time=0.008, reduction=0.48),
         dict(sampler="nps", seed=1, best=0.91, step_time=0.008, reduction=0.50),
         dict(sampler="topk", seed=0, best=0.80, step_time=0.005, reduction=0.5, lr=0.05),
-        dict(sampler="topk", ratio=0.5, seed=0, best=0.70, status="running", epochs_done=1),
+        dict(sampler="topk", ratio=0.5, seed=0, best=0.70, status=RUNNING, epochs_done=1),
         dict(**LSTM, sampler="exact", seed=0, best=120.0, step_time=0.1),
         dict(**LSTM, sampler="topk", seed=0, best=130.0, step_time=0.05, reduction=0.5),
         dict(**LSTM, sampler="nps", seed=0, best=110.0, step_time=0.08, reduction=0.4),
@@ -125,9 +109,9 @@ def make_sweep(tmp_path: Path) -> Path:
     for number, spec in enumerate(specs):
         write_run(root / str(number), **spec)
     corrupt = write_run(root / "90", sampler="topk", seed=5)
-    (corrupt / "results.json").write_text('{"status": "finished", "best_metric": ')
+    results_path(corrupt).write_text('{"status": "finished", "best_metric": ')
     missing = write_run(root / "91", sampler="nps", seed=5)
-    (missing / "results.json").unlink()
+    results_path(missing).unlink()
     return root
 
 
@@ -142,7 +126,7 @@ def table_for(tables: list[Table], model: str) -> Table:
     return table
 
 
-def row_for(table: Table, sampler: str, ratio: float = 0.3, status: str = "finished", overrides: str = "") -> Any:
+def row_for(table: Table, sampler: str, ratio: float = 0.3, status: str = FINISHED, overrides: str = "") -> Any:
     """The one row of ``table`` with this sampler, ratio, status and overrides substring."""
     rows = [
         r for r in table.rows
@@ -172,9 +156,9 @@ def test_collect_runs_reports_broken_dirs_and_keeps_the_others(sweep: Path) -> N
     runs, problems = collect_runs([sweep])
     assert len(runs) == 11
     messages = {Path(p.path).relative_to(sweep).as_posix(): p.message for p in problems}
-    assert set(messages) == {"90/results.json", "91"}
-    assert messages["90/results.json"].startswith("corrupt JSON: ")
-    assert "missing results.json" in messages["91"]
+    assert set(messages) == {f"90/{RESULTS_FILE}", "91"}
+    assert messages[f"90/{RESULTS_FILE}"].startswith("corrupt JSON: ")
+    assert f"missing {RESULTS_FILE}" in messages["91"]
     assert all("\n" not in p.message for p in problems)
 
 
@@ -186,23 +170,30 @@ def test_outputs_root_is_searched_recursively_and_paths_deduplicated(sweep: Path
 
 
 def test_statuses_running_stale_and_incomplete(tmp_path: Path) -> None:
-    write_run(tmp_path / "short", status="finished", epochs_done=2, epochs_planned=5)
-    write_run(tmp_path / "live", status="running", epochs_done=1)
-    stale = write_run(tmp_path / "stale", status="running", epochs_done=1)
+    write_run(tmp_path / "short", status=FINISHED, epochs_done=2, epochs_planned=5)
+    write_run(tmp_path / "live", status=RUNNING, epochs_done=1)
+    stale = write_run(tmp_path / "stale", status=RUNNING, epochs_done=1)
     old = time.time() - 2 * 3600
-    os.utime(stale / "results.json", (old, old))
-    write_run(tmp_path / "bad", status="failed", best=None, epochs_done=0, error="CUDA out of memory")
+    os.utime(results_path(stale), (old, old))
+    write_run(tmp_path / "bad", status=FAILED, best=None, epochs_done=0, error="CUDA out of memory")
     status = {Path(r.path).name: r.status for r in collect_runs([tmp_path])[0]}
     assert status == {"short": "incomplete", "live": "running", "stale": "incomplete", "bad": "failed"}
 
 
+def test_every_status_a_compared_run_can_show_has_a_style() -> None:
+    from approxtrain.compare.console import STATUS_STYLES
+    from approxtrain.compare.runs import STATUSES
+
+    assert set(STATUSES) == {*SCHEMA_STATUSES, "incomplete"} == set(STATUS_STYLES)
+
+
 def test_failed_run_and_corrupt_config_are_shown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_run(tmp_path / "exact", sampler="exact", best=0.9)
-    write_run(tmp_path / "oom", sampler="topk", best=None, status="failed", epochs_done=0, error="CUDA out of memory")
+    write_run(tmp_path / "oom", sampler="topk", best=None, status=FAILED, epochs_done=0, error="CUDA out of memory")
     bad_config = write_run(tmp_path / "badcfg", sampler="nps", best=0.85)
     (bad_config / ".hydra" / "config.yaml").write_text("model: [unclosed\n")
     not_object = write_run(tmp_path / "list", sampler="nps", seed=3)
-    (not_object / "results.json").write_text("[1, 2]")
+    results_path(not_object).write_text("[1, 2]")
     code, out, _ = run_cli([str(tmp_path), "--no-report"], capsys)
     assert code == 0
     assert "failed" in out and "CUDA out of memory" in out
@@ -218,20 +209,20 @@ def test_flatten_makes_dotted_keys_and_hashable_lists() -> None:
 
 
 def test_setting_key_ignores_approximation_bookkeeping_and_seed() -> None:
-    base = {"model.name": "mlp", "trainer.device": "cpu", "trainer.lr": 0.1, "seed": 0}
+    base = {"model.name": "mlp", "trainer.device": "cpu", "trainer.optimizer.lr": 0.1, "seed": 0}
     approx = {**base, "sampler.name": "topk", "ratio": 0.3, "layers.name": "all", "resume": "x",
               "logger.project": "p", "dataset.num_workers": 4, "seed": 1}
     assert setting_key(base) == setting_key(approx)
     assert setting_key(base) != setting_key({**base, "trainer.device": "cuda"})
-    assert setting_key(base) != setting_key({**base, "trainer.lr": 0.2})
+    assert setting_key(base) != setting_key({**base, "trainer.optimizer.lr": 0.2})
 
 
 def test_varying_keys_hide_option_defaults_and_exact_ratio() -> None:
     configs = [
-        {"sampler.name": "exact", "sampler.scale": False, "ratio": 0.3, "trainer.lr": 0.1},
-        {"sampler.name": "topk", "sampler.scale": False, "ratio": 0.3, "trainer.lr": 0.1},
-        {"sampler.name": "nps", "sampler.scale": True, "ratio": 0.3, "trainer.lr": 0.1},
-        {"sampler.name": "nps", "sampler.scale": True, "ratio": 0.5, "trainer.lr": 0.1},
+        {"sampler.name": "exact", "sampler.scale": False, "ratio": 0.3, "trainer.optimizer.lr": 0.1},
+        {"sampler.name": "topk", "sampler.scale": False, "ratio": 0.3, "trainer.optimizer.lr": 0.1},
+        {"sampler.name": "nps", "sampler.scale": True, "ratio": 0.3, "trainer.optimizer.lr": 0.1},
+        {"sampler.name": "nps", "sampler.scale": True, "ratio": 0.5, "trainer.optimizer.lr": 0.1},
     ]
     assert varying_keys(configs) == ["sampler.name", "ratio"]
 
@@ -258,7 +249,7 @@ def test_tables_are_split_by_model_and_dataset(sweep: Path) -> None:
 
 def test_seed_aggregation_delta_and_speedup(sweep: Path) -> None:
     mlp = table_for(build_rows(collect_runs([sweep])[0]), "mlp")
-    topk = row_for(mlp, "topk", overrides="trainer.lr=0.1")
+    topk = row_for(mlp, "topk", overrides="trainer.optimizer.lr=0.1")
     record = topk.as_record()
     assert record["n"] == 2 and record["seeds"] == [0, 1]
     assert record["best_metric"] == pytest.approx(0.92)
@@ -269,7 +260,7 @@ def test_seed_aggregation_delta_and_speedup(sweep: Path) -> None:
     assert record["step_time_s"] == pytest.approx(0.0055)
     assert record["speedup"] == pytest.approx(0.011 / 0.0055)
     assert record["epochs"] == "3/3"
-    assert record["overrides"] == "sampler=topk ratio=0.3 trainer.lr=0.1"
+    assert record["overrides"] == "sampler=topk ratio=0.3 trainer.optimizer.lr=0.1"
     exact = row_for(mlp, "exact")
     assert exact.as_record()["delta"] == pytest.approx(0.0) and exact.speedup == pytest.approx(1.0)
 
@@ -284,7 +275,7 @@ def test_per_run_rows_match_the_baseline_of_the_same_seed(sweep: Path) -> None:
 
 def test_run_with_other_settings_gets_no_baseline(sweep: Path) -> None:
     mlp = table_for(build_rows(collect_runs([sweep])[0]), "mlp")
-    other = row_for(mlp, "topk", overrides="trainer.lr=0.05")
+    other = row_for(mlp, "topk", overrides="trainer.optimizer.lr=0.05")
     assert other.baseline.paths == [] and other.delta is None and other.speedup is None
     assert "no exact baseline with the same settings and seed" in other.notes
 
@@ -324,7 +315,7 @@ def test_cli_table_and_report(sweep: Path, capsys: pytest.CaptureFixture[str]) -
     assert code == 0
     assert "mlp / digits: accuracy (higher is better)" in out
     assert "lstm / ptb: perplexity (lower is better)" in out
-    assert "no baseline" in out and "corrupt JSON" in out and "missing results.json" in out
+    assert "no baseline" in out and "corrupt JSON" in out and f"missing {RESULTS_FILE}" in out
     report = sweep / "report"
     assert f"report written to {report}" in out
     markdown = (report / "report.md").read_text()
@@ -351,7 +342,7 @@ def test_cli_json_output(sweep: Path, capsys: pytest.CaptureFixture[str]) -> Non
     document = json.loads(out)
     assert {t["model"] for t in document["tables"]} == {"mlp", "lstm"}
     assert len(document["runs"]) == 11
-    assert {Path(p["path"]).name for p in document["problems"]} == {"results.json", "91"}
+    assert {Path(p["path"]).name for p in document["problems"]} == {RESULTS_FILE, "91"}
     assert not (sweep / "report").exists()  # machine formats write a report only with --out
 
 
@@ -381,7 +372,7 @@ def test_filter_on_dotted_config_key_keeps_baselines_for_delta(sweep: Path) -> N
     from approxtrain.compare.selection import apply_filters, parse_filter
 
     runs, _ = collect_runs([sweep])
-    filters = ["model=mlp", "sampler=topk", "trainer.lr=0.1", "ratio=0.30"]
+    filters = ["model=mlp", "sampler=topk", "trainer.optimizer.lr=0.1", "ratio=0.30"]
     chosen = apply_filters(runs, [parse_filter(text) for text in filters])
     (table,) = build_rows(runs, chosen)
     assert [r.first.status for r in table.rows] == ["finished"]
@@ -423,8 +414,10 @@ def test_narrow_console_moves_overrides_under_the_table(sweep: Path) -> None:
     buffer = StringIO()
     print_sweep_table(sweep, console=Console(file=buffer, width=100))
     text = buffer.getvalue()
-    assert "#2 (n=2): sampler=nps ratio=0.3 trainer.lr=0.1" in text
-    table_lines = [line for line in text.splitlines() if not line.startswith("  #") and str(sweep) not in line]
+    assert "#2 (n=2): sampler=nps ratio=0.3 trainer.optimizer.lr=0.1" in text
+    # The legend, note and problem lines are soft-wrapped (left to the terminal); the table must fit.
+    table_lines = [line for line in text.splitlines()
+                   if not line.startswith(("  #", "  note: ")) and str(sweep) not in line]
     assert max(len(line) for line in table_lines) <= 100
 
 
@@ -465,16 +458,20 @@ class FakeWandbRun:
 def fake_wandb_run(name: str, sampler: str, seed: int, best: float, step: float, group: str = "sweep-1",
                    state: str = "finished", ratio: float = 0.3) -> FakeWandbRun:
     """A run as approxtrain's W&B logger records it: dotted config keys plus short axes,
-    results.json scalars in the summary, one history row per epoch among per-step rows."""
+    results.json scalars in the summary (the schema's SUMMARY_KEYS, plus W&B's own ``_step``),
+    one history row per epoch among per-step rows. A crashed run never wrote its end."""
     config = {"model.name": "mlp", "dataset.name": "digits", "sampler.name": sampler, "sampler.scale": False,
               "ratio": ratio, "seed": seed, "trainer.epochs": 2, "trainer.device": "cpu",
               "trainer.optimizer.lr": 0.001, "logger.group": None, "model": "mlp", "dataset": "digits",
               "sampler": sampler, "layers": "paper", "layer_rules": "[{'type': 'Linear'}]",
               "_wandb": {"cli_version": "0.31.0"}}
-    summary = {"status": "failed" if state == "failed" else "finished", "metric_name": "accuracy",
-               "best_metric": best, "final_metric": best, "compute_reduction": 0.0 if sampler == "exact" else 0.5,
-               "planned_compute_reduction": 0.5, "step_time_s": step, "wall_time_s": 3.0, "steps": 58,
-               "device": "cpu", "error": "diverged" if state == "failed" else None, "_step": 7}
+    status = {"finished": FINISHED, "failed": FAILED}.get(state, RUNNING)
+    results = Results(model="mlp", dataset="digits", sampler=sampler, ratio=ratio, seed=seed, layers_rule_set="paper",
+                      status=status, best_metric=best, final_metric=best,
+                      compute_reduction=0.0 if sampler == "exact" else 0.5, planned_compute_reduction=0.5,
+                      wall_time_s=3.0, step_time_s=step, steps=58, device="cpu",
+                      error="diverged" if status == FAILED else None)
+    summary = {**summary_of(results), "_step": 7}
     history = [{"_step": 3, "epoch": 1, "test_metric": best - 0.05}, {"_step": 5, "global_step": 40, "train/loss": 0.3},
                {"_step": 7, "epoch": 2, "test_metric": best}]
     return FakeWandbRun(name, group, state, config, summary, history)
@@ -530,6 +527,16 @@ def test_wandb_runs_have_curves(fake_wandb: dict[str, Any]) -> None:
     runs, problems = fetch_wandb_runs("team/approxtrain", "sweep-1")
     assert not problems
     assert runs[0].curve == [(1, pytest.approx(runs[0].best_metric - 0.05)), (2, runs[0].best_metric)]
+
+
+def test_wandb_epochs_done_counts_history_rows_a_diverged_epoch_included() -> None:
+    from approxtrain.compare.wandb_source import convert_run
+
+    api_run = fake_wandb_run("topk-s0", "topk", 0, 0.94, 0.005)
+    api_run._history[-1]["test_metric"] = float("nan")  # epoch 2 diverged
+    run = convert_run(api_run, "wandb:team/approxtrain/topk-s0")
+    assert run.epochs_done == 2 and run.epochs_planned == 2 and run.status == "finished"
+    assert run.curve == [(1, pytest.approx(0.89))]
 
 
 def test_wandb_unreachable_is_one_line_exit_1(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import shutil
@@ -12,6 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from approxtrain.run.rundir import write_results
+from approxtrain.run.schema import RESULTS_FILE, RUNNING, Results, read_results, results_path
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -26,17 +30,13 @@ def sweep(tmp_path_factory) -> Path:
                "trainer.num_workers=0", "trainer.checkpoint=false", f"hydra.sweep.dir={sweep_dir}"]
     done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert len(list(sweep_dir.glob("*/results.json"))) == 6
+    assert len(list(sweep_dir.glob(f"*/{RESULTS_FILE}"))) == 6
     return sweep_dir
 
 
 def _compare(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "approxtrain.cli.compare", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=300)
-
-
-def _results(run_dir: Path) -> dict:
-    return json.loads((run_dir / "results.json").read_text())
 
 
 def test_rows_baselines_delta_speedup_and_seed_aggregation(sweep: Path) -> None:
@@ -48,8 +48,8 @@ def test_rows_baselines_delta_speedup_and_seed_aggregation(sweep: Path) -> None:
     assert set(rows) == {"exact", "topk", "nps"}
     runs = {}
     for run_dir in sweep.iterdir():
-        if (run_dir / "results.json").exists():
-            results = _results(run_dir)
+        results = read_results(run_dir)
+        if results is not None:
             runs.setdefault(results["sampler"], []).append(results)
     assert all(len(group) == 2 for group in runs.values())
     baseline_metric = statistics.mean(r["best_metric"] for r in runs["exact"])
@@ -84,13 +84,11 @@ def test_report_folder_pngs_and_csv(sweep: Path, tmp_path: Path) -> None:
 def test_broken_runs_are_reported_and_the_others_still_appear(sweep: Path, tmp_path: Path) -> None:
     tree = tmp_path / "outputs"
     shutil.copytree(sweep, tree / "sweep")
-    jobs = sorted(path for path in (tree / "sweep").iterdir() if (path / "results.json").exists())
+    jobs = sorted(path for path in (tree / "sweep").iterdir() if results_path(path).exists())
     missing, corrupt, running = (shutil.copytree(jobs[0], tree / name) for name in ("missing", "corrupt", "running"))
-    (missing / "results.json").unlink()
-    (corrupt / "results.json").write_text('{"status": "finished", "model": ')
-    results = _results(running)
-    results["status"] = "running"
-    (running / "results.json").write_text(json.dumps(results))
+    results_path(missing).unlink()
+    results_path(corrupt).write_text('{"status": "finished", "model": ')
+    write_results(running, dataclasses.replace(Results.from_dict(read_results(running)), status=RUNNING))
     done = _compare(str(tree), "--format", "json", "--no-report", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,111 @@ def test_bench_train_interleaves_configurations_and_writes_json(tmp_path: Path) 
     assert approx["select_share"] > 0 and approx["gather_scatter_share"] > 0
     assert approx["saved_activation_bytes"] < exact["saved_activation_bytes"]
     assert approx["step_peak_bytes"] is None  # CUDA only
+
+
+def test_bench_ops_measures_every_shape_given(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = run_script("bench_ops.py", "--device", "cpu", "--linear", "8,16,16", "16,32,32", "--conv", "none",
+                        "--ratios", "1.0,0.5", "--repeats", "1", "--warmup", "0", "--json", str(out))
+    data = json.loads(out.read_text())
+    cases = ["linear 8x16->16", "linear 16x32->32"]
+    assert [(r["case"], r["ratio"]) for r in data["results"]] == [(case, ratio) for case in cases for ratio in (1.0, 0.5)]
+    assert [r["shape"]["in_features"] for r in data["results"]] == [16, 16, 32, 32]
+    assert {t["case"] for t in data["targets"]} == set(cases)  # the targets are judged per shape
+    assert all(f"-- {case} " in result.stdout for case in cases)
+
+
+def test_bench_train_writes_kernel_profile_of_exact_and_first_ratio(tmp_path: Path) -> None:
+    run_script("bench_train.py", "--device", "cpu", "--models", "mlp", "--batch", "2", "--ratios", "0.5", "0.3",
+               "--warmup", "0", "--repeats", "1", "--profile-steps", "0", "--kernel-profile", str(tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == ["profile_mlp.txt"]
+    text = (tmp_path / "profile_mlp.txt").read_text()
+    assert "== mlp, exact ==" in text and "== mlp, topk 0.5 ==" in text and "topk 0.3" not in text
+    assert text.count("Self CPU %") == 2 and "aten::mm" in text  # CPU: operators by self CPU time
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--compile", "--kernel-profile", "out"], "--kernel-profile with --compile"),
+    (["--compile", "--compile-backend", "nope"], "--compile-backend='nope' is unknown; allowed: "),
+])
+def test_bench_train_rejects_bad_flag_combinations(args: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("bench_train.py").main(["--device", "cpu", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+GPU_CHECK = SCRIPTS / "gpu_check.sh"
+GPU_CHECK_FILES = {"gpu_check.json", "gpu_check.txt", "gpu_check.log"}
+
+
+def run_gpu_check(out: Path, env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``bash scripts/gpu_check.sh ARGS`` (default ``--smoke``) with ``OUT=out`` and ``env``."""
+    environment = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, **env}
+    return subprocess.run(["bash", str(GPU_CHECK), *(args or ["--smoke"])], cwd=ROOT, env=environment, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_gpu_check_runs_every_stage_after_failures_and_exits_non_zero(tmp_path: Path) -> None:
+    # a python that fails the op benchmark: both op stages run and fail, the report says so
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\ncase "$1" in scripts/bench_ops.py) exit 3;; esac\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    result = run_gpu_check(tmp_path / "out", {"PYTHON": str(python), "GPU_CHECK_STAGES": "ops_bf16 ops_fp32"})
+    assert result.returncode == 1, result.stdout + result.stderr
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert [(s["name"], s["status"], s["rc"], s["results"]) for s in report["stages"]] == \
+        [("ops_bf16", "fail", 3, None), ("ops_fp32", "fail", 3, None)]
+    assert report["mode"] == "smoke" and report["passed"] is False
+    assert "RESULT: FAIL (ops_bf16, ops_fp32)" in (tmp_path / "out" / "gpu_check.txt").read_text()
+
+
+def test_gpu_check_skips_stages_past_its_budget(tmp_path: Path) -> None:
+    result = run_gpu_check(tmp_path, {"GPU_CHECK_BUDGET_S": "0"})
+    assert result.returncode == 1
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [(s["name"], s["status"]) for s in report["stages"]] == \
+        [(name, "skipped") for name in ("tests", "ops_bf16", "ops_fp32", "train", "compile_cnn", "compile_mlp")]
+    assert {p.name for p in tmp_path.iterdir()} == GPU_CHECK_FILES
+
+
+@pytest.mark.parametrize("env, args, message", [
+    ({"GPU_CHECK_STAGES": "ops"}, ["--smoke"],
+     "GPU_CHECK_STAGES names 'ops'; allowed: tests ops_bf16 ops_fp32 train compile_cnn compile_mlp"),
+    ({"GPU_CHECK_BUDGET_S": "5m"}, ["--smoke"], "GPU_CHECK_BUDGET_S='5m' is invalid"),
+    ({"GPU_CHECK_SMOKE": "yes"}, ["--smoke"], "GPU_CHECK_SMOKE='yes' is invalid; allowed: 0, 1"),
+    ({}, ["--smoke", "--fast"], "unknown argument '--fast'; allowed: --smoke, --help"),
+])
+def test_gpu_check_rejects_bad_settings(tmp_path: Path, env: dict[str, str], args: list[str], message: str) -> None:
+    result = run_gpu_check(tmp_path, env, *args)
+    assert result.returncode == 2 and message in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_stage_without_hydra_omegaconf_or_wandb(tmp_path: Path) -> None:
+    blocked = tmp_path / "blocked"  # as on the GPU machine: importing any of these fails
+    for name in ("hydra", "omegaconf", "wandb"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
+    out = tmp_path / "out"
+    result = run_gpu_check(out, {"PYTHONPATH": str(blocked)}, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "gpu_check.json").read_text())
+    stages = {s["name"]: s for s in report["stages"]}
+    assert list(stages) == ["tests", "ops_bf16", "ops_fp32", "train", "compile_cnn", "compile_mlp"]
+    assert all(s["status"] == "pass" and s["rc"] == 0 for s in stages.values())
+    assert stages["tests"]["results"]["tests"] > 0 and stages["tests"]["results"]["failures"] == 0
+    for dtype in ("bf16", "fp32"):
+        results = stages[f"ops_{dtype}"]["results"]
+        assert results["meta"]["dtype"] == dtype and results["meta"]["channels_last"]
+        assert len({r["case"] for r in results["results"]}) == 4 and len(results["results"]) == 12
+    assert [(r["model"], r["config"]) for r in stages["train"]["results"]["rows"]] == \
+        [(m, c) for m in ("cnn", "mlp") for c in ("exact", "topk 0.5", "topk 0.3")]
+    for model in ("cnn", "mlp"):
+        assert [r["config"] for r in stages[f"compile_{model}"]["results"]["rows"]] == ["exact", "topk 0.5", "topk 0.3"]
+        profile = (out / f"profile_{model}.txt").read_text()
+        assert f"== {model}, exact ==" in profile and f"== {model}, topk 0.5 ==" in profile
+    # what the GPU machine returns: at most 8 files, plain names
+    assert {p.name for p in out.iterdir()} == GPU_CHECK_FILES | {"profile_cnn.txt", "profile_mlp.txt"}
+    assert "RESULT: PASS" in (out / "gpu_check.txt").read_text() and "RESULT: PASS" in result.stdout

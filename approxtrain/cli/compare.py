@@ -15,7 +15,7 @@ from pathlib import Path
 
 from approxtrain.compare.console import make_console, print_tables
 from approxtrain.compare.report import to_csv, to_json, to_markdown, write_report
-from approxtrain.compare.runs import HYDRA_DIR, RESULTS_FILE, SWEEP_FILE, Problem, Run, collect_runs
+from approxtrain.compare.runs import HYDRA_DIR, SWEEP_FILE, Problem, Run, collect_runs
 from approxtrain.compare.selection import (
     UsageError,
     apply_filters,
@@ -25,6 +25,7 @@ from approxtrain.compare.selection import (
 )
 from approxtrain.compare.table import SORT_KEYS, Table, build_rows, sort_tables
 from approxtrain.compare.wandb_source import WandbSourceError, fetch_wandb_runs
+from approxtrain.run.schema import RESULTS_FILE
 
 PROG = "approxtrain-compare"
 FORMATS = ("table", "json", "csv", "md")

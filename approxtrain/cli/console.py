@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.tree import Tree
 
+from approxtrain.run.callbacks import Callback, StepReport
 from approxtrain.surgery import Plan
+
+if TYPE_CHECKING:
+    from approxtrain.run.schema import EpochRecord
+    from approxtrain.run.trainer import Trainer
 
 
 def _format_metric(name: str, value: float | None) -> str:
@@ -67,66 +72,72 @@ def plan_table(plan: Plan, title: str = "layer plan") -> Table:
     return table
 
 
-class ConsoleReporter:
+class ConsoleCallback(Callback):
     """Prints a run's plan, per-epoch progress bars and summary with rich."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
         self.progress: Progress | None = None
         self.task: Any = None
-        self.steps_per_epoch = 0
-        self.metric_name = "accuracy"
-        self.epochs = 0
         self.last_metric: float | None = None
 
-    def on_start(self, results: dict[str, Any], plan: Plan, steps_per_epoch: int) -> None:
-        self.steps_per_epoch = steps_per_epoch
-        self.metric_name = results["metric_name"]
-        self.console.print(plan_table(plan))
-        self.console.print(f"training {results['model']} on {results['dataset']} with sampler={results['sampler']} "
-                           f"ratio={results['ratio']} on {results['device']}")
+    def on_start(self, trainer: Trainer) -> None:
+        results = trainer.results
+        assert trainer.plan is not None
+        self.console.print(plan_table(trainer.plan))
+        self.console.print(f"training {results.model} on {results.dataset} with sampler={results.sampler} "
+                           f"ratio={results.ratio} on {results.device}")
 
-    def _start_epoch(self, epoch: int) -> None:
+    def _start_epoch(self, trainer: Trainer, epoch: int) -> None:
+        metric_name = trainer.results.metric_name
         self.progress = Progress(
             TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn(f"{self.metric_name} {{task.fields[metric]}}"),
+            TextColumn("loss {task.fields[loss]}"), TextColumn(f"{metric_name} {{task.fields[metric]}}"),
             TextColumn("compute reduction {task.fields[reduction]}"), TextColumn("{task.fields[speed]} samples/s"),
             TimeElapsedColumn(), console=self.console, transient=True)
         self.progress.start()
-        self.task = self.progress.add_task("train", total=self.steps_per_epoch, epoch=epoch, loss="-",
-                                           metric=_format_metric(self.metric_name, self.last_metric), reduction="-", speed="-")
+        self.task = self.progress.add_task("train", total=trainer.steps_per_epoch, epoch=epoch, loss="-",
+                                           metric=_format_metric(metric_name, self.last_metric), reduction="-", speed="-")
 
-    def on_step(self, epoch: int, step: int, loss: float | None, samples_per_s: float, compute_reduction: float) -> None:
+    def on_step(self, trainer: Trainer, report: StepReport) -> None:
         if self.progress is None:
-            self._start_epoch(epoch)
+            self._start_epoch(trainer, report.epoch)
         assert self.progress is not None
-        self.progress.update(self.task, completed=step, loss=f"{loss:.4f}" if loss is not None else "-",
-                             reduction=f"{compute_reduction:.1%}", speed=f"{samples_per_s:,.0f}")
+        self.progress.update(self.task, completed=report.batch, loss=f"{report.loss:.4f}",
+                             reduction=f"{report.compute_reduction:.1%}", speed=f"{report.samples_per_s:,.0f}")
 
-    def on_epoch(self, record: dict[str, Any], results: dict[str, Any]) -> None:
+    def _stop_progress(self) -> None:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
-        self.last_metric = record["test_metric"]
-        self.console.print(
-            f"epoch {record['epoch']:>3}  step {record['step']:>6}  train loss {record['train_loss']:.4f}  "
-            f"test {self.metric_name} {_format_metric(self.metric_name, record['test_metric'])}  "
-            f"compute reduction {record['compute_reduction']:.1%}  {record['time_s']:.1f} s")
 
-    def on_end(self, results: dict[str, Any]) -> None:
+    def on_epoch(self, trainer: Trainer, record: EpochRecord) -> None:
+        self._stop_progress()
+        self.last_metric = record.test_metric
+        metric_name = trainer.results.metric_name
+        self.console.print(
+            f"epoch {record.epoch:>3}  step {record.step:>6}  train loss {record.train_loss:.4f}  "
+            f"test {metric_name} {_format_metric(metric_name, record.test_metric)}  "
+            f"compute reduction {record.compute_reduction:.1%}  {record.time_s:.1f} s")
+
+    def on_failure(self, trainer: Trainer, message: str) -> None:
+        self._stop_progress()
+
+    def on_end(self, trainer: Trainer) -> None:
+        results = trainer.results
         table = Table(title="summary", title_justify="left", show_header=False)
         table.add_column(style="bold")
         table.add_column()
-        name = results["metric_name"]
+        name = results.metric_name
         for key, value in (
-            ("status", results["status"]),
-            (f"best {name}", _format_metric(name, results["best_metric"])),
-            (f"final {name}", _format_metric(name, results["final_metric"])),
-            ("compute reduction (measured)", f"{results['compute_reduction']:.1%}" if results["compute_reduction"] is not None else "-"),
-            ("epochs / steps", f"{len(results['epochs'])} / {results['steps']}"),
-            ("median step time", f"{results['step_time_s'] * 1000:.1f} ms" if results["step_time_s"] else "-"),
-            ("wall time", f"{results['wall_time_s']:.1f} s"),
-            ("device", results["device"]),
+            ("status", results.status),
+            (f"best {name}", _format_metric(name, results.best_metric)),
+            (f"final {name}", _format_metric(name, results.final_metric)),
+            ("compute reduction (measured)", f"{results.compute_reduction:.1%}" if results.compute_reduction is not None else "-"),
+            ("epochs / steps", f"{len(results.epochs)} / {results.steps}"),
+            ("median step time", f"{results.step_time_s * 1000:.1f} ms" if results.step_time_s else "-"),
+            ("wall time", f"{results.wall_time_s:.1f} s"),
+            ("device", results.device),
         ):
             table.add_row(key, str(value))
         self.console.print(table)

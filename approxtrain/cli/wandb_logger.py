@@ -10,12 +10,14 @@ import netrc
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from approxtrain.surgery import Plan
+from approxtrain.run.callbacks import Callback, StepReport
+from approxtrain.run.schema import INTERRUPTED, higher_is_better, summary_of
 
-SUMMARY_KEYS = ("status", "metric_name", "best_metric", "final_metric", "compute_reduction", "planned_compute_reduction",
-                "step_time_s", "wall_time_s", "steps", "device", "peak_memory_bytes", "error")
+if TYPE_CHECKING:
+    from approxtrain.run.schema import EpochRecord
+    from approxtrain.run.trainer import Trainer
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -62,56 +64,58 @@ def resolve_mode(mode: str) -> tuple[str | None, str | None]:
     return "offline", "W&B: no API key configured, logging offline; upload later with `wandb sync <run dir>/wandb/offline-run-*`"
 
 
-class WandbReporter:
-    """Logs a run to W&B: resolved flat config, tags, per-step and per-epoch metrics,
-    the layer plan as a ``wandb.Table`` and a summary holding the best metric."""
+class WandbCallback(Callback):
+    """Logs a run to W&B: resolved flat config, tags, per-step and per-epoch metrics (the optimizer
+    step is every row's step, and every row carries its epoch), the layer plan as a ``wandb.Table``
+    and a summary holding the best metric and the ``results.json`` scalars. The run is always
+    finished, as failed when the run fails."""
 
     def __init__(self, cfg: Mapping[str, Any], run_dir: Path, group: str | None, echo=print) -> None:
         import wandb
 
         self.wandb = wandb
         logger = cfg["logger"]
-        mode, hint = resolve_mode(logger.get("mode", "auto"))
+        mode, hint = resolve_mode(logger["mode"])
         if hint:
             echo(hint)
         tags = [f"model:{cfg['model']['name']}", f"dataset:{cfg['dataset']['name']}", f"sampler:{cfg['sampler']['name']}",
-                f"ratio:{cfg['ratio']}", *logger.get("tags", [])]
+                f"ratio:{cfg['ratio']}", *logger["tags"]]
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
-            project=logger.get("project", "approxtrain"), entity=logger.get("entity"), group=logger.get("group") or group,
+            project=logger["project"], entity=logger["entity"], group=logger["group"] or group,
             name=f"{cfg['model']['name']}-{cfg['dataset']['name']}-{cfg['sampler']['name']}-{cfg['ratio']}-s{cfg['seed']}",
             tags=tags, config=run_config(cfg), dir=str(run_dir), mode=mode, job_type="train", reinit="finish_previous",
         )
-        self.run.define_metric("global_step")
-        self.run.define_metric("train/*", step_metric="global_step")
-        self.run.define_metric("epoch")
-        self.step = 0
 
-    def on_start(self, results: dict[str, Any], plan: Plan, steps_per_epoch: int) -> None:
+    def on_start(self, trainer: Trainer) -> None:
+        assert trainer.plan is not None
         columns = ["layer", "type", "n", "k", "ratio", "policy", "exact_macs", "approx_macs", "note"]
-        rows = [[r.name, r.type, r.n, r.k, r.ratio, r.policy, r.exact_macs.total, r.approx_macs.total, r.note] for r in plan.rows]
-        metric = results["metric_name"]
-        self.run.define_metric("test_metric", step_metric="epoch", summary="max" if metric == "accuracy" else "min")
-        self.run.define_metric("compute_reduction_epoch", step_metric="epoch")
-        self.run.log({"layer_plan": self.wandb.Table(columns=columns, data=rows)})
-        self.run.summary.update({"planned_compute_reduction": plan.compute_reduction, "metric_name": metric})
+        rows = [[r.name, r.type, r.n, r.k, r.ratio, r.policy, r.exact_macs.total, r.approx_macs.total, r.note]
+                for r in trainer.plan.rows]
+        metric = trainer.results.metric_name
+        self.run.define_metric("test_metric", summary="max" if higher_is_better(metric) else "min")
+        self.run.log({"layer_plan": self.wandb.Table(columns=columns, data=rows), "epoch": trainer.state.epoch},
+                     step=trainer.state.step)
+        self.run.summary.update({"planned_compute_reduction": trainer.plan.compute_reduction, "metric_name": metric})
 
-    def on_step(self, epoch: int, step: int, loss: float | None, samples_per_s: float, compute_reduction: float) -> None:
-        self.step += 1
-        self.run.log({"global_step": self.step, "train/loss": loss, "train/samples_per_s": samples_per_s,
-                      "train/compute_reduction": compute_reduction})
+    def on_step(self, trainer: Trainer, report: StepReport) -> None:
+        self.run.log({"epoch": report.epoch, "train/loss": report.loss, "train/samples_per_s": report.samples_per_s,
+                      "train/compute_reduction": report.compute_reduction}, step=report.step)
 
-    def on_epoch(self, record: dict[str, Any], results: dict[str, Any]) -> None:
-        self.run.log({"epoch": record["epoch"], "test_metric": record["test_metric"], "train_loss_epoch": record["train_loss"],
-                      "compute_reduction_epoch": record["compute_reduction"], "epoch_time_s": record["time_s"], "lr": record["lr"]})
+    def on_epoch(self, trainer: Trainer, record: EpochRecord) -> None:
+        self.run.log({"epoch": record.epoch, "test_metric": record.test_metric, "train_loss_epoch": record.train_loss,
+                      "compute_reduction_epoch": record.compute_reduction, "epoch_time_s": record.time_s, "lr": record.lr},
+                     step=record.step)
 
-    def on_end(self, results: dict[str, Any]) -> None:
-        self.run.summary.update({key: results.get(key) for key in SUMMARY_KEYS})
-        self.run.finish()
+    def on_end(self, trainer: Trainer) -> None:
+        """Finished, or interrupted by a signal: then marked preempting, so W&B shows it as preempted."""
+        self.run.summary.update(summary_of(trainer.results))
+        if trainer.results.status == INTERRUPTED:
+            self.run.mark_preempting()
+            self.run.finish(exit_code=1)
+        else:
+            self.run.finish()
 
-    def fail(self, results: dict[str, Any] | None, message: str) -> None:
-        """Record the failure and finish the run (always called on errors)."""
-        summary = {key: (results or {}).get(key) for key in SUMMARY_KEYS}
-        summary.update(status="failed", error=message)
-        self.run.summary.update(summary)
+    def on_failure(self, trainer: Trainer, message: str) -> None:
+        self.run.summary.update(summary_of(trainer.results))
         self.run.finish(exit_code=1)

@@ -18,10 +18,11 @@ from rich.table import Table as RichTable
 from rich.text import Text
 
 from approxtrain.compare.formatting import COLUMNS, delta_is_better, metric_digits, row_cells, row_notes
-from approxtrain.compare.runs import Problem, collect_runs
+from approxtrain.compare.runs import INCOMPLETE, Problem, collect_runs
 from approxtrain.compare.table import Table, build_rows
+from approxtrain.run.schema import FAILED, FINISHED, INTERRUPTED, RUNNING
 
-STATUS_STYLES = {"finished": "green", "failed": "red", "running": "yellow", "incomplete": "magenta"}
+STATUS_STYLES = {FINISHED: "green", FAILED: "red", RUNNING: "yellow", INTERRUPTED: "cyan", INCOMPLETE: "magenta"}  # every runs.STATUSES
 WIDE_CONSOLE = 160
 NARROW_CONSOLE = 120
 _HEADERS = {"compute red.": "compute\nred.", "best metric": "best\nmetric", "Δ vs exact": "Δ vs\nexact",

@@ -19,6 +19,7 @@ from matplotlib.ticker import MaxNLocator
 
 from approxtrain.compare.formatting import row_label
 from approxtrain.compare.table import Row, Table
+from approxtrain.run.schema import FAILED, FINISHED
 
 LINESTYLES = ("-", "--", "-.", ":")
 
@@ -74,7 +75,7 @@ def _plottable(table: Table) -> list[Row]:
     return [
         row
         for row in table.rows
-        if row.first.status != "failed" and row.best_metric.mean is not None and row.compute_reduction.mean is not None
+        if row.first.status != FAILED and row.best_metric.mean is not None and row.compute_reduction.mean is not None
     ]
 
 
@@ -88,7 +89,7 @@ def _draw_pareto(axes: Axes, table: Table) -> None:
         axes.scatter([row.compute_reduction.mean], [row.best_metric.mean], marker="*", s=220, color="black",
                      zorder=5, label=f"{row_label(row)} [{row.first.status}]")
         axes.axhline(row.best_metric.mean, color="black", linestyle=":", linewidth=1)
-    finished = [r for r in rows if r.first.status == "finished"]
+    finished = [r for r in rows if r.first.status == FINISHED]
     points = [(r.compute_reduction.mean, r.best_metric.mean) for r in finished]
     front = [points[i] for i in pareto_front(points, table.higher_is_better)]
     if len(front) > 1:
@@ -102,7 +103,7 @@ def _draw_pareto(axes: Axes, table: Table) -> None:
 
 def _draw_series(axes: Axes, rows: list[Row], color: str, label: str) -> None:
     for status_finished in (True, False):
-        chosen = [r for r in rows if (r.first.status == "finished") == status_finished]
+        chosen = [r for r in rows if (r.first.status == FINISHED) == status_finished]
         if not chosen:
             continue
         axes.errorbar(

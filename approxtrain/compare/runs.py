@@ -5,8 +5,9 @@ A *run dir* holds ``results.json`` and/or ``.hydra/``. Paths given to
 searched recursively. Whatever cannot be loaded becomes a :class:`Problem` -- one
 line naming the path -- and never stops the other runs from loading.
 
-Statuses: ``finished``, ``failed`` and ``running`` come from ``results.json``;
-``incomplete`` is derived -- a finished run with fewer epochs than
+The file, its keys, the statuses a run records and the metric direction are
+:mod:`approxtrain.run.schema`'s. ``incomplete`` is this tool's own status, derived
+and never written by a run -- a finished run with fewer epochs than
 ``trainer.epochs`` (when no ``trainer.max_steps`` cap explains it), or a running run
 whose ``results.json`` has not changed for longer than :func:`stale_after_s`.
 """
@@ -26,14 +27,15 @@ import yaml
 from omegaconf import OmegaConf
 
 from approxtrain.compare.matching import flatten
+from approxtrain.run import schema
+from approxtrain.run.schema import FINISHED, RESULTS_FILE, RUNNING, results_path
 
-RESULTS_FILE = "results.json"
 HYDRA_DIR = ".hydra"
 SWEEP_FILE = "multirun.yaml"
 SKIP_DIRS = frozenset({HYDRA_DIR, "wandb", "checkpoints", "__pycache__", ".git", "report", "reports"})
-LOWER_IS_BETTER = frozenset({"perplexity", "loss", "error"})
 MIN_STALE_S = 3600.0
-STATUSES = ("finished", "failed", "running", "incomplete")
+INCOMPLETE = "incomplete"  # derived here (see the module docstring); no run writes it
+STATUSES = (*schema.STATUSES, INCOMPLETE)  # what a compared run can show
 
 
 @dataclass
@@ -77,7 +79,7 @@ class Run:
     @property
     def higher_is_better(self) -> bool:
         """Accuracy-like metrics grow, perplexity-like ones shrink."""
-        return self.metric_name not in LOWER_IS_BETTER
+        return schema.higher_is_better(self.metric_name)
 
     @property
     def is_exact(self) -> bool:
@@ -123,10 +125,10 @@ def collect_runs(paths: Iterable[Path | str]) -> tuple[list[Run], list[Problem]]
 
 def load_run_dir(run_dir: Path) -> tuple[Run | None, list[Problem]]:
     """Load one run dir; ``None`` plus a problem when ``results.json`` is missing or unreadable."""
-    results_path = run_dir / RESULTS_FILE
-    if not results_path.is_file():
+    path = results_path(run_dir)
+    if not path.is_file():
         return None, [Problem(str(run_dir), f"missing {RESULTS_FILE} (not started, or died before its first epoch)")]
-    results, problem = _read_json_object(results_path)
+    results, problem = _read_json_object(path)
     if problem is not None:
         return None, [problem]
     config, config_problem = _read_config(run_dir)
@@ -134,7 +136,7 @@ def load_run_dir(run_dir: Path) -> tuple[Run | None, list[Problem]]:
     run = run_from_results(str(run_dir), results, config, overrides=_read_overrides(run_dir))
     if config is None:
         run.notes.append("no usable .hydra/config.yaml: baseline matched on model, dataset and seed only")
-    age_s = time.time() - results_path.stat().st_mtime
+    age_s = time.time() - path.stat().st_mtime
     run.status = derive_status(run, results_age_s=age_s, stale_after=stale_after_s(results))
     return run, problems
 
@@ -208,12 +210,14 @@ def run_from_results(
     history: Iterable[Mapping[str, Any]] | None = None,
 ) -> Run:
     """Build a :class:`Run` from a results mapping (``results.json`` or a W&B summary)
-    and a flattened config; ``config=None`` derives a minimal one from the results."""
+    and a flattened config; ``config=None`` derives a minimal one from the results.
+    The epochs done are the results' ``epochs`` records, or the ``history`` rows
+    (``epoch``/``test_metric``) when given -- a W&B summary holds no epochs."""
     flat = dict(config) if config is not None else _config_from_results(results)
     if results.get("device") and flat.get("trainer.device") in (None, "auto"):
         flat["trainer.device"] = results["device"]  # the device it really ran on
-    epochs = _epoch_records(results.get("epochs"))
-    curve = _curve(epochs if history is None else _epoch_records(history))
+    epochs = _epoch_records(results.get("epochs") if history is None else history)
+    curve = _curve(epochs)
     return Run(
         path=path,
         status=str(results.get("status") or "unknown"),
@@ -229,7 +233,7 @@ def run_from_results(
         compute_reduction=_number(results.get("compute_reduction")),
         step_time_s=_number(results.get("step_time_s")),
         wall_time_s=_number(results.get("wall_time_s")),
-        epochs_done=_epochs_done(results, epochs, curve),
+        epochs_done=len(epochs),
         epochs_planned=_integer(flat.get("trainer.epochs")),
         curve=curve,
         config=flat,
@@ -254,14 +258,14 @@ def _config_from_results(results: Mapping[str, Any]) -> dict[str, Any]:
 def derive_status(run: Run, results_age_s: float, stale_after: float = MIN_STALE_S) -> str:
     """``incomplete`` for a short finished run or a running one silent for over
     ``stale_after`` seconds; otherwise the recorded status."""
-    if run.status == "finished" and run.epochs_planned and run.epochs_done < run.epochs_planned:
+    if run.status == FINISHED and run.epochs_planned and run.epochs_done < run.epochs_planned:
         max_steps = _number(run.config.get("trainer.max_steps"))
         if not max_steps or max_steps <= 0:
             run.notes.append(f"finished after {run.epochs_done} of {run.epochs_planned} epochs")
-            return "incomplete"
-    if run.status == "running" and results_age_s > stale_after:
-        run.notes.append(f"status running but results.json unchanged for {results_age_s / 3600:.1f} h")
-        return "incomplete"
+            return INCOMPLETE
+    if run.status == RUNNING and results_age_s > stale_after:
+        run.notes.append(f"status running but {RESULTS_FILE} unchanged for {results_age_s / 3600:.1f} h")
+        return INCOMPLETE
     return run.status
 
 
@@ -275,14 +279,6 @@ def _epoch_records(epochs: Any) -> list[Mapping[str, Any]]:
     if not isinstance(epochs, (list, tuple)):
         return []
     return [e for e in epochs if isinstance(e, Mapping)]
-
-
-def _epochs_done(results: Mapping[str, Any], epochs: list[Mapping[str, Any]], curve: list) -> int:
-    """Epoch records in ``results.json``; else an explicit ``epochs_done`` (W&B summary); else curve points."""
-    if epochs:
-        return len(epochs)
-    explicit = _integer(results.get("epochs_done"))
-    return explicit if explicit is not None else len(curve)
 
 
 def _curve(epochs: list[Mapping[str, Any]]) -> list[tuple[int, float]]:

@@ -25,6 +25,7 @@ from approxtrain.compare.matching import (
     varying_keys,
 )
 from approxtrain.compare.runs import Run
+from approxtrain.run.schema import FINISHED
 
 BaselineIndex = dict[tuple[Any, ...], list[Run]]
 RUN_RECORD_FIELDS = (
@@ -291,7 +292,7 @@ def baseline_for(run: Run, seeds: Iterable[int | None], index: BaselineIndex) ->
     partial = False
     for seed in seeds:
         candidates = index.get(_baseline_keys(run, seed)[0], [])
-        finished = [b for b in candidates if b.status == "finished"]
+        finished = [b for b in candidates if b.status == FINISHED]
         partial = partial or (bool(candidates) and not finished)
         if candidates:
             per_seed.append((seed, finished or candidates))

@@ -7,10 +7,9 @@ Expected logging contract (what approxtrain's W&B logger writes):
   ``sampler.name``, ``trainer.epochs``, ...) plus the short axes ``model``,
   ``dataset``, ``sampler``, ``ratio``, ``seed``, ``layers``, ``layer_rules``; nested
   dicts are flattened here too;
-* ``summary``: the scalars of ``results.json`` -- ``status``, ``metric_name``,
-  ``best_metric``, ``final_metric``, ``compute_reduction``, ``step_time_s``,
-  ``wall_time_s``, ``error`` (optionally ``epochs_done``; a ``section/`` prefix is
-  tolerated);
+* ``summary``: the scalars of ``results.json``, :data:`approxtrain.run.schema.SUMMARY_KEYS`
+  (``status``, ``metric_name``, ``best_metric``, ``compute_reduction``, ``step_time_s``,
+  ...; a ``section/`` prefix is tolerated);
 * history: one row per epoch with ``epoch`` and ``test_metric`` (epochs done = rows).
 
 ``wandb`` is imported only here, and only when called.
@@ -24,12 +23,11 @@ from typing import Any
 from approxtrain.compare.matching import flatten
 from approxtrain.compare.runs import Problem, Run, derive_status, run_from_results
 from approxtrain.compare.selection import UsageError
+from approxtrain.run.schema import FAILED, FINISHED, RUNNING, STATUSES, SUMMARY_KEYS
 
-SUMMARY_KEYS = (
-    "status", "model", "dataset", "sampler", "ratio", "seed", "layers_rule_set", "metric_name",
-    "best_metric", "final_metric", "compute_reduction", "step_time_s", "wall_time_s", "epochs_done", "error",
-)
+# W&B run states: those of a run that died, and those that name one of our statuses.
 FAILED_STATES = frozenset({"crashed", "failed", "killed"})
+STATUS_OF_STATE = {"finished": FINISHED, "running": RUNNING}
 HISTORY_SAMPLES = 10_000
 HISTORY_KEYS = ("epoch", "test_metric")
 API_TIMEOUT_S = 20
@@ -96,10 +94,10 @@ def _check_project(project: str) -> None:
 
 def _status(recorded: Any, state: str) -> str:
     if state in FAILED_STATES:
-        return "failed"
-    if recorded in ("finished", "failed", "running"):
+        return FAILED
+    if recorded in STATUSES:
         return str(recorded)
-    return {"finished": "finished", "running": "running"}.get(state, state or "unknown")
+    return STATUS_OF_STATE.get(state, state or "unknown")
 
 
 def _summary_values(summary: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision import datasets, transforms
 
 from approxtrain.data.info import DatasetInfo, not_found
+from approxtrain.data.order import ShuffledLoader, ignore_stop_signals
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -54,17 +55,12 @@ def make_loaders(
     seed: int,
     pin_memory: bool,
 ) -> tuple[DataLoader, DataLoader]:
-    """Shuffled (seeded) training loader and in-order test loader, both ``drop_last=False``."""
-    common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
-    train_loader = DataLoader(
-        train_set,
-        batch_size=batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-        drop_last=False,
-        **common,
-    )
-    test_loader = DataLoader(test_set, batch_size=eval_batch_size, shuffle=False, drop_last=False, **common)
+    """Shuffled training loader (its order from the seed and the epoch, see :mod:`approxtrain.data.order`)
+    and in-order test loader, both ``drop_last=False``."""
+    train_loader = ShuffledLoader(train_set, batch_size=batch_size, seed=seed, num_workers=num_workers, pin_memory=pin_memory)
+    test_loader = DataLoader(test_set, batch_size=eval_batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
+                             pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                             worker_init_fn=ignore_stop_signals if num_workers else None)
     return train_loader, test_loader
 
 

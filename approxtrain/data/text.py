@@ -46,12 +46,17 @@ class TokenBatches:
         self.data = tokens[: batch_size * row_length].reshape(batch_size, row_length).to(torch.int64)
         self.batch_size = batch_size
         self.seq_len = seq_len
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Iterate from batch ``start_batch`` on (the stream's order is the same every epoch)."""
+        self.start_batch = start_batch
 
     def __len__(self) -> int:
         return (self.data.shape[1] - 1) // self.seq_len
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for batch in range(len(self)):
+        for batch in range(self.start_batch, len(self)):
             start = batch * self.seq_len
             yield (
                 self.data[:, start : start + self.seq_len],

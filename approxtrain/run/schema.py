@@ -15,9 +15,10 @@ from typing import Any
 
 RESULTS_FILE = "results.json"
 
-# What a run can be; ``running`` until it ends one way or the other.
-RUNNING, FINISHED, FAILED = "running", "finished", "failed"
-STATUSES = (RUNNING, FINISHED, FAILED)
+# What a run can be; ``running`` until it ends one way or another. ``interrupted``: stopped by
+# SIGINT/SIGTERM at a step boundary with a checkpoint to continue from (``resume=``).
+RUNNING, FINISHED, FAILED, INTERRUPTED = "running", "finished", "failed", "interrupted"
+STATUSES = (RUNNING, FINISHED, FAILED, INTERRUPTED)
 
 # The metric each dataset kind is evaluated with, and which way is better.
 ACCURACY, PERPLEXITY = "accuracy", "perplexity"
@@ -30,7 +31,10 @@ def higher_is_better(metric_name: str) -> bool:
 
 
 def improves(metric_name: str, value: float, best: float | None) -> bool:
-    """Whether ``value`` beats ``best`` (None: nothing yet) in the metric's direction."""
+    """Whether ``value`` beats ``best`` (None: nothing yet) in the metric's direction; a
+    non-finite value (a diverged run) never does."""
+    if not math.isfinite(value):
+        return False
     if best is None:
         return True
     return value > best if higher_is_better(metric_name) else value < best
@@ -73,7 +77,7 @@ class Results:
     steps: int = 0
     device: str | None = None
     peak_memory_bytes: int | None = None
-    error: str | None = None  # one line, when failed
+    error: str | None = None  # one line, when failed (or interrupted: which signal, at which step)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,6 +94,12 @@ RESULT_KEYS = tuple(f.name for f in fields(Results))
 EPOCH_KEYS = tuple(f.name for f in fields(EpochRecord))
 # The scalar keys: what W&B's run summary mirrors.
 SUMMARY_KEYS = tuple(key for key in RESULT_KEYS if key not in ("epochs", "layers"))
+
+
+def summary_of(results: Results | dict[str, Any]) -> dict[str, Any]:
+    """What W&B's run summary mirrors of ``results``: every :data:`SUMMARY_KEYS` key (missing ones as None)."""
+    values = results.to_dict() if isinstance(results, Results) else results
+    return {key: values.get(key) for key in SUMMARY_KEYS}
 
 
 def _json_safe(value: Any) -> Any:

@@ -1,0 +1,107 @@
+"""The trainer's seams: callback order, failure reporting, rank-aware writing, step reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from approxtrain.cli.train import failed_jobs
+from approxtrain.run.callbacks import Callback
+from approxtrain.run.rundir import write_results
+from approxtrain.run.schema import Results, read_results
+from approxtrain.run.trainer import Trainer
+
+DIGITS = ("model=mlp", "dataset=digits", "dataset.batch_size=200", "trainer.log_every_n_steps=3")
+
+
+class Recorder(Callback):
+    """Records each hook call as (hook, detail)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def on_start(self, trainer):
+        self.calls.append(("start", trainer.steps_per_epoch))
+
+    def on_epoch_start(self, trainer, epoch):
+        self.calls.append(("epoch_start", epoch))
+
+    def on_step(self, trainer, report):
+        self.calls.append(("step", (report.epoch, report.batch, report.step)))
+        assert report.samples_per_s > 0 and report.loss > 0 and 0 < report.compute_reduction < 1
+
+    def on_epoch(self, trainer, record):
+        self.calls.append(("epoch", record.epoch))
+        assert read_results(trainer.run_dir)["epochs"][-1]["epoch"] == record.epoch  # recorded before the hook
+
+    def on_end(self, trainer):
+        self.calls.append(("end", trainer.results.status))
+
+    def on_failure(self, trainer, message):
+        self.calls.append(("failure", message))
+
+
+def test_callbacks_see_the_run_in_order(run_cfg, run_dir):
+    recorder = Recorder()
+    # digits: 1437 training images -> 8 batches of 200 per epoch; reports every 3 steps and at each epoch's end
+    results = Trainer(run_cfg(*DIGITS, "trainer.epochs=2"), run_dir, [recorder]).fit()
+    assert recorder.calls == [
+        ("start", 8),
+        ("epoch_start", 1), ("step", (1, 3, 3)), ("step", (1, 6, 6)), ("step", (1, 8, 8)), ("epoch", 1),
+        ("epoch_start", 2), ("step", (2, 1, 9)), ("step", (2, 4, 12)), ("step", (2, 7, 15)), ("step", (2, 8, 16)), ("epoch", 2),
+        ("end", "finished"),
+    ]
+    assert results.steps == 16 and results.status == "finished"
+
+
+def test_failure_is_recorded_then_reported_to_callbacks(run_cfg, run_dir):
+    recorder = Recorder()
+    trainer = Trainer(run_cfg(*DIGITS, "layers.rules=[{match: nothing}]"), run_dir, [recorder])
+    with pytest.raises(ValueError, match="matches no layer"):
+        trainer.fit()
+    (hook, message), = recorder.calls
+    assert hook == "failure" and message.startswith("layer rule #1 (match='nothing'")
+    on_disk = read_results(run_dir)
+    assert on_disk["status"] == "failed" and on_disk["error"] == message
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_a_process_that_does_not_write_leaves_the_run_dir_alone(run_cfg, run_dir):
+    recorder = Recorder()
+    results = Trainer(run_cfg(*DIGITS), run_dir, [recorder], is_main=False).fit()
+    assert results.status == "finished" and results.steps == 8
+    assert not run_dir.exists() and recorder.calls == []
+
+
+def test_failed_resume_leaves_the_earlier_results_untouched(run_cfg, tmp_path):
+    earlier = tmp_path / "earlier"
+    write_results(earlier, Results(model="mlp", dataset="digits", sampler="topk", ratio=0.5, seed=0,
+                                   layers_rule_set="paper", status="finished"))
+    before = (earlier / "results.json").read_bytes()
+    with pytest.raises(ValueError, match="resume: no checkpoint"):
+        Trainer(run_cfg(*DIGITS, f"resume={earlier}"), earlier).fit()
+    assert (earlier / "results.json").read_bytes() == before
+
+
+def make_job(sweep_dir: Path, num: int, overrides: str, results: Results | None) -> None:
+    job = sweep_dir / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"hydra": {"job": {"num": num, "override_dirname": overrides}}}), job / ".hydra" / "hydra.yaml")
+    if results is not None:
+        write_results(job, results)
+
+
+def test_failed_jobs_come_from_the_jobs_results(tmp_path):
+    common = dict(model="mlp", dataset="digits", sampler="topk", seed=0, layers_rule_set="paper")
+    make_job(tmp_path, 0, "ratio=0.5", Results(ratio=0.5, status="finished", **common))
+    make_job(tmp_path, 1, "ratio=1.5", Results(ratio=1.5, status="failed", error="ratio=1.5 is invalid", **common))
+    make_job(tmp_path, 2, "ratio=0.3", None)
+    make_job(tmp_path, 3, "ratio=0.2", Results(ratio=0.2, status="running", **common))
+    assert failed_jobs(tmp_path) == [
+        "job 1 (ratio=1.5): ratio=1.5 is invalid",
+        "job 2 (ratio=0.3): no results.json (died before it started training)",
+        "job 3 (ratio=0.2): running",
+    ]
+    assert failed_jobs(tmp_path, since=2**40) == []  # jobs of an earlier sweep into the same dir do not count
