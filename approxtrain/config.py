@@ -7,11 +7,11 @@ the resolved Hydra config as a dict).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any
 
-from approxtrain.models import check_model_options, model_options
+from approxtrain.models import model_options, model_spec
 from approxtrain.sampling import POLICIES, SamplingConfig
 from approxtrain.surgery import LayerRule, rules_from_dicts
 
@@ -20,7 +20,6 @@ class ConfigError(ValueError):
     """A config value is invalid; the message is one line naming it and what is allowed."""
 
 
-_SAMPLER_FIELDS = ("min_k", "replacement", "scale", "bwd_ratio", "bwd_min_k", "wu_ratio", "wu_min_k", "align_k")
 _CHOICES = {
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.amp": ("auto", "bf16", "off"),
@@ -41,25 +40,26 @@ def _get(cfg: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
     return node
 
 
-def check_ratio(value: Any, name: str = "ratio") -> float:
-    """A sampling ratio in (0, 1]; strings like ``abc`` and NaN are rejected by name."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(float(value)) or not 0 < float(value) <= 1:
-        raise ConfigError(f"{name}={value!r} is invalid; allowed: a number in (0, 1], e.g. {name}=0.5")
-    return float(value)
+def sampler_defaults() -> dict[str, Any]:
+    """The sampler group's fields and their defaults: :class:`SamplingConfig`'s, less
+    ``policy`` (the sampler's ``name``) and ``ratio`` (the top-level ``ratio``)."""
+    return {field.name: field.default for field in fields(SamplingConfig) if field.name not in ("policy", "ratio")}
 
 
 def default_sampling(cfg: Mapping[str, Any]) -> SamplingConfig:
     """The sampling the layer rules start from: the sampler group plus the top-level ratio."""
-    ratio = check_ratio(cfg.get("ratio"))
-    sampler = cfg.get("sampler") or {}
-    name = sampler.get("name")
+    sampler = dict(cfg.get("sampler") or {})
+    name = sampler.pop("name", None)
     if name not in POLICIES:
         raise ConfigError(f"sampler={name!r} is unknown; allowed: {', '.join(POLICIES)}")
-    values = {key: sampler[key] for key in _SAMPLER_FIELDS if key in sampler}
+    allowed = sampler_defaults()
+    unknown = sorted(set(sampler) - set(allowed))
+    if unknown:
+        raise ConfigError(f"sampler.{unknown[0]} is not a sampler field; allowed: name, {', '.join(allowed)}")
     try:
-        return SamplingConfig(policy=name, ratio=ratio, **values)
-    except ValueError as error:
-        raise ConfigError(f"sampler.{error}") from None
+        return SamplingConfig(policy=name, ratio=cfg.get("ratio"), **sampler)
+    except ValueError as error:  # the top-level ratio, or a sampler field
+        raise ConfigError(str(error) if str(error).startswith("ratio=") else f"sampler.{error}") from None
 
 
 def layer_rules(cfg: Mapping[str, Any]) -> list[LayerRule]:
@@ -91,7 +91,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
     layer_rules(cfg)
     model = cfg.get("model") or {}
     try:
-        check_model_options(model.get("name"), model_options(model))
+        model_spec(model).check_options(model_options(model))
     except (TypeError, ValueError) as error:
         raise ConfigError(str(error)) from None
     for dotted, allowed in _CHOICES.items():

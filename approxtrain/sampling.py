@@ -49,10 +49,10 @@ _PROBABILITY_FLOOR = 1e-6
 
 def _check_ratio(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name}={value!r} is not a number; allowed: a float in (0, 1]")
+        raise ValueError(f"{name}={value!r} is invalid; allowed: a number in (0, 1]")
     value = float(value)
     if not (0.0 < value <= 1.0):  # also rejects NaN
-        raise ValueError(f"{name}={value} is out of range; allowed: a float in (0, 1]")
+        raise ValueError(f"{name}={value} is invalid; allowed: a number in (0, 1]")
     return value
 
 

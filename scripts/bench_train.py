@@ -1,7 +1,8 @@
 """End-to-end training-step benchmark: exact vs approximate, in one process.
 
-For each model (MLP, CNN, LSTM, WRN-28-10, ResNet-50) on synthetic data with the
-real shapes, times the median training step (forward, backward, optimizer step)
+For each registered model (MLP, CNN, LSTM, WRN-28-10, ResNet-50), configured as
+`approxtrain model=<name> sampler=topk ratio=<ratio>` composes it (the paper's layer
+rules) and fed random data with the shapes of its paper dataset, times the median training step (forward, backward, optimizer step)
 of exact training and of ``sampler=topk`` at each ratio with the paper's layer
 rules, after warm-up, with device synchronisation. Reports per row: median step
 time, speedup vs exact (same run), the FLOP bound 1/(1 - compute reduction) and
@@ -34,38 +35,36 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from approxtrain import ComputeMeter, LayerRule, SamplingConfig, approximate_, attach_meter  # noqa: E402
+from hydra import compose, initialize_config_module  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+import approxtrain.cli.config_store  # noqa: E402, F401  (the config nodes made from code)
+from approxtrain import ComputeMeter, approximate_, attach_meter  # noqa: E402
 from approxtrain.cli.allocator import retain_freed_memory  # noqa: E402
+from approxtrain.config import layer_rules  # noqa: E402
 from approxtrain.data import DatasetInfo  # noqa: E402
+from approxtrain.data.synthetic import like_info  # noqa: E402
 from approxtrain.functional import GATHER_RANGE, SCATTER_RANGE, SELECT_RANGE  # noqa: E402
-from approxtrain.models import build_model  # noqa: E402
+from approxtrain.models import build_model, list_models  # noqa: E402
 from approxtrain.profiling import device_name, kernel_table, range_seconds  # noqa: E402
 
-# model -> (dataset info, paper batch, CPU batch, the paper's layer rules as (match, type, exact))
-INFOS = {
-    "mnist": DatasetInfo("mnist", "image", 1, (28, 28), 10),
-    "cifar100": DatasetInfo("cifar100", "image", 3, (32, 32), 100),
-    "imagenet": DatasetInfo("imagenet", "image", 3, (224, 224), 1000),
-    "ptb": DatasetInfo("ptb", "text", vocab_size=10000, metric="perplexity"),
-}
-MODELS = {
-    "mlp": ("mnist", 50, 50, [(None, "Linear", False)]),
-    "cnn": ("mnist", 50, 50, [("conv1", None, True), (None, None, False)]),
-    "lstm": ("ptb", 20, 20, [("decoder", None, False)]),
-    "wrn": ("cifar100", 128, 8, [("conv1", None, True), ("fc", None, True), (None, "Conv2d", False)]),
-    "resnet50": ("imagenet", 128, 4, [("conv1", None, True), ("fc", None, True), (None, "Conv2d", False)]),
-}
+# Batches other than the paper dataset's batch_size, sized to one device: CUDA, CPU.
+CUDA_BATCH = {"resnet50": 128}
+CPU_BATCH = {"wrn": 8, "resnet50": 4}
 
 
-def _rules(spec, ratio: float, align_k: int) -> list[LayerRule]:
-    sampling = SamplingConfig("topk", ratio=ratio, align_k=align_k)
-    return [LayerRule(match, kind, exact, sampling) for match, kind, exact in spec]
+def _run_config(name: str, align_k: int) -> dict:
+    """The resolved config of ``approxtrain model=<name> sampler=topk sampler.align_k=<align_k>``
+    (the paper's dataset and layer rules); its ``ratio`` is set per configuration."""
+    with initialize_config_module("approxtrain.configs", version_base="1.3"):
+        cfg = compose("train", [f"model={name}", "sampler=topk", f"sampler.align_k={align_k}", "logger=none"])
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
-def _batch(info: DatasetInfo, batch: int, device: torch.device, channels_last: bool, image_size: int | None):
+def _batch(info: DatasetInfo, batch: int, device: torch.device, channels_last: bool, image_size: int | None, seq_len: int):
     if info.kind == "text":
-        x = torch.randint(info.vocab_size, (batch, 35), device=device)
-        return x, torch.randint(info.vocab_size, (batch, 35), device=device)
+        x = torch.randint(info.vocab_size, (batch, seq_len), device=device)
+        return x, torch.randint(info.vocab_size, (batch, seq_len), device=device)
     size = (image_size, image_size) if image_size else info.image_size
     x = torch.randn(batch, info.in_channels, *size, device=device)
     if channels_last:
@@ -134,12 +133,12 @@ def _step_peak_bytes(model, optimizer, x, y, info, amp, device) -> int | None:
     return torch.cuda.max_memory_allocated() - before
 
 
-def _measure(models: list, info, batch, device, amp, channels_last, image_size, warmup, repeats: int | None,
+def _measure(models: list, info, batch, device, amp, channels_last, image_size, seq_len, warmup, repeats: int | None,
              profile_steps: list[int]) -> list[dict]:
     """Times the training step of each model on the same batch, round by round: every round
     runs one step of each model in turn, so drifting machine load hits all of them alike.
     ``repeats=None``: as many rounds as fit in about 3 s of the first model's steps (5 to 200)."""
-    x, y = _batch(info, batch, device, channels_last, image_size)
+    x, y = _batch(info, batch, device, channels_last, image_size, seq_len)
     runs = []
     for model in models:
         model.train()
@@ -179,9 +178,9 @@ def _config_name(ratio: float) -> str:
 
 
 def _write_kernel_profile(path: Path, name: str, models: list[tuple[float, nn.Module]], info, batch, device, amp,
-                          channels_last, image_size) -> None:
+                          channels_last, image_size, seq_len) -> None:
     """One profiled training step of each ``(ratio, model)`` (after one unprofiled step), as tables of top kernels, to ``path``."""
-    x, y = _batch(info, batch, device, channels_last, image_size)
+    x, y = _batch(info, batch, device, channels_last, image_size, seq_len)
     sections = [f"{name}: batch {batch}, input {tuple(x.shape)}, amp {amp}, channels_last {channels_last}, {_device_name(device)}, "
                 f"torch {torch.__version__}; one training step (forward, backward, SGD step) per table\n"]
     for ratio, model in models:
@@ -200,7 +199,7 @@ def _device_name(device: torch.device) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list_models(), choices=list_models())
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.3])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--batch", type=int, default=None, help="batch size for every model (default: paper batch on CUDA, a CPU-sized one on CPU)")
@@ -240,28 +239,29 @@ def main(argv: list[str] | None = None) -> int:
     header = f"{'model':<9} {'batch':>5} {'config':<10} {'step ms':>9} {'speedup':>8} {'reduction':>9} {'bound':>6} {'of bound':>8} {'select':>7} {'gath/sc':>7} {'act MB':>8} {'step MB':>8}"
     print(header)
     for name in args.models:
-        dataset, paper_batch, cpu_batch, spec = MODELS[name]
-        info = INFOS[dataset]
-        batch = args.batch or (paper_batch if device.type == "cuda" else cpu_batch)
-        channels_last = info.kind == "image" and name in ("cnn", "wrn", "resnet50") and (
-            args.channels_last == "on" or args.channels_last == "auto" and device.type == "cuda")
+        cfg = _run_config(name, args.align_k)
+        info, seq_len = like_info(cfg["model"]["paper_dataset"]), cfg["dataset"].get("seq_len")
+        batch = args.batch or (CUDA_BATCH if device.type == "cuda" else CPU_BATCH).get(name, cfg["dataset"]["batch_size"])
         torch.manual_seed(0)
-        base = build_model(name, info).to(device)
+        base = build_model(cfg["model"], info).to(device)
+        channels_last = any(isinstance(module, nn.Conv2d) for module in base.modules()) and (
+            args.channels_last == "on" or args.channels_last == "auto" and device.type == "cuda")
         if channels_last:
             base = base.to(memory_format=torch.channels_last)
-        example = _batch(info, 2, device, channels_last, args.image_size)[0]
+        example = _batch(info, 2, device, channels_last, args.image_size, seq_len)[0]
         ratios = [1.0, *args.ratios]
         configs = []  # (ratio, planned reduction, meter, model as stepped)
         for ratio in ratios:
             model = copy.deepcopy(base)
             reduction = 0.0
             if ratio < 1.0:
-                reduction = approximate_(model, _rules(spec, ratio, args.align_k), example_input=example, batch_size=batch).compute_reduction
+                rules = layer_rules({**cfg, "ratio": ratio})
+                reduction = approximate_(model, rules, example_input=example, batch_size=batch).compute_reduction
             meter = ComputeMeter()
             attach_meter(model, meter)
             configs.append((ratio, reduction, meter, model))
         profile = [args.profile_steps if ratio < 1.0 else 0 for ratio in ratios]
-        measure = (info, batch, device, amp, channels_last, args.image_size, warmup, repeats)
+        measure = (info, batch, device, amp, channels_last, args.image_size, seq_len, warmup, repeats)
         if args.compile:
             # a fresh compile per configuration, measured before the next one is compiled, as in a
             # training run: models of one class would otherwise share (and generalise) one cache entry
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.kernel_profile:
             profiled = [(ratio, model) for ratio, _, _, model in configs[:2]]  # exact and the first ratio
             _write_kernel_profile(args.kernel_profile / f"profile_{name}.txt", name, profiled, info, batch, device, amp,
-                                  channels_last, args.image_size)
+                                  channels_last, args.image_size, seq_len)
         del configs, results
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

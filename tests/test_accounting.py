@@ -318,7 +318,7 @@ def wrn():
 
     info = DatasetInfo(name="cifar100", kind="image", in_channels=3, image_size=(32, 32), num_classes=100)
     torch.manual_seed(0)
-    return build_model("wrn", info)
+    return build_model({"name": "wrn"}, info)
 
 
 def wrn_plan(model: nn.Module, rules: list[LayerRule]):
@@ -357,7 +357,7 @@ def test_paper_compute_reduction_lstm_decoder_only():
 
     info = DatasetInfo(name="ptb", kind="text", vocab_size=10000, metric="perplexity")
     torch.manual_seed(0)
-    model = build_model("lstm", info)
+    model = build_model({"name": "lstm"}, info)
     assert isinstance(model.rnn, nn.LSTM) and model.rnn.hidden_size == 650 and model.rnn.num_layers == 2
     # Sec. 3.4: top-k 50% on W2 (the decoder) only -> 24%
     plan = approximate_(model, [LayerRule(match="decoder", sampling=SamplingConfig("topk", ratio=0.5))],
@@ -384,7 +384,7 @@ def test_unrolled_lstm_gate_layers_are_counted_at_every_time_step():
 
     info = DatasetInfo(name="ptb", kind="text", vocab_size=50, metric="perplexity")
     torch.manual_seed(0)
-    model = build_model("lstm", info, hidden=16, layers=2, cell="unrolled")
+    model = build_model({"name": "lstm", "hidden": 16, "layers": 2, "cell": "unrolled"}, info)
     sampling = SamplingConfig("topk", ratio=0.5, wu_ratio=0.5)
     plan = approximate_(model, [LayerRule(match="rnn.*.gates", sampling=sampling)],
                         example_input=torch.randint(0, 50, (2, 7)), batch_size=4)

@@ -16,7 +16,7 @@ MNIST = DatasetInfo("mnist", "image", 1, (28, 28), 10)
 
 def _cnn(policy: str) -> tuple[torch.nn.Module, ComputeMeter]:
     torch.manual_seed(0)
-    model = build_model("cnn", MNIST, dropout=0.0)  # no dropout: eager and compiled draw different masks
+    model = build_model({"name": "cnn", "dropout": 0.0}, MNIST)  # no dropout: eager and compiled draw different masks
     approximate_(model, [LayerRule("conv1", exact=True), LayerRule(sampling=SamplingConfig(policy, ratio=0.5))])
     meter = ComputeMeter()
     attach_meter(model, meter)

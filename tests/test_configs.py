@@ -8,9 +8,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from approxtrain.cli.train import check_group_overrides, main
-from approxtrain.config import ConfigError, validate
-from approxtrain.data import DATASETS, PAPER_DATASET
-from approxtrain.models import MODEL_KIND, MODELS
+from approxtrain.config import ConfigError, sampler_defaults, validate
+from approxtrain.data import DATASETS
+from approxtrain.models import list_models, model_options, model_spec
 from conftest import to_run_config
 
 GROUPS = ("model", "dataset", "sampler", "layers", "logger", "trainer", "experiment")
@@ -50,18 +50,26 @@ PRESETS = {
     }),
 }
 
-# layers=paper per model: the paper's layer choice
-PAPER_RULES = {
-    "mlp": [{"type": "Linear"}],
-    "cnn": [{"match": "conv1", "exact": True}, {}],
-    "lstm": [{"match": "decoder"}],
-    "wrn": [{"match": "conv1", "exact": True}, {"match": "fc", "exact": True}, {"type": "Conv2d"}],
-    "resnet50": [{"match": "conv1", "exact": True}, {"match": "fc", "exact": True}, {"type": "Conv2d"}],
+# The paper's dataset and layer choice (layers=paper) of each of its models.
+PAPER = {
+    "mlp": ("mnist", [{"type": "Linear"}]),
+    "cnn": ("mnist", [{"match": "conv1", "exact": True}, {}]),
+    "lstm": ("ptb", [{"match": "decoder"}]),
+    "wrn": ("cifar100", [{"match": "conv1", "exact": True}, {"match": "fc", "exact": True}, {"type": "Conv2d"}]),
+    "resnet50": ("imagenet", [{"match": "conv1", "exact": True}, {"match": "fc", "exact": True}, {"type": "Conv2d"}]),
+}
+# What each sampler states beyond the fields' defaults (SamplingConfig's).
+SAMPLER_DIFFERENCES = {
+    "exact": {"scale": False},
+    "topk": {"scale": False},
+    "nps": {"replacement": True},
+    "uniform": {},
+    "bernoulli": {},
 }
 
 
 def compatible_datasets(model: str) -> list[str]:
-    text = MODEL_KIND[model] == "text"
+    text = model_spec({"name": model}).kind == "text"
     return [name for name in DATASETS if name == "synthetic" or (name == "ptb") == text]
 
 
@@ -85,7 +93,7 @@ def test_experiment_preset_has_paper_hyperparameters(experiment, compose_cfg):
         actual = OmegaConf.to_container(actual) if OmegaConf.is_config(actual) else actual
         assert actual == pytest.approx(value) if isinstance(value, float) else actual == value, f"{experiment}: {dotted}={actual!r}"
     resolved = to_run_config(cfg)
-    assert resolved["layers"]["rules"] == PAPER_RULES[model]
+    assert resolved["layers"]["rules"] == PAPER[model][1]
     validate(resolved)
 
 
@@ -97,26 +105,93 @@ def test_experiment_preset_takes_further_overrides(compose_cfg):
     validate(cfg)
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_dataset_defaults_to_the_models_paper_dataset(model, compose_cfg):
+@pytest.mark.parametrize("model", list_models())
+def test_dataset_and_layers_default_to_the_models_paper_choice(model, compose_cfg):
     cfg = compose_cfg(f"model={model}")
     assert cfg.model.name == model
-    assert cfg.dataset.name == PAPER_DATASET[model] == cfg.model.paper_dataset
-    assert cfg.hydra.runtime.choices.dataset == f"paper/{model}"
+    assert cfg.dataset.name == cfg.model.paper_dataset == cfg.hydra.runtime.choices.dataset
     resolved = to_run_config(cfg)
-    assert resolved["layers"]["name"] == "paper" and resolved["layers"]["rules"] == PAPER_RULES[model]
+    assert resolved["layers"]["name"] == "paper" and resolved["layers"]["rules"] == resolved["model"]["paper_rules"]
+    assert resolved["layers"]["rules"], f"model {model}: empty paper_rules"
     validate(resolved)
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", list(PAPER))
+def test_model_configs_hold_the_papers_dataset_and_layer_choice(model, compose_cfg):
+    resolved = to_run_config(compose_cfg(f"model={model}"))
+    assert (resolved["dataset"]["name"], resolved["layers"]["rules"]) == PAPER[model]
+
+
+@pytest.mark.parametrize("model", list_models())
 def test_dataset_choice_overrides_the_paper_dataset(model, compose_cfg):
     for dataset in compatible_datasets(model):
         cfg = compose_cfg(f"model={model}", f"dataset={dataset}")
-        assert cfg.dataset.name == dataset, (model, dataset)
+        assert cfg.dataset.name == cfg.hydra.runtime.choices.dataset == dataset, (model, dataset)
         resolved = to_run_config(cfg)
         if dataset == "synthetic":
-            assert resolved["dataset"]["like"] == PAPER_DATASET[model]
+            assert resolved["dataset"]["like"] == resolved["model"]["paper_dataset"]
         validate(resolved)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "model", "dataset", "like"),
+    [
+        (["experiment=wrn_cifar10"], "wrn", "cifar10", None),  # the preset's dataset beats the model's paper dataset
+        (["experiment=wrn_cifar10", "dataset=synthetic"], "wrn", "synthetic", "cifar100"),  # the command line beats both
+        (["experiment=lstm_ptb", "dataset=synthetic", "layers=gates"], "lstm", "synthetic", "ptb"),
+        (["model=cnn", "experiment=wrn_cifar100"], "cnn", "cifar100", None),  # the command line's model, the preset's dataset
+        (["model=wrn", "model/paper_dataset=cifar10"], "wrn", "cifar10", None),  # the paper-dataset choice itself
+        (["model=wrn", "model/paper_dataset=cifar10", "dataset=synthetic"], "wrn", "synthetic", "cifar10"),
+    ],
+)
+def test_dataset_choice_with_presets_and_overrides(overrides, model, dataset, like, compose_cfg):
+    resolved = to_run_config(compose_cfg(*overrides))
+    assert (resolved["model"]["name"], resolved["dataset"]["name"]) == (model, dataset)
+    assert resolved["dataset"].get("like") == like
+    validate(resolved)
+
+
+@pytest.mark.parametrize("model", list_models())
+def test_model_config_lists_every_option_with_the_builders_default(model, compose_cfg):
+    resolved = to_run_config(compose_cfg(f"model={model}"))
+    assert model_options(resolved["model"]) == model_spec(resolved["model"]).options
+
+
+def test_every_registered_model_has_a_config_and_vice_versa():
+    from importlib.resources import files
+
+    shipped = sorted(entry.name[:-5] for entry in files("approxtrain.configs").joinpath("model").iterdir()
+                     if entry.name.endswith(".yaml"))
+    assert shipped == list_models()
+
+
+@pytest.mark.parametrize(("overrides", "key", "value"), [
+    (["model=cnn", "model.dropout=0.3"], "model.dropout", 0.3),
+    (["model=lstm", "model.cell=unrolled"], "model.cell", "unrolled"),
+    (["sampler=nps", "sampler.min_k=10"], "sampler.min_k", 10),
+    (["sampler.bwd_ratio=0.2"], "sampler.bwd_ratio", 0.2),
+    (["dataset=mnist", "dataset.image_size=16"], "dataset.image_size", 16),
+])
+def test_options_are_overridden_without_plus(overrides, key, value, compose_cfg):
+    cfg = compose_cfg(*overrides)
+    assert OmegaConf.select(cfg, key) == value
+    validate(to_run_config(cfg))
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLER_DIFFERENCES))
+def test_sampler_configs_state_only_what_differs_from_the_defaults(sampler, compose_cfg):
+    resolved = to_run_config(compose_cfg(f"sampler={sampler}"))["sampler"]
+    assert resolved == {**sampler_defaults(), **SAMPLER_DIFFERENCES[sampler], "name": sampler}
+
+
+def test_sampler_defaults_are_sampling_configs_less_policy_and_ratio():
+    from dataclasses import fields
+
+    from approxtrain.sampling import SamplingConfig
+
+    expected = {field.name: field.default for field in fields(SamplingConfig)}
+    assert (expected.pop("policy"), expected.pop("ratio")) == ("topk", 1.0)
+    assert sampler_defaults() == expected
 
 
 def test_default_config_is_mlp_on_mnist_topk_half(compose_cfg):
@@ -163,6 +238,9 @@ def test_run_dir_defaults_to_outputs(compose_cfg, tmp_path, monkeypatch):
         (["logger.init_timeout_s=0"], "logger.init_timeout_s=0"),
         (["logger.init_timeout_s=soon"], "logger.init_timeout_s='soon'"),
         (["layers.rules=[{type: Dense}]"], "type='Dense'"),
+        (["+sampler.foo=1"], "sampler.foo"),
+        (["sampler.min_k=0"], "sampler.min_k=0"),
+        (["model.hidden=0"], "model.hidden=0"),
     ],
 )
 def test_validate_rejects_bad_values_in_one_line(overrides, message, compose_cfg):
@@ -179,7 +257,7 @@ def test_validate_rejects_bad_values_in_one_line(overrides, message, compose_cfg
         (["model=wrn", "sampler=topk", "ratio=0.5"], None),
         (["-m", "sampler=exact,topk,nps", "ratio=0.3,0.5"], None),
         (["experiment=lstm_ptb", "layers=gates", "logger=none", "dataset=synthetic"], None),
-        (["dataset=paper/wrn"], None),
+        (["model=wrn", "model/paper_dataset=cifar10"], None),
         (["sampler=nope"], "sampler=nope is unknown; allowed: bernoulli, exact, nps, topk, uniform"),
         (["-m", "sampler=topk,nope"], "sampler=nope is unknown"),
         (["model=nope"], "model=nope is unknown; allowed: cnn, lstm, mlp, resnet50, wrn"),

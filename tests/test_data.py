@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from approxtrain.data import DATASETS, DatasetInfo, DatasetNotFound, build_loaders
 from approxtrain.data.images import PerImageStandardization
@@ -16,6 +17,17 @@ from approxtrain.data.text import TokenBatches, build_vocabulary
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 needs_mnist = pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="no shared MNIST copy")
 needs_ptb = pytest.mark.skipif(not (SHARED_DATA / "PTB" / "ptb.test.txt").is_file(), reason="no shared PTB copy")
+DATASET_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "dataset"
+
+
+def dataset_config(name: str, **fields) -> dict:
+    """The shipped ``configs/dataset/<name>.yaml`` with ``fields`` replaced (or added)."""
+    return {**OmegaConf.to_container(OmegaConf.load(DATASET_CONFIGS / f"{name}.yaml")), **fields}
+
+
+def loaders(name: str, *, seed: int = 0, **fields):
+    """``build_loaders`` of the shipped config of dataset ``name`` with ``fields`` replaced."""
+    return build_loaders(dataset_config(name, **fields), num_workers=0, seed=seed, pin_memory=False)
 
 
 def assert_one_line_not_found(error: pytest.ExceptionInfo, name: str, root: Path | str) -> None:
@@ -35,7 +47,7 @@ def collect(loader) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_digits_shapes_and_info() -> None:
-    train, test, info = build_loaders("digits", batch_size=64)
+    train, test, info = loaders("digits", batch_size=64)
     assert info == DatasetInfo("digits", "image", in_channels=1, image_size=(8, 8), num_classes=10)
     assert len(train.dataset) + len(test.dataset) == 1797
     assert len(test.dataset) == 360
@@ -49,8 +61,8 @@ def test_digits_shapes_and_info() -> None:
 
 
 def test_digits_test_split_is_fixed_and_stratified() -> None:
-    _, test_a, _ = build_loaders("digits", batch_size=50, seed=0)
-    _, test_b, _ = build_loaders("digits", batch_size=50, eval_batch_size=7, seed=123)
+    _, test_a, _ = loaders("digits", batch_size=50, seed=0)
+    _, test_b, _ = loaders("digits", batch_size=50, eval_batch_size=7, seed=123)
     inputs_a, targets_a = collect(test_a)
     inputs_b, targets_b = collect(test_b)
     assert torch.equal(inputs_a, inputs_b) and torch.equal(targets_a, targets_b)
@@ -58,15 +70,15 @@ def test_digits_test_split_is_fixed_and_stratified() -> None:
 
 
 def test_train_shuffle_is_seeded() -> None:
-    first = lambda seed: next(iter(build_loaders("digits", batch_size=32, seed=seed)[0]))[1]  # noqa: E731
+    first = lambda seed: next(iter(loaders("digits", batch_size=32, seed=seed)[0]))[1]  # noqa: E731
     assert torch.equal(first(0), first(0))
     assert not torch.equal(first(0), first(1))
-    train, _, _ = build_loaders("digits", batch_size=32, seed=0)
+    train, _, _ = loaders("digits", batch_size=32, seed=0)
     assert not torch.equal(next(iter(train))[1], next(iter(train))[1])  # a new order each epoch
 
 
 def test_digits_image_size_resizes() -> None:
-    train, _, info = build_loaders("digits", batch_size=4, image_size=16)
+    train, _, info = loaders("digits", batch_size=4, image_size=16)
     assert info.image_size == (16, 16)
     assert next(iter(train))[0].shape == (4, 1, 16, 16)
 
@@ -84,7 +96,7 @@ def test_digits_image_size_resizes() -> None:
     ],
 )
 def test_synthetic_images_have_real_shapes(like: str, shape: tuple[int, ...], classes: int) -> None:
-    train, test, info = build_loaders("synthetic", like=like, batch_size=4, num_samples=8)
+    train, test, info = loaders("synthetic", like=like, batch_size=4, eval_batch_size=4, num_samples=8)
     assert info == DatasetInfo("synthetic", "image", shape[0], shape[1:], classes)
     assert len(train.dataset) == 8 and len(train) == 2
     assert len(test.dataset) == 4  # a quarter, at least one batch
@@ -95,7 +107,7 @@ def test_synthetic_images_have_real_shapes(like: str, shape: tuple[int, ...], cl
 
 def test_synthetic_is_deterministic_per_seed() -> None:
     def data(seed: int) -> tuple[torch.Tensor, ...]:
-        train, test, _ = build_loaders("synthetic", like="cifar10", batch_size=16, num_samples=32, seed=seed)
+        train, test, _ = loaders("synthetic", like="cifar10", batch_size=16, eval_batch_size=16, num_samples=32, seed=seed)
         return (*collect(train), *collect(test))
 
     same, again, other = data(3), data(3), data(4)
@@ -107,7 +119,7 @@ def test_synthetic_is_deterministic_per_seed() -> None:
 
 
 def test_synthetic_test_set_is_at_least_one_batch_and_image_size_overrides() -> None:
-    train, test, info = build_loaders(
+    train, test, info = loaders(
         "synthetic", like="imagenet", batch_size=2, eval_batch_size=8, num_samples=4, image_size=32
     )
     assert info.image_size == (32, 32) and info.num_classes == 1000
@@ -116,13 +128,13 @@ def test_synthetic_test_set_is_at_least_one_batch_and_image_size_overrides() -> 
 
 
 def test_synthetic_text_like_ptb() -> None:
-    train, test, info = build_loaders("synthetic", like="ptb", batch_size=4, num_samples=40, seq_len=10, seed=1)
+    train, test, info = loaders("synthetic", like="ptb", batch_size=4, eval_batch_size=4, num_samples=40, seq_len=10, seed=1)
     assert info == DatasetInfo("synthetic", "text", vocab_size=10_000, metric="perplexity")
     assert len(train) == 10 and len(test) == 2  # num_samples // batch_size windows; test: 10 samples
     inputs, targets = next(iter(train))
     assert inputs.shape == targets.shape == (4, 10) and inputs.dtype == targets.dtype == torch.int64
     assert torch.equal(inputs[:, 1:], targets[:, :-1])
-    again, _, _ = build_loaders("synthetic", like="ptb", batch_size=4, num_samples=40, seq_len=10, seed=1)
+    again, _, _ = loaders("synthetic", like="ptb", batch_size=4, eval_batch_size=4, num_samples=40, seq_len=10, seed=1)
     assert torch.equal(next(iter(again))[0], inputs)
 
 
@@ -152,7 +164,7 @@ def test_vocabulary_sorted_by_frequency_then_word() -> None:
 
 @needs_mnist
 def test_mnist_from_shared_folder() -> None:
-    train, test, info = build_loaders("mnist", root=str(SHARED_DATA), download=False, batch_size=50)
+    train, test, info = loaders("mnist", root=str(SHARED_DATA), download=False, batch_size=50, eval_batch_size=50)
     assert info == DatasetInfo("mnist", "image", in_channels=1, image_size=(28, 28), num_classes=10)
     assert len(train.dataset) == 5000 and len(test.dataset) == 10_000
     assert len(train) == 100 and len(test) == 200
@@ -164,7 +176,7 @@ def test_mnist_from_shared_folder() -> None:
 
 @needs_ptb
 def test_ptb_from_shared_folder() -> None:
-    train, test, info = build_loaders("ptb", root=str(SHARED_DATA), batch_size=20, seq_len=35, train_split="valid")
+    train, test, info = loaders("ptb", root=str(SHARED_DATA), batch_size=20, eval_batch_size=20, seq_len=35, train_split="valid")
     assert info == DatasetInfo("ptb", "text", vocab_size=10_000, metric="perplexity")
     assert len(train) == (73_760 // 20 - 1) // 35 and len(test) == (82_430 // 20 - 1) // 35
     pairs = list(test)
@@ -191,7 +203,7 @@ def test_ptb_vocabulary_of_the_shared_files() -> None:
 @needs_ptb
 def test_ptb_without_train_file_suggests_valid_split() -> None:
     with pytest.raises(DatasetNotFound) as error:
-        build_loaders("ptb", root=str(SHARED_DATA), batch_size=20)
+        loaders("ptb", root=str(SHARED_DATA), batch_size=20)
     assert_one_line_not_found(error, "ptb", SHARED_DATA)
     assert "ptb.train.txt" in str(error.value) and "train_split=valid" in str(error.value)
 
@@ -208,7 +220,7 @@ def test_imagenet_from_class_folders(tmp_path: Path) -> None:
             folder.mkdir(parents=True)
             for index in range(3):
                 Image.new("RGB", (40, 30), color=(index * 40, 10, 200)).save(folder / f"{index}.png")
-    train, test, info = build_loaders("imagenet", root=str(tmp_path), batch_size=4, image_size=24)
+    train, test, info = loaders("imagenet", root=str(tmp_path), batch_size=4, eval_batch_size=4, image_size=24)
     assert info == DatasetInfo("imagenet", "image", in_channels=3, image_size=(24, 24), num_classes=2)
     assert len(train) == 2 and len(test) == 2
     inputs, targets = next(iter(test))
@@ -230,7 +242,7 @@ def test_per_image_standardization() -> None:
 def test_missing_dataset_without_download_is_one_line(name: str, tmp_path: Path, capsys) -> None:
     root = tmp_path / "data"
     with pytest.raises(DatasetNotFound) as error:
-        build_loaders(name, root=str(root), download=False, batch_size=4)
+        loaders(name, root=str(root), batch_size=4, **({"download": False} if "download" in dataset_config(name) else {}))
     assert_one_line_not_found(error, name, root)
     if name != "ptb":
         assert "dataset=digits" in str(error.value)
@@ -249,7 +261,7 @@ def test_failed_download_is_one_line(name: str, tmp_path: Path, monkeypatch, cap
     monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", offline)
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
     with pytest.raises(DatasetNotFound) as error:
-        build_loaders(name, root=str(tmp_path), download=True, batch_size=4)
+        loaders(name, root=str(tmp_path), download=True, batch_size=4)
     assert_one_line_not_found(error, name, tmp_path)
     assert error.value.__suppress_context__  # no chained torchvision traceback
     assert capsys.readouterr().out == ""  # torchvision's download chatter is not shown
@@ -259,18 +271,43 @@ def test_dataset_not_found_is_a_value_error() -> None:
     assert issubclass(DatasetNotFound, ValueError)
 
 
+def bad_config(name: str, **fields) -> dict:
+    """The shipped config of ``name`` with ``fields`` replaced; a field set to ``...`` is removed."""
+    return {key: value for key, value in dataset_config(name, **fields).items() if value is not ...}
+
+
 @pytest.mark.parametrize(
-    ("kwargs", "pattern"),
+    ("config", "pattern"),
     [
-        ({"name": "svhn"}, r"unknown dataset 'svhn'; allowed: " + ", ".join(DATASETS)),
-        ({"name": "synthetic", "like": "svhn"}, r"unknown dataset.like='svhn'.*mnist"),
-        ({"name": "ptb", "train_split": "test"}, r"train_split='test'.*train, valid"),
-        ({"name": "digits", "train_split": "valid"}, r"train_split='valid' is only for ptb"),
-        ({"name": "digits", "batch_size": 0}, r"batch sizes must be >= 1"),
+        ({"name": "svhn", "batch_size": 4, "eval_batch_size": 4}, r"unknown dataset 'svhn'; allowed: " + ", ".join(DATASETS)),
+        (bad_config("synthetic", like="svhn"), r"unknown dataset.like='svhn'.*mnist"),
+        (bad_config("synthetic", like="mnist", num_samples=0), r"dataset.num_samples=0 is invalid; allowed: an integer >= 1"),
+        (bad_config("ptb", train_split="test"), r"train_split='test'.*train, valid"),
+        (bad_config("digits", train_split="valid"),
+         r"dataset.train_split is not a field of digits; its fields: name, batch_size, eval_batch_size, image_size$"),
+        (bad_config("mnist", root=...),
+         r"dataset.root is missing for mnist; its fields: name, batch_size, eval_batch_size, root, download, image_size$"),
+        (bad_config("digits", batch_size=0), r"dataset.batch_size=0 is invalid; allowed: an integer >= 1"),
+        (bad_config("digits", eval_batch_size=None), r"dataset.eval_batch_size=None is invalid; allowed: an integer >= 1"),
+        (bad_config("digits", image_size=0), r"dataset.image_size=0 is invalid; allowed: null or an integer >= 1"),
     ],
 )
-def test_bad_arguments_are_one_line_value_errors(kwargs: dict, pattern: str) -> None:
-    kwargs = {"batch_size": 4, **kwargs}
+def test_bad_fields_are_one_line_value_errors(config: dict, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern) as error:
-        build_loaders(kwargs.pop("name"), **kwargs)
+        build_loaders(config, num_workers=0, seed=0, pin_memory=False)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_every_shipped_dataset_config_has_exactly_its_fields(name: str, tmp_path: Path) -> None:
+    """Each YAML is what build_loaders takes: the data loads, or the run stops at the missing data."""
+    config = dataset_config(name, batch_size=2, eval_batch_size=2)
+    config.update({key: value for key, value in (("root", str(tmp_path)), ("download", False)) if key in config})
+    if name == "synthetic":  # `like` is the model's paper dataset in a run
+        config.update(like="mnist", num_samples=4)
+    try:
+        _, _, info = build_loaders(config, num_workers=0, seed=0, pin_memory=False)
+    except DatasetNotFound:
+        assert name not in ("digits", "synthetic")
+    else:
+        assert info.name == name

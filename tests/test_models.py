@@ -1,4 +1,4 @@
-"""Models: shapes, names, parameter counts, errors, and the unrolled LSTM against nn.LSTM."""
+"""Models: the registry, shapes, names, parameter counts, errors, and the unrolled LSTM against nn.LSTM."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from approxtrain.data import PAPER_DATASET, DatasetInfo
-from approxtrain.models import MODELS, LSTMLanguageModel, build_model, check_model_options
+from approxtrain.data import DatasetInfo
+from approxtrain.data.synthetic import like_info
+from approxtrain.models import LSTMLanguageModel, build_model, list_models, model_spec
+from conftest import to_run_config
 
 MNIST = DatasetInfo("mnist", "image", in_channels=1, image_size=(28, 28), num_classes=10)
 DIGITS = DatasetInfo("digits", "image", in_channels=1, image_size=(8, 8), num_classes=10)
@@ -16,7 +18,12 @@ CIFAR100 = DatasetInfo("cifar100", "image", in_channels=3, image_size=(32, 32), 
 IMAGENET = DatasetInfo("imagenet", "image", in_channels=3, image_size=(224, 224), num_classes=1000)
 PTB = DatasetInfo("ptb", "text", vocab_size=10_000, metric="perplexity")
 SMALL_TEXT = DatasetInfo("synthetic", "text", vocab_size=50, metric="perplexity")
-INFOS = {"mnist": MNIST, "cifar100": CIFAR100, "imagenet": IMAGENET, "ptb": PTB}
+KINDS = {"mlp": "image", "cnn": "image", "lstm": "text", "wrn": "image", "resnet50": "image"}
+
+
+def build(name: str, info: DatasetInfo, **options) -> nn.Module:
+    """``build_model`` of the model config ``{name, **options}``."""
+    return build_model({"name": name, **options}, info)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -57,22 +64,29 @@ def forward_backward(model: nn.Module, info: DatasetInfo, batch: int = 2, size: 
     ],
 )
 def test_forward_backward_shapes(name: str, info: DatasetInfo) -> None:
-    forward_backward(build_model(name, info), info)
+    forward_backward(build(name, info), info)
 
 
 @pytest.mark.parametrize(("name", "info"), [("wrn", MNIST), ("resnet50", MNIST), ("resnet50", IMAGENET)])
 def test_big_models_eval_forward(name: str, info: DatasetInfo) -> None:
     """Forward only, batch 1 in eval mode (BN uses running statistics), to keep the suite fast."""
-    model = build_model(name, info).eval()
+    model = build(name, info).eval()
     with torch.no_grad():
         output = model(torch.randn(1, info.in_channels, *info.image_size))
     assert output.shape == (1, info.num_classes)
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_every_model_builds_for_its_paper_dataset(name: str) -> None:
-    model = build_model(name, INFOS[PAPER_DATASET[name]])
-    assert isinstance(model, nn.Module)
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_builds_from_its_config_for_its_paper_dataset(name: str, compose_cfg) -> None:
+    model_config = to_run_config(compose_cfg(f"model={name}"))["model"]
+    info = like_info(model_config["paper_dataset"])
+    assert model_spec(model_config).kind == info.kind
+    assert isinstance(build_model(model_config, info), nn.Module)
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_spec_kind(name: str) -> None:
+    assert model_spec({"name": name}).kind == KINDS[name]
 
 
 @pytest.mark.parametrize(
@@ -88,7 +102,7 @@ def test_every_model_builds_for_its_paper_dataset(name: str) -> None:
     ],
 )
 def test_parameter_counts(name: str, info: DatasetInfo, options: dict, expected: int) -> None:
-    assert count_parameters(build_model(name, info, **options)) == expected
+    assert count_parameters(build(name, info, **options)) == expected
 
 
 @pytest.mark.parametrize(
@@ -126,14 +140,14 @@ def test_parameter_counts(name: str, info: DatasetInfo, options: dict, expected:
     ],
 )
 def test_module_names_and_weight_shapes(name: str, info: DatasetInfo, options: dict, shapes: dict) -> None:
-    modules = dict(build_model(name, info, **options).named_modules())
+    modules = dict(build(name, info, **options).named_modules())
     for qualified_name, shape in shapes.items():
         assert qualified_name in modules, qualified_name
         assert tuple(modules[qualified_name].weight.shape) == shape, qualified_name
 
 
 def test_wrn_structure() -> None:
-    modules = dict(build_model("wrn", CIFAR100).named_modules())
+    modules = dict(build("wrn", CIFAR100).named_modules())
     convs = [name for name, module in modules.items() if isinstance(module, nn.Conv2d)]
     assert len([name for name in convs if not name.endswith("shortcut")]) == 25  # conv1 + 3 groups x 4 blocks x 2
     assert sorted(name for name in convs if name.endswith("shortcut")) == [
@@ -147,7 +161,7 @@ def test_wrn_structure() -> None:
 
 
 def test_lstm_cudnn_has_one_nn_lstm_named_rnn() -> None:
-    model = build_model("lstm", PTB)
+    model = build("lstm", PTB)
     assert isinstance(model.rnn, nn.LSTM)
     assert (model.rnn.num_layers, model.rnn.hidden_size, model.rnn.dropout) == (2, 650, 0.5)
     assert all(-0.05 <= parameter.min() and parameter.max() <= 0.05 for parameter in model.parameters())
@@ -168,8 +182,8 @@ def copy_lstm_into_unrolled(cudnn: LSTMLanguageModel, unrolled: LSTMLanguageMode
 @pytest.mark.parametrize("hidden", [16, 650])
 def test_unrolled_lstm_equals_cudnn_lstm(hidden: int) -> None:
     torch.manual_seed(0)
-    cudnn = build_model("lstm", SMALL_TEXT, hidden=hidden).eval()
-    unrolled = build_model("lstm", SMALL_TEXT, hidden=hidden, cell="unrolled").eval()
+    cudnn = build("lstm", SMALL_TEXT, hidden=hidden).eval()
+    unrolled = build("lstm", SMALL_TEXT, hidden=hidden, cell="unrolled").eval()
     copy_lstm_into_unrolled(cudnn, unrolled)
     tokens = torch.randint(SMALL_TEXT.vocab_size, (3, 2, 7))
     with torch.no_grad():
@@ -181,8 +195,8 @@ def test_unrolled_lstm_equals_cudnn_lstm(hidden: int) -> None:
 
 def test_unrolled_lstm_gradients_equal_cudnn() -> None:
     torch.manual_seed(1)
-    cudnn = build_model("lstm", SMALL_TEXT, hidden=8).eval()
-    unrolled = build_model("lstm", SMALL_TEXT, hidden=8, cell="unrolled").eval()
+    cudnn = build("lstm", SMALL_TEXT, hidden=8).eval()
+    unrolled = build("lstm", SMALL_TEXT, hidden=8, cell="unrolled").eval()
     with torch.no_grad():  # larger weights than the 0.05 init, so gradients are far above the tolerance
         for parameter in cudnn.parameters():
             parameter.uniform_(-0.8, 0.8)
@@ -199,7 +213,7 @@ def test_unrolled_lstm_gradients_equal_cudnn() -> None:
 @pytest.mark.parametrize("cell", ["cudnn", "unrolled"])
 def test_lstm_carries_detached_state_across_calls(cell: str) -> None:
     torch.manual_seed(0)
-    model = build_model("lstm", SMALL_TEXT, hidden=8, cell=cell).eval()
+    model = build("lstm", SMALL_TEXT, hidden=8, cell=cell).eval()
     first, second = torch.randint(SMALL_TEXT.vocab_size, (2, 3, 4))
     fresh = model(second)
     model.reset_state()
@@ -227,7 +241,7 @@ def test_lstm_carries_detached_state_across_calls(cell: str) -> None:
 )
 def test_text_image_mismatch_is_one_line_value_error(name: str, info: DatasetInfo, fragments: list[str]) -> None:
     with pytest.raises(ValueError) as error:
-        build_model(name, info)
+        build(name, info)
     message = str(error.value)
     assert "\n" not in message
     for fragment in fragments:
@@ -235,17 +249,17 @@ def test_text_image_mismatch_is_one_line_value_error(name: str, info: DatasetInf
 
 
 def test_unknown_model_and_option() -> None:
-    with pytest.raises(ValueError, match=r"unknown model 'vgg'.*mlp, cnn, lstm, wrn, resnet50") as error:
-        build_model("vgg", MNIST)
+    with pytest.raises(ValueError, match=r"unknown model 'vgg'; allowed: cnn, lstm, mlp, resnet50, wrn") as error:
+        build("vgg", MNIST)
     assert "\n" not in str(error.value)
     with pytest.raises(TypeError, match=r"unknown option 'width'.*'mlp'.*hidden"):
-        build_model("mlp", MNIST, width=3)
+        build("mlp", MNIST, width=3)
     with pytest.raises(TypeError, match=r"unknown option 'depth'.*'resnet50'"):
-        build_model("resnet50", CIFAR10, depth=18)
+        build("resnet50", CIFAR10, depth=18)
     with pytest.raises(ValueError, match=r"model.cell='gru' is invalid; allowed: cudnn, unrolled"):
-        build_model("lstm", PTB, cell="gru")
+        build("lstm", PTB, cell="gru")
     with pytest.raises(ValueError, match=r"6n \+ 4"):
-        build_model("wrn", CIFAR10, depth=27)
+        build("wrn", CIFAR10, depth=27)
 
 
 @pytest.mark.parametrize("model, option, value, allowed", [
@@ -260,20 +274,22 @@ def test_unknown_model_and_option() -> None:
     ("wrn", "widen_factor", "ten", "an integer >= 1"),
 ])
 def test_bad_option_value_is_named_with_the_allowed_values(model, option, value, allowed) -> None:
+    spec = model_spec({"name": model})
     with pytest.raises(ValueError) as error:
-        check_model_options(model, {option: value})
+        spec.check_options({option: value})
     message = str(error.value)
     assert message.startswith(f"model.{option}={value!r} is invalid; allowed: ") and allowed in message
     assert "\n" not in message
-    check_model_options(model, {})  # the paper's defaults need no option
+    spec.check_options({})  # the paper's defaults need no option
+    spec.check_options(spec.options)
 
 
 def test_options_change_the_model() -> None:
-    assert build_model("mlp", MNIST, hidden=32).fc1.out_features == 32
-    small = build_model("wrn", CIFAR10, depth=10, widen_factor=2, dropout=0.3)
+    assert build("mlp", MNIST, hidden=32).fc1.out_features == 32
+    small = build("wrn", CIFAR10, depth=10, widen_factor=2, dropout=0.3)
     assert len(small.block1) == 1 and small.fc.in_features == 128
     assert small.block1[0].dropout.p == 0.3
     forward_backward(small, CIFAR10)
-    lstm = build_model("lstm", SMALL_TEXT, hidden=12, layers=3, dropout=0.1, cell="unrolled")
+    lstm = build("lstm", SMALL_TEXT, hidden=12, layers=3, dropout=0.1, cell="unrolled")
     assert len(lstm.rnn) == 3 and lstm.rnn.dropout == 0.1 and lstm.dropout.p == 0.1
     forward_backward(lstm, SMALL_TEXT)

@@ -17,7 +17,7 @@ def test_plain_install_ships_the_configs(tmp_path: Path) -> None:
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", str(ROOT), "--no-deps", "--no-build-isolation", "--quiet",
                     "--target", str(target)], check=True, capture_output=True, timeout=600)
-    assert (target / "approxtrain" / "configs" / "dataset" / "paper" / "wrn.yaml").exists()
+    assert (target / "approxtrain" / "configs" / "model" / "wrn.yaml").exists()
     env = {**os.environ, "PYTHONPATH": str(target)}
     done = subprocess.run([sys.executable, "-m", "approxtrain.cli.train", "--help"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)

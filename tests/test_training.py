@@ -125,7 +125,7 @@ def test_lstm_ptb_shared_data_reports_perplexity(run_cfg, run_dir, shared_data):
 
 # Resume: 2 epochs in one go == 1 epoch, then continued to 2 from the checkpoint.
 # CNN (dropout: torch RNG), nps (the sampler generator), a per-step schedule (scheduler state).
-RESUME = ("model=cnn", "dataset=digits", "sampler=nps", "ratio=0.5", "+model.hidden=64",
+RESUME = ("model=cnn", "dataset=digits", "sampler=nps", "ratio=0.5", "model.hidden=64",
           "trainer.scheduler.name=multistep", "trainer.scheduler.interval=step", "trainer.scheduler.milestones=[20,40]")
 
 

@@ -36,6 +36,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+import approxtrain.cli.config_store  # noqa: F401  (stores the config nodes made from code before anything is composed)
 from approxtrain.cli.allocator import retain_freed_memory
 from approxtrain.cli.resume import RESUME_KEY, RecordResume, last_value, parse_overrides, resume_overrides
 from approxtrain.run.rundir import claim_new_dir, hold, holder, recorded_run, release

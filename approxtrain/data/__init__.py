@@ -1,4 +1,4 @@
-"""Datasets and loaders: ``build_loaders(name, ...) -> (train_loader, test_loader, info)``.
+"""Datasets and loaders: ``build_loaders(dataset_config, ...) -> (train_loader, test_loader, info)``.
 
 Each loader is re-iterable, has ``len()`` (batches per epoch) and yields
 ``(input, target)`` tensor pairs: images ``(B, C, H, W)`` float32 with ``(B,)`` int64
@@ -7,7 +7,10 @@ labels, text ``(B, T)`` int64 token ids with ``(B, T)`` int64 next tokens.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
+from typing import Any
 
 from approxtrain.data import images, synthetic, text
 from approxtrain.data.info import OFFLINE_CHOICES, DatasetInfo, DatasetNotFound
@@ -15,101 +18,76 @@ from approxtrain.data.info import OFFLINE_CHOICES, DatasetInfo, DatasetNotFound
 __all__ = [
     "DATASETS",
     "OFFLINE_CHOICES",
-    "PAPER_DATASET",
     "DatasetInfo",
     "DatasetNotFound",
     "build_loaders",
 ]
 
-DATASETS = ("mnist", "cifar10", "cifar100", "ptb", "imagenet", "digits", "synthetic")
-# The dataset each model is trained on in Adelman & Silberstein (2018).
-PAPER_DATASET = {"mlp": "mnist", "cnn": "mnist", "lstm": "ptb", "wrn": "cifar100", "resnet50": "imagenet"}
+# Image datasets: name -> (train set, test set, info) from the dataset's config fields.
+_IMAGE_SETS: dict[str, Callable[..., tuple[Any, Any, DatasetInfo]]] = {
+    "mnist": images.mnist,
+    "cifar10": partial(images.cifar, "cifar10"),
+    "cifar100": partial(images.cifar, "cifar100"),
+    "imagenet": images.imagenet,
+    "digits": images.digits,
+}
+DATASETS = (*_IMAGE_SETS, "ptb", "synthetic")
+_LOADER_KEYS = ("name", "batch_size", "eval_batch_size")
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _from_fields(source: Callable, name: str, fields: Mapping[str, Any], **context: Any) -> Any:
+    """``source(**fields, **context)``, where ``fields`` must be exactly ``source``'s other parameters."""
+    expected = [parameter for parameter in inspect.signature(source).parameters if parameter not in context]
+    unknown = sorted(set(fields) - set(expected))
+    missing = [field for field in expected if field not in fields]
+    if unknown or missing:
+        problem = f"dataset.{unknown[0]} is not a field of {name}" if unknown else f"dataset.{missing[0]} is missing for {name}"
+        raise ValueError(f"{problem}; its fields: {', '.join([*_LOADER_KEYS, *expected])}")
+    return source(**fields, **context)
 
 
 def build_loaders(
-    name,
-    *,
-    root: str = "data/",
-    download: bool = True,
-    batch_size: int = 0,
-    eval_batch_size: int | None = None,
-    num_workers: int = 0,
-    seed: int = 0,
-    num_samples: int = 512,
-    like: str = "mnist",
-    image_size: int | None = None,
-    seq_len: int = 35,
-    train_split: str = "train",
-    pin_memory: bool = False,
+    dataset: Mapping[str, Any], *, num_workers: int, seed: int, pin_memory: bool
 ) -> tuple[Iterable, Iterable, DatasetInfo]:
-    """Training and test loaders for dataset ``name`` and its :class:`DatasetInfo`.
+    """Training and test loaders for a resolved ``dataset`` config and its :class:`DatasetInfo`.
 
-    ``root``/``download``: where torchvision datasets and PTB live, and whether a
-    missing torchvision dataset may be fetched. ``seed`` seeds the training shuffle
-    (and synthetic data). ``num_samples``/``like``: size and shapes of ``synthetic``
-    (test set: a quarter, at least one batch). ``image_size`` overrides H = W (resizing
-    real images). ``seq_len``/``train_split``: text windows and the PTB file trained on
-    (``train`` or ``valid``; evaluation is always on ``test``).
+    ``dataset`` holds ``name``, ``batch_size``, ``eval_batch_size`` and exactly the fields
+    of that dataset (``configs/dataset/<name>.yaml``): ``root``/``download`` (where the data
+    lives; whether a missing torchvision dataset may be fetched), ``image_size`` (image
+    datasets: H = W, null = native), ``seq_len``/``train_split`` (ptb: windows and the file
+    trained on, ``train`` or ``valid``; evaluation is always on ``test``), ``like``/
+    ``num_samples`` (synthetic: whose shapes, how many training samples). ``seed`` seeds the
+    training shuffle (and synthetic data).
 
-    Raises ``ValueError`` for an unknown name or bad argument and :class:`DatasetNotFound`
+    Raises ``ValueError`` for an unknown name, field or bad value and :class:`DatasetNotFound`
     when the data is missing and cannot be downloaded (one-line messages).
     """
-    if not isinstance(name, str):  # TEMP shim until the registry lands
-        keys = ("root", "download", "eval_batch_size", "num_samples", "like", "image_size", "seq_len", "train_split")
-        node = name
-        name, batch_size = node["name"], node["batch_size"]
-        return build_loaders(name, batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory,
-                             **{key: node[key] for key in keys if key in node})
+    fields = dict(dataset)
+    name = fields.pop("name", None)
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
-    if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-        raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
-    if image_size is not None and image_size < 1:
-        raise ValueError(f"dataset.image_size must be >= 1 or null, got {image_size}")
-    eval_batch_size = eval_batch_size or batch_size
+    batch_size, eval_batch_size = fields.pop("batch_size", None), fields.pop("eval_batch_size", None)
+    for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        if not _is_positive_int(value):
+            raise ValueError(f"dataset.{key}={value!r} is invalid; allowed: an integer >= 1")
+    image_size = fields.get("image_size")
+    if image_size is not None and not _is_positive_int(image_size):
+        raise ValueError(f"dataset.image_size={image_size!r} is invalid; allowed: null or an integer >= 1")
 
+    batches = dict(batch_size=batch_size, eval_batch_size=eval_batch_size)
     if name == "ptb":
-        return text.ptb(
-            root, batch_size=batch_size, eval_batch_size=eval_batch_size, seq_len=seq_len, train_split=train_split
-        )
-    if train_split != "train":
-        raise ValueError(f"dataset.train_split={train_split!r} is only for ptb; {name} trains on its train split")
-
+        return _from_fields(text.ptb, name, fields, **batches)
     if name == "synthetic":
-        if like not in synthetic.LIKES:
-            raise ValueError(f"unknown dataset.like={like!r} for synthetic; allowed: {', '.join(synthetic.LIKES)}")
-        if num_samples < 1:
-            raise ValueError(f"dataset.num_samples must be >= 1, got {num_samples}")
-        num_test = max(num_samples // 4, eval_batch_size)
-        if like in synthetic.TEXT_VOCABULARIES:
-            return synthetic.synthetic_text(
-                like,
-                num_samples=num_samples,
-                num_test=num_test,
-                seed=seed,
-                batch_size=batch_size,
-                eval_batch_size=eval_batch_size,
-                seq_len=seq_len,
-            )
-        train_set, test_set, info = synthetic.synthetic_images(
-            like, num_samples=num_samples, num_test=num_test, seed=seed, image_size=image_size
-        )
-    elif name == "mnist":
-        train_set, test_set, info = images.mnist(root, download, image_size)
-    elif name in ("cifar10", "cifar100"):
-        train_set, test_set, info = images.cifar(name, root, download, image_size)
-    elif name == "imagenet":
-        train_set, test_set, info = images.imagenet(root, image_size)
-    else:  # digits
-        train_set, test_set, info = images.digits(image_size)
-
+        train_set, test_set, info = _from_fields(synthetic.synthetic, name, fields, seed=seed, **batches)
+        if info.kind == "text":  # token streams come batched
+            return train_set, test_set, info
+    else:
+        train_set, test_set, info = _from_fields(_IMAGE_SETS[name], name, fields)
     train_loader, test_loader = images.make_loaders(
-        train_set,
-        test_set,
-        batch_size=batch_size,
-        eval_batch_size=eval_batch_size,
-        num_workers=num_workers,
-        seed=seed,
-        pin_memory=pin_memory,
+        train_set, test_set, **batches, num_workers=num_workers, seed=seed, pin_memory=pin_memory
     )
     return train_loader, test_loader, info

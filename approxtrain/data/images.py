@@ -93,7 +93,7 @@ def _torchvision_dataset(factory: Callable[..., Dataset], name: str, root: str, 
     return dataset
 
 
-def mnist(root: str, download: bool, image_size: int | None = None) -> tuple[Dataset, Dataset, DatasetInfo]:
+def mnist(root: str, download: bool, image_size: int | None) -> tuple[Dataset, Dataset, DatasetInfo]:
     """MNIST (torchvision layout ``root/MNIST/raw``), normalised with the usual mean/std."""
     size = image_size or 28
     transform = transforms.Compose(
@@ -105,9 +105,7 @@ def mnist(root: str, download: bool, image_size: int | None = None) -> tuple[Dat
     return train, test, info
 
 
-def cifar(
-    name: str, root: str, download: bool, image_size: int | None = None
-) -> tuple[Dataset, Dataset, DatasetInfo]:
+def cifar(name: str, root: str, download: bool, image_size: int | None) -> tuple[Dataset, Dataset, DatasetInfo]:
     """CIFAR-10 or CIFAR-100: pad-4 random crop + flip for training, per-image standardisation."""
     factory, num_classes = {"cifar10": (datasets.CIFAR10, 10), "cifar100": (datasets.CIFAR100, 100)}[name]
     size = image_size or 32
@@ -120,7 +118,7 @@ def cifar(
     return train, test, info
 
 
-def imagenet(root: str, image_size: int | None = None) -> tuple[Dataset, Dataset, DatasetInfo]:
+def imagenet(root: str, image_size: int | None) -> tuple[Dataset, Dataset, DatasetInfo]:
     """ImageNet from class folders ``root/train`` and ``root/val`` (never downloaded).
 
     Train: RandomResizedCrop(224) + flip; val: Resize(256) + CenterCrop(224); both
@@ -143,7 +141,7 @@ def imagenet(root: str, image_size: int | None = None) -> tuple[Dataset, Dataset
     return train, test, info
 
 
-def digits(image_size: int | None = None) -> tuple[Dataset, Dataset, DatasetInfo]:
+def digits(image_size: int | None) -> tuple[Dataset, Dataset, DatasetInfo]:
     """scikit-learn's 1797 real 8x8 handwritten digits (bundled, offline).
 
     Pixels scaled to [0, 1] (values / 16), then normalised with the dataset's mean/std.

@@ -48,15 +48,42 @@ class SyntheticImages(Dataset):
         return image, self.targets[index]
 
 
-def synthetic_images(
-    like: str, *, num_samples: int, num_test: int, seed: int, image_size: int | None = None
-) -> tuple[SyntheticImages, SyntheticImages, DatasetInfo]:
-    """Train/test sets shaped like dataset ``like``; ``image_size`` overrides H = W."""
+def like_info(like: str, image_size: int | None = None) -> DatasetInfo:
+    """The :class:`DatasetInfo` of synthetic data shaped like dataset ``like`` (``image_size``: H = W, None: ``like``'s)."""
+    if like in TEXT_VOCABULARIES:
+        return DatasetInfo("synthetic", "text", vocab_size=TEXT_VOCABULARIES[like], metric="perplexity")
     channels, size, num_classes = IMAGE_SHAPES[like]
     size = image_size or size
+    return DatasetInfo("synthetic", "image", in_channels=channels, image_size=(size, size), num_classes=num_classes)
+
+
+def synthetic(
+    like: str, num_samples: int, image_size: int | None, seq_len: int, *, seed: int, batch_size: int, eval_batch_size: int
+) -> tuple[SyntheticImages | TokenBatches, SyntheticImages | TokenBatches, DatasetInfo]:
+    """Train and test data shaped like dataset ``like``: image datasets (``image_size``
+    overrides H = W) or batched text streams of ``seq_len``-token windows. ``num_samples``
+    training samples; the test set has a quarter of that, at least one batch."""
+    if like not in LIKES:
+        raise ValueError(f"unknown dataset.like={like!r} for synthetic; allowed: {', '.join(LIKES)}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"dataset.num_samples={num_samples!r} is invalid; allowed: an integer >= 1")
+    num_test = max(num_samples // 4, eval_batch_size)
+    if like in TEXT_VOCABULARIES:
+        return synthetic_text(
+            like, num_samples=num_samples, num_test=num_test, seed=seed,
+            batch_size=batch_size, eval_batch_size=eval_batch_size, seq_len=seq_len,
+        )
+    return synthetic_images(like, num_samples=num_samples, num_test=num_test, seed=seed, image_size=image_size)
+
+
+def synthetic_images(
+    like: str, *, num_samples: int, num_test: int, seed: int, image_size: int | None
+) -> tuple[SyntheticImages, SyntheticImages, DatasetInfo]:
+    """Train/test sets shaped like dataset ``like``; ``image_size`` overrides H = W."""
+    info = like_info(like, image_size)
+    channels, size, num_classes = info.in_channels, info.image_size[0], info.num_classes
     train = SyntheticImages(num_samples, channels, size, num_classes, seed=seed, split=TRAIN)
     test = SyntheticImages(num_test, channels, size, num_classes, seed=seed, split=TEST)
-    info = DatasetInfo("synthetic", "image", in_channels=channels, image_size=(size, size), num_classes=num_classes)
     return train, test, info
 
 
@@ -69,12 +96,12 @@ def synthetic_text(
     shifted targets), batched like PTB: ``count // batch_size`` batches when
     ``count >= batch_size``.
     """
-    vocab_size = TEXT_VOCABULARIES[like]
+    info = like_info(like)
+    vocab_size = info.vocab_size
 
     def stream(count: int, rows: int, split: int) -> Tensor:
         return torch.randint(vocab_size, (count * seq_len + rows,), generator=_generator(seed, split))
 
     train = TokenBatches(stream(num_samples, batch_size, TRAIN), batch_size, seq_len, name="synthetic train")
     test = TokenBatches(stream(num_test, eval_batch_size, TEST), eval_batch_size, seq_len, name="synthetic test")
-    info = DatasetInfo("synthetic", "text", vocab_size=vocab_size, metric="perplexity")
     return train, test, info

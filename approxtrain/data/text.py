@@ -95,7 +95,7 @@ def find_ptb_folder(root: str, needed: Sequence[str]) -> Path | None:
 
 
 def ptb(
-    root: str, *, batch_size: int, eval_batch_size: int, seq_len: int, train_split: str = "train"
+    root: str, seq_len: int, train_split: str, *, batch_size: int, eval_batch_size: int
 ) -> tuple[TokenBatches, TokenBatches, DatasetInfo]:
     """Penn Treebank: train on ``ptb.{train_split}.txt``, evaluate on ``ptb.test.txt``.
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from approxtrain.data import DatasetInfo
+from approxtrain.models.registry import DROPOUT, POSITIVE_INT, register_model
+
 
 class ConvNet(nn.Module):
     """``conv1`` (5x5, 32) -> ReLU -> maxpool 2 -> ``conv2`` (5x5, 64) -> ReLU -> maxpool 2
@@ -41,13 +44,7 @@ class ConvNet(nn.Module):
         return self.fc2(x)
 
 
-def cnn(
-    in_channels: int = 1,
-    image_size: tuple[int, int] = (28, 28),
-    num_classes: int = 10,
-    *,
-    hidden: int = 1024,
-    dropout: float = 0.5,
-) -> ConvNet:
+@register_model("cnn", kind="image", checks={"hidden": POSITIVE_INT, "dropout": DROPOUT})
+def cnn(info: DatasetInfo, *, hidden: int = 1024, dropout: float = 0.5) -> ConvNet:
     """The paper's MNIST CNN (3136 -> 1024 -> 10 fully connected layers for 1x28x28)."""
-    return ConvNet(in_channels, image_size, num_classes, hidden=hidden, dropout=dropout)
+    return ConvNet(info.in_channels, info.image_size, info.num_classes, hidden=hidden, dropout=dropout)

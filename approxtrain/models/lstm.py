@@ -11,6 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from approxtrain.data import DatasetInfo
+from approxtrain.models.registry import DROPOUT, POSITIVE_INT, one_of, register_model
+
 CELLS = ("cudnn", "unrolled")
 State = tuple[Tensor, Tensor]
 
@@ -130,8 +133,11 @@ class LSTMLanguageModel(nn.Module):
         return self.decoder(self.dropout(x))  # (B, T, vocab)
 
 
+@register_model(
+    "lstm", kind="text", checks={"hidden": POSITIVE_INT, "layers": POSITIVE_INT, "dropout": DROPOUT, "cell": one_of(*CELLS)}
+)
 def lstm_medium(
-    vocab_size: int = 10_000, *, hidden: int = 650, layers: int = 2, dropout: float = 0.5, cell: str = "cudnn"
+    info: DatasetInfo, *, hidden: int = 650, layers: int = 2, dropout: float = 0.5, cell: str = "cudnn"
 ) -> LSTMLanguageModel:
     """Zaremba et al.'s medium PTB model: 2 x 650 LSTM, dropout 0.5, init uniform(-0.05, 0.05)."""
-    return LSTMLanguageModel(vocab_size, hidden=hidden, layers=layers, dropout=dropout, cell=cell)
+    return LSTMLanguageModel(info.vocab_size, hidden=hidden, layers=layers, dropout=dropout, cell=cell)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from approxtrain.data import DatasetInfo
+from approxtrain.models.registry import POSITIVE_INT, register_model
+
 
 class MLP(nn.Module):
     """Flatten -> ``fc1`` -> ReLU -> ``fc2`` -> ReLU -> ``fc3``.
@@ -26,9 +29,8 @@ class MLP(nn.Module):
         return self.fc3(x)
 
 
-def mlp(
-    in_channels: int = 1, image_size: tuple[int, int] = (28, 28), num_classes: int = 10, *, hidden: int = 500
-) -> MLP:
+@register_model("mlp", kind="image", checks={"hidden": POSITIVE_INT})
+def mlp(info: DatasetInfo, *, hidden: int = 500) -> MLP:
     """The paper's MNIST MLP, 784-500-500-10 for ``(1, 28, 28)`` inputs and 10 classes."""
-    height, width = image_size
-    return MLP(in_channels * height * width, num_classes, hidden=hidden)
+    height, width = info.image_size
+    return MLP(info.in_channels * height * width, info.num_classes, hidden=hidden)

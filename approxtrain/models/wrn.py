@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from approxtrain.data import DatasetInfo
+from approxtrain.models.registry import DROPOUT, POSITIVE_INT, OptionCheck, register_model
+
+# WRN-d-k: d = 6n + 4 (n basic blocks per group, 3 groups)
+DEPTH = OptionCheck(
+    lambda value: POSITIVE_INT.test(value) and value >= 10 and (value - 4) % 6 == 0,
+    "6n + 4 with n >= 1 (10, 16, 22, 28, ...)",
+)
+
 
 class BasicBlock(nn.Module):
     """Pre-activation basic block: BN-ReLU-``conv1`` (3x3, stride) -> BN-ReLU-dropout-``conv2`` (3x3).
@@ -94,6 +103,7 @@ class WideResNet(nn.Module):
         return self.fc(self.flatten(x))
 
 
-def wrn28_10(in_channels: int = 3, num_classes: int = 100, *, dropout: float = 0.0) -> WideResNet:
-    """WRN-28-10 as used for CIFAR-100 in the paper (36.5M parameters for 100 classes)."""
-    return WideResNet(28, 10, num_classes=num_classes, in_channels=in_channels, dropout=dropout)
+@register_model("wrn", kind="image", checks={"depth": DEPTH, "widen_factor": POSITIVE_INT, "dropout": DROPOUT})
+def wrn(info: DatasetInfo, *, depth: int = 28, widen_factor: int = 10, dropout: float = 0.0) -> WideResNet:
+    """WRN-28-10 by default, as used for CIFAR-100 in the paper (36.5M parameters for 100 classes)."""
+    return WideResNet(depth, widen_factor, num_classes=info.num_classes, in_channels=info.in_channels, dropout=dropout)

@@ -1,0 +1,28 @@
+"""Config nodes made from code, stored in Hydra's ConfigStore; imported wherever configs are composed.
+
+* ``sampler_fields`` (a root config, not a sampler choice): every sampler field with
+  its default, from :class:`~approxtrain.sampling.SamplingConfig`. Each
+  ``configs/sampler/*.yaml`` includes it (``- /sampler_fields@_here_``) and states only
+  its name and what differs.
+* group ``model/paper_dataset``: one option per dataset whose shapes are known
+  (``mnist``, ``ptb``, ...). A model config picks the paper's dataset in its defaults list
+  (``- paper_dataset: mnist``), which sets ``model.paper_dataset``; ``train.yaml``'s
+  dataset defaults to that choice (``dataset: ${model/paper_dataset}``).
+"""
+
+from __future__ import annotations
+
+from hydra.core.config_store import ConfigStore
+
+from approxtrain.config import sampler_defaults
+from approxtrain.data.synthetic import LIKES
+
+
+def store_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="sampler_fields", node=sampler_defaults())
+    for dataset in LIKES:
+        store.store(group="model/paper_dataset", name=dataset, node={"paper_dataset": dataset}, package="model")
+
+
+store_configs()
