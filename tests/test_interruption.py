@@ -139,3 +139,37 @@ def test_preemption_signal_checkpoints_then_hands_over_to_the_launchers_handler(
     finally:
         signal.signal(signal.SIGUSR2, previous)
     assert seen == [("interrupted", 5)]
+
+
+def _pids_running(*texts: str) -> list[int]:
+    return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and all(_cmdline_mentions(pid, text) for text in texts)]
+
+
+@pytest.mark.slow
+def test_submitit_requeue_after_preemption_continues_the_job(cli, tmp_path):
+    """The README's SLURM recipe, on submitit's local executor: SIGUSR2 (the preemption warning)
+    checkpoints the job mid-epoch, submitit requeues it, and the requeued job continues its run
+    to the numbers of an uninterrupted one."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    common = ("model=mlp", "dataset=digits", "dataset.batch_size=10", "trainer.epochs=3", "logger=none",
+              "trainer.num_workers=0", "sampler=nps", "trainer.device=cpu")
+    assert cli(*common, f"hydra.run.dir={tmp_path / 'uninterrupted'}").returncode == 0
+    sweep_dir = tmp_path / "sweep"
+    command = [*approxtrain_command(), "-m", "hydra/launcher=submitit_local", *common, f"hydra.sweep.dir={sweep_dir}"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (read_results(sweep_dir / "0") or {}).get("epochs") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        jobs = _pids_running("submitit.core._submit", f"{sweep_dir}/.submitit")  # the task, not its controller
+        assert len(jobs) == 1, jobs
+        os.kill(jobs[0], signal.SIGUSR2)
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr[-3000:]
+    log = (sweep_dir / "0" / "train.log").read_text()
+    assert "Requeued job" in log and "job 0 was requeued: continuing its run" in log
+    resumed, uninterrupted = read_results(sweep_dir / "0"), read_results(tmp_path / "uninterrupted")
+    assert resumed["status"] == "finished" and resumed["steps"] == uninterrupted["steps"] == 3 * 144
+    assert epoch_values(resumed) == epoch_values(uninterrupted)

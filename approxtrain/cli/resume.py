@@ -23,8 +23,8 @@ from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf
 
 from approxtrain.run.callbacks import Callback
-from approxtrain.run.rundir import atomic_write, check_checkpoint, checkpoint_path
-from approxtrain.run.schema import FINISHED, read_results
+from approxtrain.run.rundir import atomic_write, check_checkpoint, checkpoint_path, load_checkpoint
+from approxtrain.run.schema import FINISHED, INTERRUPTED, RUNNING, read_results
 
 if TYPE_CHECKING:
     from approxtrain.run.trainer import Trainer
@@ -151,3 +151,16 @@ class RecordResume(Callback):
             text = OmegaConf.to_yaml(node)
             atomic_write(hydra_dir / name, lambda handle: handle.write(text.encode()))
         self.write_config_tree()
+
+
+def requeued_run(run_dir: Path, cfg: dict[str, Any]) -> bool:
+    """Whether a sweep job finds, in its own dir, the run it is to continue: the same job started
+    before and stopped (``interrupted`` by a signal with a checkpoint, or killed while ``running``)
+    and was requeued -- submitit requeues a preempted job with the same command. The checkpoint's
+    config must be this job's config (``resume`` aside)."""
+    results = read_results(run_dir)
+    path = checkpoint_path(run_dir)
+    if results is None or results.get("status") not in (INTERRUPTED, RUNNING) or not path.is_file():
+        return False
+    saved = load_checkpoint(path)["config"]
+    return {**saved, RESUME_KEY: None} == {**cfg, RESUME_KEY: None}

@@ -38,8 +38,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import approxtrain.cli.config_store  # noqa: F401  (stores the config nodes made from code before anything is composed)
 from approxtrain.cli.allocator import retain_freed_memory
-from approxtrain.cli.resume import RESUME_KEY, RecordResume, last_value, parse_overrides, resume_overrides
-from approxtrain.run.rundir import claim_new_dir, hold, holder, recorded_run, release
+from approxtrain.cli.resume import RESUME_KEY, RecordResume, last_value, parse_overrides, requeued_run, resume_overrides
+from approxtrain.run.rundir import checkpoint_path, claim_new_dir, hold, holder, recorded_run, release
 from approxtrain.run.schema import FINISHED, read_results
 
 log = logging.getLogger("approxtrain")
@@ -296,6 +296,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
     console = Console()
+    if hydra_cfg.mode == RunMode.MULTIRUN and not container["resume"] and requeued_run(run_dir, container):
+        log.info("job %s was requeued: continuing its run from %s", hydra_cfg.job.num, checkpoint_path(run_dir))
+        container["resume"] = str(run_dir)
     trainer = Trainer(container, run_dir, [ConsoleCallback(console)])
     try:
         if container["resume"]:  # the run's record is rewritten once its checkpoint is restored
