@@ -13,13 +13,23 @@ exact training performs. Each layer has up to three products per step:
 Element-wise work (bias, activations) and the sampling itself are not counted.
 A :class:`ComputeMeter` accumulates, per layer, what exact training would have
 performed and what really ran, step after step (Bernoulli's ``k`` varies).
+
+:class:`LayerShape` is the one MAC model of a Linear or Conv2d layer (and
+:func:`sampled_macs` of a sampled one): the plan (:mod:`approxtrain.surgery`) counts
+with it, and so do the ops, into the meter (:func:`record_call` at forward time,
+:func:`record_backward_product` for what only backward knows).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:
+    from approxtrain.sampling import SamplingConfig
 
 PRODUCTS = ("forward", "input_grad", "weight_grad")
 
@@ -74,6 +84,15 @@ class LayerCompute:
     def count_call(self) -> None:
         self._bump(self._CALLS, 1)
 
+    def record(self, exact: ProductMACs, actual: ProductMACs) -> None:
+        """Add one call: its products (those with exact MACs) and the call itself."""
+        self.count_call()
+        for index, product in enumerate(PRODUCTS):
+            macs = getattr(exact, product)
+            if macs:
+                self._bump(index, macs)
+                self._bump(3 + index, getattr(actual, product))
+
     def _totals(self) -> list[int]:
         return [a + b for a, b in zip(self._eager, self._traced.tolist())]
 
@@ -99,32 +118,117 @@ class LayerCompute:
         self._traced.zero_()
 
 
-def linear_macs(rows: int, in_features: int, out_features: int) -> int:
-    """MACs of ``(rows, in) @ (in, out)``; each of the three products of a Linear costs this."""
-    return rows * in_features * out_features
+class LayerShape(NamedTuple):
+    """The sizes a Linear or Conv2d layer's MACs depend on -- the one MAC model, used by
+    the plan (:mod:`approxtrain.surgery`) and by the meter (:mod:`approxtrain.functional`).
 
+    Each product sums over triples (batch element, pair, output): ``batch`` rows of a
+    Linear's input (all leading dimensions) or samples of a convolution, ``pairs`` its
+    input features or channels (per group), ``out`` its output features or channels;
+    each triple costs ``per_triple`` MACs (a convolution's output pixels times its kernel
+    pixels; 1 for a Linear). A product keeps ``k`` of the pairs, the input-gradient one
+    ``k_b`` of the outputs and the weight-gradient one ``k_w`` of the batch (default: all)::
 
-def conv2d_macs(
-    batch: int,
-    in_channels: int,
-    out_channels: int,
-    kernel_size: tuple[int, int],
-    output_size: tuple[int, int],
-    groups: int = 1,
-) -> int:
-    """MACs of a 2-d convolution producing ``(batch, out_channels, *output_size)``.
-
-    The input-gradient (transposed convolution) and weight-gradient products cost
-    the same number of MACs as the forward one.
+        forward      Y   = X_S W_S^T         batch * k   * out
+        input_grad   dX_S = dY_B W_{B,S}     batch * k   * k_b
+        weight_grad  dW_S = dY_R^T X_{R,S}   k_w   * k   * out
     """
-    kh, kw = kernel_size
-    oh, ow = output_size
-    return batch * oh * ow * out_channels * (in_channels // groups) * kh * kw
+
+    batch: int
+    pairs: int
+    out: int
+    per_triple: int = 1
+
+    @classmethod
+    def linear(cls, rows: int, in_features: int, out_features: int) -> LayerShape:
+        return cls(rows, in_features, out_features)
+
+    @classmethod
+    def conv2d(cls, batch: int, in_channels: int, out_channels: int, kernel_size: Sequence[int],
+               output_size: Sequence[int], groups: int = 1) -> LayerShape:
+        """A convolution producing ``(batch, out_channels, *output_size)``."""
+        return cls(batch, in_channels // groups, out_channels, output_size[0] * output_size[1] * kernel_size[0] * kernel_size[1])
+
+    def forward_macs(self, k: int | None = None) -> int:
+        return self.batch * (self.pairs if k is None else k) * self.out * self.per_triple
+
+    def input_grad_macs(self, k: int | None = None, k_b: int | None = None) -> int:
+        return self.batch * (self.pairs if k is None else k) * (self.out if k_b is None else k_b) * self.per_triple
+
+    def weight_grad_macs(self, k: int | None = None, k_w: int | None = None) -> int:
+        return (self.batch if k_w is None else k_w) * (self.pairs if k is None else k) * self.out * self.per_triple
+
+    def macs(self, k: int | None = None, k_b: int | None = None, k_w: int | None = None, *,
+             input_grad: bool = True, weight_grad: bool = True) -> ProductMACs:
+        """The three products' MACs (a product the call does not run: 0); default: exact."""
+        return ProductMACs(self.forward_macs(k), self.input_grad_macs(k, k_b) if input_grad else 0,
+                           self.weight_grad_macs(k, k_w) if weight_grad else 0)
+
+
+def sampled_macs(shape: LayerShape, config: SamplingConfig, k: int | None = None, *, input_grad: bool = True,
+                 weight_grad: bool = True) -> tuple[ProductMACs, ProductMACs]:
+    """Exact and sampled MACs of one call of a layer sampled by ``config``: forward keeps
+    ``k`` pairs (default ``config.k(pairs)``; the number really kept when known), the
+    backward products ``config.bwd_k(out)`` outputs and ``config.wu_k(batch)`` rows."""
+    k = config.k(shape.pairs) if k is None else k
+    exact = shape.macs(input_grad=input_grad, weight_grad=weight_grad)
+    return exact, shape.macs(k, config.bwd_k(shape.out), config.wu_k(shape.batch), input_grad=input_grad,
+                             weight_grad=weight_grad)
+
+
+def counted_in_backward(config: SamplingConfig, product: str) -> bool:
+    """Whether a backward product's MACs are only known in backward: a Bernoulli-sampled
+    one keeps a random number of pairs. Every other product's count is known at forward
+    time and recorded there (no side effects inside backward, so ``torch.compile`` traces
+    the ops without breaking the graph)."""
+    ratio = config.bwd_ratio if product == "input_grad" else config.wu_ratio
+    return config.policy == "bernoulli" and ratio < 1.0
+
+
+def record_call(compute: LayerCompute, shape: LayerShape, input_grad: bool, weight_grad: bool,
+                config: SamplingConfig | None = None, k: int | None = None) -> None:
+    """The meter's count of one call of an op, at forward time: the exact op, or one sampled
+    by ``config`` keeping ``k`` pairs. Its forward product and the backward products autograd
+    will run (``input_grad``/``weight_grad`` needed, grad enabled) but those :func:`counted_in_backward`."""
+    grad = torch.is_grad_enabled()
+    if config is None:
+        exact = shape.macs(input_grad=grad and input_grad, weight_grad=grad and weight_grad)
+        compute.record(exact, exact)
+        return
+    compute.record(*sampled_macs(shape, config, k,
+                                 input_grad=grad and input_grad and not counted_in_backward(config, "input_grad"),
+                                 weight_grad=grad and weight_grad and not counted_in_backward(config, "weight_grad")))
+
+
+def record_backward_product(compute: LayerCompute | None, shape: LayerShape, config: SamplingConfig, product: str,
+                            k: int, kept: int) -> None:
+    """The meter's count of a backward product whose number of pairs (``kept``; the forward
+    kept ``k``) is only known in backward (:func:`counted_in_backward`); others: nothing."""
+    if compute is None or not counted_in_backward(config, product):
+        return
+    if product == "input_grad":
+        compute.add(product, shape.input_grad_macs(), shape.input_grad_macs(k, k_b=kept))
+    else:
+        compute.add(product, shape.weight_grad_macs(), shape.weight_grad_macs(k, k_w=kept))
 
 
 def lstm_macs(rows: int, input_size: int, hidden_size: int) -> int:
     """MACs of one LSTM layer's gate product ``[x, h] @ W1^T``, ``W1`` of shape (4h, in + h), over ``rows`` steps."""
-    return rows * 4 * hidden_size * (input_size + hidden_size)
+    return LayerShape.linear(rows, input_size + hidden_size, 4 * hidden_size).forward_macs()
+
+
+def lstm_stack_macs(rows: int, input_size: int, hidden_size: int, num_layers: int = 1, directions: int = 1, *,
+                    input_grad: bool = True, weight_grad: bool = True) -> ProductMACs:
+    """MACs exact training spends in one call of a (cuDNN) LSTM stack over ``rows`` steps.
+
+    The recurrent part always back-propagates; the first layer's input part only when
+    its input needs a gradient (``input_grad``)."""
+    forward = input_grad_macs = 0
+    for layer in range(num_layers):
+        in_size = input_size if layer == 0 else hidden_size * directions
+        forward += directions * lstm_macs(rows, in_size, hidden_size)
+        input_grad_macs += directions * lstm_macs(rows, in_size if input_grad or layer > 0 else 0, hidden_size)
+    return ProductMACs(forward, input_grad_macs, forward if weight_grad else 0)
 
 
 def compute_reduction(exact: int, actual: int) -> float:

@@ -1,9 +1,10 @@
-"""Where the approximate ops' time goes, for benchmarks: the time per step spent inside
-their profiler ranges (selection, gathers, scatters), the top kernels of a step, and the
-name of the device measured."""
+"""Where the approximate ops' time goes: the profiler ranges they run their selection
+(pair norms + sampler), gathers and scatters in, the time per step spent inside those
+ranges and the top kernels of a step (for benchmarks), and the name of the device measured."""
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from collections.abc import Callable
@@ -11,9 +12,14 @@ from pathlib import Path
 
 import torch
 
-from approxtrain.functional import GATHER_RANGE, SCATTER_RANGE, SELECT_RANGE
-
+SELECT_RANGE, GATHER_RANGE, SCATTER_RANGE = "approxtrain::select", "approxtrain::gather", "approxtrain::scatter"
 RANGES = (SELECT_RANGE, GATHER_RANGE, SCATTER_RANGE)
+
+
+def profiler_range(name: str) -> contextlib.AbstractContextManager:
+    """A profiler range (cheap when no profiler runs), or nothing while ``torch.compile``
+    traces (it ignores ranges)."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else torch.profiler.record_function(name)
 
 
 def _synchronize(device: torch.device) -> None:

@@ -11,6 +11,7 @@ with its n, k, ratio, policy and MACs. :func:`attach_meter` wires a
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from approxtrain.accounting import ComputeMeter, ProductMACs, compute_reduction, conv2d_macs, lstm_macs
+from approxtrain.accounting import ComputeMeter, LayerShape, ProductMACs, compute_reduction, lstm_stack_macs, sampled_macs
 from approxtrain.modules import ApproxConv2d, ApproxLinear, _rebind
 from approxtrain.sampling import SamplingConfig
 
@@ -263,62 +264,31 @@ class _Call:
     input_grad: bool
 
 
+def _layer_shape(module: nn.Module, input_shape: Sequence[int], output_shape: Sequence[int],
+                 factor: float = 1.0) -> LayerShape:
+    """A Linear's or Conv2d's :class:`LayerShape` in one call, its batch scaled by ``factor``."""
+    if isinstance(module, nn.Linear):
+        return LayerShape.linear(round(math.prod(input_shape[:-1]) * factor), module.in_features, module.out_features)
+    assert isinstance(module, nn.Conv2d)
+    return LayerShape.conv2d(round(output_shape[0] * factor), module.in_channels, module.out_channels,
+                             module.kernel_size, output_shape[2:], module.groups)
+
+
 def exact_layer_macs(module: nn.Module, input_shape: Sequence[int], output_shape: Sequence[int], input_grad: bool,
                      weight_grad: bool = True) -> ProductMACs:
     """MACs exact training spends in one call of a Linear, Conv2d or LSTM layer."""
-    if isinstance(module, nn.Linear):
-        rows = 1
-        for size in input_shape[:-1]:
-            rows *= size
-        macs = rows * module.in_features * module.out_features
-        return ProductMACs(macs, macs if input_grad else 0, macs if weight_grad else 0)
-    if isinstance(module, nn.Conv2d):
-        macs = conv2d_macs(output_shape[0], module.in_channels, module.out_channels, module.kernel_size,
-                           (output_shape[2], output_shape[3]), module.groups)
-        return ProductMACs(macs, macs if input_grad else 0, macs if weight_grad else 0)
-    assert isinstance(module, nn.LSTM)
-    rows = input_shape[0] * input_shape[1] if len(input_shape) == 3 else input_shape[0]
-    directions = 2 if module.bidirectional else 1
-    hidden = module.hidden_size
-    forward = input_grad_macs = 0
-    for layer in range(module.num_layers):
-        in_size = module.input_size if layer == 0 else hidden * directions
-        forward += directions * lstm_macs(rows, in_size, hidden)
-        # the recurrent part always back-propagates; the input part only when the input needs a gradient
-        needs_input = input_grad or layer > 0
-        input_grad_macs += directions * rows * 4 * hidden * (in_size * needs_input + hidden)
-    return ProductMACs(forward, input_grad_macs, forward if weight_grad else 0)
+    if isinstance(module, nn.LSTM):
+        rows = input_shape[0] * input_shape[1] if len(input_shape) == 3 else input_shape[0]
+        return lstm_stack_macs(rows, module.input_size, module.hidden_size, module.num_layers,
+                               2 if module.bidirectional else 1, input_grad=input_grad, weight_grad=weight_grad)
+    return _layer_shape(module, input_shape, output_shape).macs(input_grad=input_grad, weight_grad=weight_grad)
 
 
 def _approx_layer_macs(module: nn.Module, call: _Call, factor: float) -> tuple[ProductMACs, ProductMACs]:
-    sampling: SamplingConfig = module.sampling  # type: ignore[assignment]
-    weight_grad = module.weight.requires_grad
-    if isinstance(module, nn.Linear):
-        rows = round(_rows(call.input_shape) * factor)
-        n, out = module.in_features, module.out_features
-        k = sampling.k(n)
-        exact = ProductMACs(rows * n * out, rows * n * out if call.input_grad else 0, rows * n * out if weight_grad else 0)
-        approx = ProductMACs(rows * k * out, rows * k * sampling.bwd_k(out) if call.input_grad else 0,
-                             sampling.wu_k(rows) * k * out if weight_grad else 0)
-        return exact, approx
-    assert isinstance(module, nn.Conv2d)
-    batch = round(call.output_shape[0] * factor)
-    kh, kw = module.kernel_size
-    per_pair = call.output_shape[2] * call.output_shape[3] * kh * kw
-    n, out = module.in_channels, module.out_channels
-    k = sampling.k(n)
-    full = batch * n * out * per_pair
-    exact = ProductMACs(full, full if call.input_grad else 0, full if weight_grad else 0)
-    approx = ProductMACs(batch * k * out * per_pair, batch * k * sampling.bwd_k(out) * per_pair if call.input_grad else 0,
-                         sampling.wu_k(batch) * k * out * per_pair if weight_grad else 0)
-    return exact, approx
-
-
-def _rows(shape: Sequence[int]) -> int:
-    rows = 1
-    for size in shape[:-1]:
-        rows *= size
-    return rows
+    """Exact and sampled MACs of one call of an approximate layer, at ``factor`` times its batch."""
+    shape = _layer_shape(module, call.input_shape, call.output_shape, factor)
+    return sampled_macs(shape, module.sampling, input_grad=call.input_grad,  # type: ignore[arg-type]
+                        weight_grad=module.weight.requires_grad)
 
 
 def _scale(macs: ProductMACs, factor: float) -> ProductMACs:
@@ -398,11 +368,7 @@ def attach_meter(model: nn.Module, meter: ComputeMeter) -> list[RemovableHandle]
                                         else grad and module.weight.requires_grad)
                 if not grad:
                     macs = ProductMACs(macs.forward, 0, 0)
-                entry.count_call()
-                for product in ("forward", "input_grad", "weight_grad"):
-                    value = getattr(macs, product)
-                    if value:
-                        entry.add(product, value, value)
+                entry.record(macs, macs)
 
             handles.append(module.register_forward_hook(count))
     return handles

@@ -47,8 +47,8 @@ try:
 except ModuleNotFoundError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from approxtrain.cli.allocator import retain_freed_memory
-from approxtrain.functional import GATHER_RANGE, SCATTER_RANGE, SELECT_RANGE, approx_conv2d, approx_linear
-from approxtrain.profiling import device_name, range_seconds
+from approxtrain.functional import approx_conv2d, approx_linear
+from approxtrain.profiling import GATHER_RANGE, SCATTER_RANGE, SELECT_RANGE, device_name, range_seconds
 from approxtrain.sampling import POLICIES, SamplingConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -44,9 +44,8 @@ from approxtrain.cli.allocator import retain_freed_memory  # noqa: E402
 from approxtrain.config import layer_rules  # noqa: E402
 from approxtrain.data import DatasetInfo  # noqa: E402
 from approxtrain.data.synthetic import like_info  # noqa: E402
-from approxtrain.functional import GATHER_RANGE, SCATTER_RANGE, SELECT_RANGE  # noqa: E402
 from approxtrain.models import build_model, list_models  # noqa: E402
-from approxtrain.profiling import device_name, kernel_table, range_seconds  # noqa: E402
+from approxtrain.profiling import GATHER_RANGE, SCATTER_RANGE, SELECT_RANGE, device_name, kernel_table, range_seconds  # noqa: E402
 
 # Batches other than the paper dataset's batch_size, sized to one device: CUDA, CPU.
 CUDA_BATCH = {"resnet50": 128}

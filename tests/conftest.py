@@ -171,9 +171,9 @@ def spread_path(request, monkeypatch):
     """Runs a test through both ways the linear backward spreads its sampled gradients to
     full size: zero-fill + scatter (small results) and product into a padded buffer +
     gather (large ones), whatever the test's tensor sizes."""
-    import approxtrain.functional as functional
+    import approxtrain._layout as layout
 
-    monkeypatch.setattr(functional, "_SPREAD_GATHER_MIN_ELEMENTS", 0 if request.param == "gather" else 1 << 62)
+    monkeypatch.setattr(layout, "_SPREAD_GATHER_MIN_ELEMENTS", 0 if request.param == "gather" else 1 << 62)
     return request.param
 
 

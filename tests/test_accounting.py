@@ -4,23 +4,29 @@ varying count, and the compute reductions of Adelman & Silberstein (2018)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from approxtrain.accounting import (
     ComputeMeter,
     LayerCompute,
+    LayerShape,
     ProductMACs,
     compute_reduction,
-    conv2d_macs,
-    linear_macs,
     lstm_macs,
+    sampled_macs,
 )
+from approxtrain.data import DatasetInfo
+from approxtrain.models import build_model
 from approxtrain.sampling import SamplingConfig
-from approxtrain.surgery import LayerRule, approximate_, attach_meter, exact_layer_macs
+from approxtrain.surgery import LayerRule, approximate_, attach_meter, exact_layer_macs, rules_from_dicts
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 # --------------------------------------------------------------------------- records
 
@@ -54,10 +60,28 @@ def test_compute_reduction_and_meter_summary():
     assert meter.exact.total == 0 and meter.compute_reduction == 0.0
 
 
+def test_layer_compute_records_one_call_of_the_products_it_ran():
+    layer = LayerCompute()
+    layer.record(ProductMACs(10, 0, 10), ProductMACs(4, 0, 5))
+    layer.record(ProductMACs(10, 10, 0), ProductMACs(4, 3, 0))
+    assert (layer.exact, layer.actual, layer.calls) == (ProductMACs(20, 10, 10), ProductMACs(8, 3, 5), 2)
+
+
 def test_mac_formulas():
-    assert linear_macs(50, 784, 500) == 19_600_000
-    assert conv2d_macs(2, 8, 16, (3, 3), (3, 3)) == 2 * 9 * 16 * 8 * 9
-    assert conv2d_macs(2, 16, 16, (3, 3), (4, 4), groups=16) == 2 * 16 * 16 * 1 * 9
+    exact = 50 * 784 * 500
+    assert LayerShape.linear(50, 784, 500).macs() == ProductMACs(exact, exact, exact) and exact == 19_600_000
+    # forward k of the pairs; input grad k_b of the outputs; weight grad k_w of the rows
+    assert LayerShape.linear(50, 784, 500).macs(300, 20, 10) == ProductMACs(50 * 300 * 500, 50 * 300 * 20, 10 * 300 * 500)
+    assert LayerShape.linear(50, 784, 500).macs(300, input_grad=False) == ProductMACs(50 * 300 * 500, 0, 50 * 300 * 500)
+    conv = LayerShape.conv2d(2, 8, 16, (3, 3), (3, 3))
+    assert conv.macs(weight_grad=False) == ProductMACs(2 * 9 * 16 * 8 * 9, 2 * 9 * 16 * 8 * 9, 0)
+    assert conv.macs(4, 5, 1) == ProductMACs(2 * 4 * 16 * 81, 2 * 4 * 5 * 81, 1 * 4 * 16 * 81)
+    assert LayerShape.conv2d(2, 16, 16, (3, 3), (4, 4), groups=16).forward_macs() == 2 * 16 * 16 * 1 * 9
+    # the sampled counts take k_b and k_w from the config: bwd 0.25 of 16 outputs, wu 0.5 of 2 samples
+    sampling = SamplingConfig("topk", ratio=0.5, bwd_ratio=0.25, wu_ratio=0.5)
+    assert sampled_macs(conv, sampling, input_grad=False) == (conv.macs(input_grad=False), ProductMACs(
+        2 * 4 * 16 * 81, 0, 1 * 4 * 16 * 81))
+    assert sampled_macs(conv, sampling, k=3)[1] == conv.macs(3, 4, 1)
     assert lstm_macs(35, 650, 650) == 35 * 4 * 650 * 1300
     lstm = nn.LSTM(8, 6, num_layers=2, batch_first=True)
     macs = exact_layer_macs(lstm, (3, 5, 8), (3, 5, 6), input_grad=False)
@@ -224,6 +248,60 @@ def test_bernoulli_meter_varies_between_steps_and_averages_to_the_plan():
     z = (counts.mean() - plan.approx_macs) / (counts.std() / math.sqrt(len(totals)))
     assert abs(z) < 4.5, f"z = {z:.2f}"
     assert abs(counts.mean() / plan.approx_macs - 1) < 0.03
+
+
+# --------------------------------------------------------------------------- plan = meter, every paper model
+
+
+def paper_rules(model: str, layers: str) -> list[LayerRule]:
+    """The rules of ``layers=<layers>`` for ``model`` (``paper``: its config's ``paper_rules``),
+    sampling forward and both backward products."""
+    if layers == "paper":
+        items = yaml.safe_load((CONFIGS / "model" / f"{model}.yaml").read_text())["paper_rules"]
+    else:
+        items = yaml.safe_load((CONFIGS / "layers" / f"{layers}.yaml").read_text())["rules"]
+    return rules_from_dicts(items, SamplingConfig("topk", ratio=0.5, bwd_ratio=0.5, wu_ratio=0.5))
+
+
+SMALL_IMAGES = DatasetInfo("small", "image", in_channels=3, image_size=(16, 16), num_classes=10)
+SMALL_TEXT = DatasetInfo("synthetic", "text", vocab_size=50, metric="perplexity")
+PAPER_MODELS = {  # small variants of each paper model, with the paper's layer choice
+    "mlp": (SMALL_IMAGES, {"hidden": 24}, "paper"),
+    "cnn": (SMALL_IMAGES, {"hidden": 32}, "paper"),
+    "wrn": (SMALL_IMAGES, {"depth": 10, "widen_factor": 2}, "paper"),
+    "resnet50": (SMALL_IMAGES, {}, "paper"),
+    "lstm": (SMALL_TEXT, {"hidden": 16, "layers": 2}, "paper"),
+    "lstm-gates": (SMALL_TEXT, {"hidden": 16, "layers": 2, "cell": "unrolled"}, "gates"),
+}
+
+
+def test_every_paper_model_has_a_plan_and_meter_case():
+    assert {case.split("-")[0] for case in PAPER_MODELS} == {path.stem for path in (CONFIGS / "model").glob("*.yaml")}
+
+
+@pytest.mark.parametrize("case", list(PAPER_MODELS))
+def test_plan_and_meter_count_the_same_macs_for_every_paper_model(case):
+    info, options, layers = PAPER_MODELS[case]
+    name = case.split("-")[0]
+    torch.manual_seed(0)
+    model = build_model({"name": name, **options}, info)
+    generator = torch.Generator().manual_seed(0)
+    if info.kind == "image":
+        inputs = torch.randn(4, 3, 16, 16, generator=generator)
+    else:
+        inputs = torch.randint(0, 50, (4, 6), generator=generator)
+    # the plan traces 2 samples and scales to the training batch of 4
+    plan = approximate_(model, paper_rules(name, layers), example_input=inputs[:2], batch_size=4)
+    assert any(row.policy == "topk" for row in plan.rows)
+    meter = ComputeMeter()
+    attach_meter(model, meter)
+    model.train()
+    if hasattr(model, "reset_state"):
+        model.reset_state()
+    model(inputs).float().pow(2).mean().backward()
+    for row in plan.rows:
+        assert (meter.entries[row.name].exact, meter.entries[row.name].actual) == (row.exact_macs, row.approx_macs), row.name
+    assert meter.actual.total == plan.approx_macs < plan.exact_macs == meter.exact.total
 
 
 # --------------------------------------------------------------------------- paper reductions

@@ -287,4 +287,6 @@ def test_approximate_wide_resnet_saves_no_more_activations_than_exact(memory_for
     exact = _saved_activation_bytes(model, x)
     approximate_(model, [LayerRule(match="block*", type="Conv2d", sampling=SamplingConfig("topk", ratio=0.5))])
     approximate = _saved_activation_bytes(model, x)
-    assert approximate <= exact, (approximate, exact)
+    # beyond the activations, each sampled conv keeps its selection's int64 indices
+    keep_bytes = sum(8 * m.sampling.k(m.in_channels) for m in model.modules() if isinstance(m, ApproxConv2d))
+    assert approximate <= exact + keep_bytes, (approximate, exact, keep_bytes)
