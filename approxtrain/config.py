@@ -7,28 +7,109 @@ the resolved Hydra config as a dict).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import fields
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 from approxtrain.models import model_options, model_spec
-from approxtrain.sampling import POLICIES, SamplingConfig
-from approxtrain.surgery import LayerRule, rules_from_dicts
+from approxtrain.sampling import POLICIES, SamplingConfig, num_kept
+from approxtrain.surgery import LayerRule, Plan, rules_from_dicts
 
 
 class ConfigError(ValueError):
     """A config value is invalid; the message is one line naming it and what is allowed."""
 
 
-_CHOICES = {
-    "trainer.device": ("auto", "cpu", "cuda"),
-    "trainer.amp": ("auto", "bf16", "off"),
-    "trainer.optimizer.name": ("adam", "sgd"),
-    "trainer.scheduler.name": ("none", "multistep", "exponential"),
-    "trainer.scheduler.interval": ("epoch", "step"),
-    "logger.name": ("wandb", "none"),
-}
 _LOGGER_MODES = ("auto", "online", "offline", "disabled")
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Check:
+    """What a config value may be: ``accepts(value)``, and ``allowed``, the words that say it."""
+
+    accepts: Callable[[Any], bool]
+    allowed: str
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def integer(low: int, high: int | None = None, allowed: str | None = None) -> Check:
+    words = allowed or (f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]")
+    return Check(lambda value: _is_int(value) and low <= value and (high is None or value <= high), words)
+
+
+def number(low: float, *, inclusive: bool = False) -> Check:
+    return Check(lambda value: _is_number(value) and (value >= low if inclusive else value > low),
+                 f"a number {'>=' if inclusive else '>'} {low:g}")
+
+
+def _same(value: Any, option: Any) -> bool:
+    """``value == option``, except that a boolean matches only itself (``1 == True``, yet 1 is no switch)."""
+    return value is option if isinstance(value, bool) or isinstance(option, bool) else value == option
+
+
+def choice(*options: Any) -> Check:
+    return Check(lambda value: any(_same(value, option) for option in options),
+                 ", ".join(str(option).lower() if isinstance(option, bool) else str(option) for option in options))
+
+
+def or_null(check: Check) -> Check:
+    return Check(lambda value: value is None or check.accepts(value), f"{check.allowed}, or null")
+
+
+def _is_milestones(value: Any) -> bool:
+    return (isinstance(value, (list, tuple)) and all(_is_int(step) and step >= 1 for step in value)
+            and all(a < b for a, b in zip(value, value[1:])))
+
+
+def _is_betas(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(beta) and 0 <= beta < 1 for beta in value)
+
+
+SWITCH = choice(True, False)
+# Every key of configs/trainer/default.yaml, the seed and the dataset's common keys (a dataset's
+# own fields are checked where the dataset is built, approxtrain.data), with what each allows.
+_CHECKS: dict[str, Check] = {
+    "seed": integer(0, 2**63 - 1, "an integer in [0, 2**63 - 1]"),
+    "trainer.epochs": integer(1),
+    "trainer.max_steps": or_null(integer(1)),
+    "trainer.device": choice("auto", "cpu", "cuda"),
+    "trainer.amp": choice("auto", "bf16", "off"),
+    "trainer.compile": SWITCH,
+    "trainer.channels_last": choice("auto", True, False),
+    "trainer.num_workers": integer(0),
+    "trainer.deterministic": SWITCH,
+    "trainer.grad_clip": or_null(number(0)),
+    "trainer.log_every_n_steps": integer(1),
+    "trainer.checkpoint": SWITCH,
+    "trainer.optimizer.name": choice("adam", "sgd"),
+    "trainer.optimizer.lr": number(0),
+    "trainer.optimizer.momentum": number(0, inclusive=True),
+    "trainer.optimizer.nesterov": SWITCH,
+    "trainer.optimizer.weight_decay": number(0, inclusive=True),
+    "trainer.optimizer.betas": Check(_is_betas, "two numbers in [0, 1), e.g. [0.9, 0.999]"),
+    "trainer.optimizer.eps": number(0),
+    "trainer.scheduler.name": choice("none", "multistep", "exponential"),
+    "trainer.scheduler.interval": choice("epoch", "step"),
+    "trainer.scheduler.milestones": Check(_is_milestones, "a list of increasing integers >= 1, e.g. [30, 60]"),
+    "trainer.scheduler.gamma": number(0),
+    "trainer.scheduler.start": integer(0),
+    "logger.name": choice("wandb", "none"),
+    "dataset.batch_size": integer(1),
+    "dataset.eval_batch_size": integer(1),
+    "dataset.seq_len": integer(1),
+    "dataset.download": SWITCH,
+}
+_K_LIMITS = ("min_k", "bwd_min_k", "wu_min_k", "align_k")  # the sampling fields that can raise k to n
+_SOME_DATASETS = ("dataset.seq_len", "dataset.download")  # fields of some datasets only
 
 
 def _get(cfg: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
@@ -82,7 +163,7 @@ def check_logger(cfg: Mapping[str, Any]) -> None:
     if mode not in _LOGGER_MODES:
         raise ConfigError(f"logger.mode={mode!r} is invalid; allowed: {', '.join(_LOGGER_MODES)}")
     timeout = _get(cfg, "logger.init_timeout_s")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+    if not number(0).accepts(timeout):
         raise ConfigError(f"logger.init_timeout_s={timeout!r} is invalid; allowed: a number of seconds > 0, e.g. 15")
 
 
@@ -94,28 +175,37 @@ def validate(cfg: Mapping[str, Any]) -> None:
         model_spec(model).check_options(model_options(model))
     except (TypeError, ValueError) as error:
         raise ConfigError(str(error)) from None
-    for dotted, allowed in _CHOICES.items():
-        value = _get(cfg, dotted)
-        if value is not None and value not in allowed:
-            raise ConfigError(f"{dotted}={value!r} is invalid; allowed: {', '.join(allowed)}")
+    for dotted, check in _CHECKS.items():
+        value = _get(cfg, dotted, _MISSING)
+        if value is _MISSING and dotted in _SOME_DATASETS:
+            continue
+        if value is _MISSING or not check.accepts(value):
+            raise ConfigError(f"{dotted}={None if value is _MISSING else value!r} is invalid; allowed: {check.allowed}")
+    optimizer = _get(cfg, "trainer.optimizer")
+    if optimizer["name"] == "sgd" and optimizer["nesterov"] and not optimizer["momentum"] > 0:  # torch's SGD rule
+        raise ConfigError(f"trainer.optimizer.nesterov=true is invalid with trainer.optimizer.momentum={optimizer['momentum']!r}; "
+                          "allowed: nesterov=true with a momentum > 0, or nesterov=false")
     check_logger(cfg)
-    for dotted in ("trainer.epochs", "dataset.batch_size"):
-        value = _get(cfg, dotted)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{dotted}={value!r} is invalid; allowed: an integer >= 1")
-    max_steps = _get(cfg, "trainer.max_steps")
-    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
-        raise ConfigError(f"trainer.max_steps={max_steps!r} is invalid; allowed: null or an integer >= 1")
-    seed = cfg.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"seed={seed!r} is invalid; allowed: an integer")
-    lr = _get(cfg, "trainer.optimizer.lr")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ConfigError(f"trainer.optimizer.lr={lr!r} is invalid; allowed: a number > 0")
-    for dotted in ("trainer.compile", "trainer.deterministic", "trainer.checkpoint"):
-        value = _get(cfg, dotted)
-        if not isinstance(value, bool):
-            raise ConfigError(f"{dotted}={value!r} is invalid; allowed: true, false")
-    channels_last = _get(cfg, "trainer.channels_last")
-    if channels_last not in ("auto", True, False):
-        raise ConfigError(f"trainer.channels_last={channels_last!r} is invalid; allowed: auto, true, false")
+
+
+def all_exact_warning(cfg: Mapping[str, Any], plan: Plan) -> str | None:
+    """One line when the rules ask for sampling but the floors on ``k`` (``min_k``, ``bwd_min_k``,
+    ``wu_min_k``) or ``align_k`` make every sampled layer keep all its pairs (k = n, no MACs saved),
+    naming the keys that do it; None otherwise."""
+    rules = layer_rules(cfg)
+    sampled = [row for row in plan.rows if row.policy != "exact" and row.rule is not None]
+    if not sampled or any(row.k < row.n or row.approx_macs.total < row.exact_macs.total for row in sampled):
+        return None
+    limits: dict[str, int] = {}  # key -> value
+    for row in sampled:
+        sampling, rule = rules[row.rule].sampling, cfg["layers"]["rules"][row.rule]
+        if num_kept(row.n, sampling.ratio) == row.n and not sampling.samples_backward:
+            continue  # its ratios keep every pair by themselves
+        for name in _K_LIMITS:
+            if getattr(sampling, name) > 1:
+                limits.setdefault(f"layers.rules[{row.rule}].{name}" if name in rule else f"sampler.{name}", getattr(sampling, name))
+    if not limits:
+        return None
+    settings = ", ".join(f"{key}={value}" for key, value in limits.items())
+    return (f"{settings} {'keeps' if len(limits) == 1 else 'keep'} every pair of every sampled layer (k = n): "
+            f"this run is exact training; lower {' / '.join(limits)}")

@@ -3,7 +3,8 @@
 A new run claims a dir no other run has (:func:`claim_new_dir`: an atomic ``mkdir``, with
 a ``_1``, ``_2``, ... suffix on a name already taken) and holds it for its life
 (:func:`hold`: ``fcntl.flock`` on ``<dir>/.lock``, released when the process ends), so a
-second process aimed at it is refused (:func:`holder` names it). A file is written to a
+second process aimed at it is refused (:func:`holder` names it); a dir that cannot be
+created or written in is refused in one line naming it. A file is written to a
 temporary sibling and moved into place with ``os.replace``, so a killed run never leaves
 a half-written file behind.
 """
@@ -28,21 +29,38 @@ LOCK_FILE = ".lock"
 _held: dict[Path, IO[str]] = {}  # the run dirs this process holds: their open, locked .lock files
 
 
+class RunDirHeld(ValueError):
+    """Another live process holds the run dir."""
+
+
+def not_writable(run_dir: Path | str, error: OSError) -> ValueError:
+    """The one-line error for a run dir this process cannot create or write in."""
+    # mkdir(exist_ok=True) says "File exists" for a file where a dir must be
+    reason = "Not a directory" if isinstance(error, FileExistsError) else error.strerror or type(error).__name__
+    where = f": {str(error.filename)!r}" if error.filename is not None and str(error.filename) != str(run_dir) else ""
+    return ValueError(f"run dir {str(run_dir)!r} is not writable ({reason}{where}); "
+                      "allowed: a dir this user can create and write in")
+
+
 def hold(run_dir: Path | str) -> bool:
     """Hold ``run_dir`` (created if missing) for this process; True if newly taken, False if this
-    process held it already. ``ValueError`` (one line, naming the holder) if another process does."""
+    process held it already. :class:`RunDirHeld` (one line, naming the holder) if another process
+    does; ``ValueError`` (one line, naming the dir) if it cannot be created or written in."""
     path = Path(run_dir).resolve()
     if path in _held:
         return False
-    path.mkdir(parents=True, exist_ok=True)
-    handle = open(path / LOCK_FILE, "a+")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle = open(path / LOCK_FILE, "a+")
+    except OSError as error:
+        raise not_writable(run_dir, error) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
         pid = handle.read().strip() or "?"
         handle.close()
-        raise ValueError(f"{str(run_dir)!r} is held by a live run (pid {pid})") from None
+        raise RunDirHeld(f"{str(run_dir)!r} is held by a live run (pid {pid})") from None
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()))
@@ -79,13 +97,21 @@ def claim_new_dir(path: Path | str) -> str:
     """Create and hold a dir no run has: ``path``, or ``path_1``, ``path_2``, ... when taken
     (``os.mkdir`` is atomic: two processes never get the same one); returns it."""
     base = Path(path)
-    base.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise not_writable(base, error) from None
     for number in itertools.count():
         candidate = base if number == 0 else base.with_name(f"{base.name}_{number}")
         try:
             candidate.mkdir()
+        except FileExistsError:  # taken
+            continue
+        except OSError as error:
+            raise not_writable(candidate, error) from None
+        try:
             hold(candidate)
-        except (FileExistsError, ValueError):  # taken (or held by a process that just aimed at it)
+        except RunDirHeld:  # held by a process that just aimed at it
             continue
         return str(candidate)
     raise AssertionError("unreachable")

@@ -12,6 +12,7 @@ Hydra, W&B or rich). Training is approximate; evaluation on the test split is ex
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from approxtrain.accounting import ComputeMeter, compute_reduction
-from approxtrain.config import layer_rules, validate
+from approxtrain.config import all_exact_warning, layer_rules, validate
 from approxtrain.data import DatasetInfo, build_loaders
 from approxtrain.data.order import shutdown_workers
 from approxtrain.models import build_model
@@ -40,6 +41,8 @@ from approxtrain.run.optim import build_optimizer, build_scheduler
 from approxtrain.run.rundir import BEST_CHECKPOINT, checkpoint_path, load_checkpoint, save_checkpoint, write_results
 from approxtrain.run.schema import FAILED, FINISHED, INTERRUPTED, PERPLEXITY, EpochRecord, Results, improves
 from approxtrain.surgery import Plan, approximate_, attach_meter
+
+log = logging.getLogger("approxtrain")
 
 
 @dataclass
@@ -164,6 +167,8 @@ class Trainer:
         self.generator = torch.Generator(device=device).manual_seed(cfg["seed"])
         self.plan = approximate_(self.model, layer_rules(cfg), generator=self.generator,
                                  example_input=example_input(self.info, dataset, device), batch_size=dataset["batch_size"])
+        if self.is_main and (warning := all_exact_warning(cfg, self.plan)):
+            log.warning(warning)
         self.meter = ComputeMeter()
         attach_meter(self.model, self.meter)
         self.optimizer = build_optimizer(trainer["optimizer"], self.model.parameters())
@@ -370,10 +375,14 @@ class Trainer:
 
     def record_failure(self, error: BaseException) -> str:
         """Record ``error`` as this run's one-line failure (in ``results.json`` once the run owns its
-        dir) and tell the callbacks; returns the line."""
+        dir) and tell the callbacks; returns the line. A ``results.json`` that cannot be written is
+        said in a warning: this runs inside an ``except`` and must not raise."""
         message = failure_message(error)
         self.results.status, self.results.error = FAILED, message
-        self._write_results()
+        try:
+            self._write_results()
+        except OSError as write_error:
+            log.warning("the failure could not be recorded in %s: %s", self.run_dir, write_error)
         self._emit("on_failure", message)
         return message
 
