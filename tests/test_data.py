@@ -74,7 +74,11 @@ def test_train_shuffle_is_seeded() -> None:
     assert torch.equal(first(0), first(0))
     assert not torch.equal(first(0), first(1))
     train, _, _ = loaders("digits", batch_size=32, seed=0)
-    assert not torch.equal(next(iter(train))[1], next(iter(train))[1])  # a new order each epoch
+    epoch_one = [target for _, target in train]
+    train.set_epoch(2)
+    assert not torch.equal(next(iter(train))[1], epoch_one[0])  # a new order each epoch
+    train.set_epoch(1, start_batch=3)  # an epoch continued mid-way: the batches it had left
+    assert all(torch.equal(a, b) for a, b in zip([target for _, target in train], epoch_one[3:], strict=True))
 
 
 def test_digits_image_size_resizes() -> None:
