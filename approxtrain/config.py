@@ -7,6 +7,7 @@ the resolved Hydra config as a dict).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any

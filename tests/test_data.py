@@ -74,7 +74,11 @@ def test_train_shuffle_is_seeded() -> None:
     assert torch.equal(first(0), first(0))
     assert not torch.equal(first(0), first(1))
     train, _, _ = loaders("digits", batch_size=32, seed=0)
-    assert not torch.equal(next(iter(train))[1], next(iter(train))[1])  # a new order each epoch
+    epoch_1 = next(iter(train))[1]
+    train.set_epoch(2)
+    assert not torch.equal(next(iter(train))[1], epoch_1)  # a new order each epoch
+    train.set_epoch(1)
+    assert torch.equal(next(iter(train))[1], epoch_1)  # from the seed and the epoch alone
 
 
 def test_digits_image_size_resizes() -> None:
