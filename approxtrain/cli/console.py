@@ -47,7 +47,7 @@ def config_tree(cfg: Mapping[str, Any], order: tuple[str, ...] = ("model", "data
     for key in keys:
         if isinstance(cfg[key], Mapping):
             branch = tree.add(f"[bold]{key}[/]")
-            add(branch, {k: v for k, v in cfg[key].items() if k != "by_model"})
+            add(branch, cfg[key])
     return tree
 
 

@@ -47,7 +47,8 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def run_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The flat W&B config: short keys for the comparison axes plus every dotted key."""
     flat = flatten({key: value for key, value in cfg.items() if key != "layers"})
-    flat.pop("model.paper_dataset", None)
+    for key in ("model.paper_dataset", "model.module", "model.paper_rules"):  # where it comes from; layer_rules has the rules used
+        flat.pop(key, None)
     flat.update(
         model=cfg["model"]["name"], dataset=cfg["dataset"]["name"], sampler=cfg["sampler"]["name"],
         ratio=cfg["ratio"], seed=cfg["seed"], layers=cfg["layers"].get("name", "custom"),
