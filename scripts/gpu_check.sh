@@ -8,12 +8,15 @@
 #   GPU_CHECK_SMOKE=1 bash scripts/gpu_check.sh          # the same as --smoke
 #   GPU_CHECK_STAGES="train compile_wrn" bash scripts/gpu_check.sh   # only these stages
 #
-# Needs torch, torchvision and pytest; NOT hydra-core, omegaconf or wandb, so no wheels need to
-# be carried to a machine without them. The project's tests/conftest.py imports hydra (and the
+# Needs torch, torchvision and pytest, and hydra-core + omegaconf for the end-to-end stages
+# (bench_train.py composes each model's run config: the paper's layer rules live in the model
+# YAMLs); never wandb. On a machine without hydra, carry the pure-Python wheels: run
+# `bash ../shared/tools/device-prep.sh` here once (it fills .whl/), carry ".whl", and this script
+# installs them into a temp dir by itself. The project's tests/conftest.py imports hydra (and the
 # CLI) for its fixtures; tests/test_cuda.py uses none of them, so the tests stage runs pytest
 # with --noconftest, and without plugins from other packages (PYTEST_DISABLE_PLUGIN_AUTOLOAD:
-# hydra-core, where installed, registers one that imports hydra). The benchmark scripts import
-# only the core and torch. The checkout goes first on PYTHONPATH: no install needed.
+# hydra-core, where installed, registers one that imports hydra). The checkout goes first on
+# PYTHONPATH: no install of the project needed.
 #
 # Stages, in order of importance; each runs under `timeout`, a failing or timed-out stage does
 # not stop the next, and the exit status is non-zero if any stage did not pass. Each stage's
@@ -111,6 +114,11 @@ done
 work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_work.XXXXXX") || exit 2
 trap 'rm -rf "$work"' EXIT
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+# hydra-core/omegaconf for bench_train.py: the carried wheels (device-prep.sh) when not installed
+if ! "$PYTHON" -c 'import hydra, omegaconf' 2>/dev/null && compgen -G "$root/.whl/*.whl" > /dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --target "$work/site" "$root"/.whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:$work/site"
+fi
 # The environment, once: torch's version and the device (full: CUDA; smoke: CUDA, else the CPU).
 if ! "$PYTHON" -c '
 import json, sys, torch

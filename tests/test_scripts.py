@@ -200,9 +200,9 @@ def test_gpu_check_rejects_bad_settings(tmp_path: Path, env: dict[str, str], arg
 
 
 @pytest.mark.slow
-def test_gpu_check_smoke_runs_every_stage_without_hydra_omegaconf_or_wandb(tmp_path: Path) -> None:
-    blocked = tmp_path / "blocked"  # as on the GPU machine: importing any of these fails
-    for name in ("hydra", "omegaconf", "wandb"):
+def test_gpu_check_smoke_runs_every_stage_without_wandb(tmp_path: Path) -> None:
+    blocked = tmp_path / "blocked"  # as on the GPU machine: W&B is not there (hydra comes as carried wheels)
+    for name in ("wandb",):
         (blocked / name).mkdir(parents=True)
         (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
     out = tmp_path / "out"
