@@ -112,7 +112,8 @@ _K_LIMITS = ("min_k", "bwd_min_k", "wu_min_k", "align_k")  # the sampling fields
 _SOME_DATASETS = ("dataset.seq_len", "dataset.download")  # fields of some datasets only
 
 
-def _get(cfg: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
+def lookup(cfg: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
+    """``cfg["a"]["b"]`` for ``"a.b"`` in a plain nested mapping; ``default`` where a key is missing."""
     node: Any = cfg
     for key in dotted.split("."):
         if not isinstance(node, Mapping) or key not in node:
@@ -146,7 +147,7 @@ def default_sampling(cfg: Mapping[str, Any]) -> SamplingConfig:
 def layer_rules(cfg: Mapping[str, Any]) -> list[LayerRule]:
     """The ``layers`` group's rules, each completed from :func:`default_sampling`."""
     default = default_sampling(cfg)
-    rules = _get(cfg, "layers.rules")
+    rules = lookup(cfg, "layers.rules")
     if rules is None or not isinstance(rules, (list, tuple)):
         raise ConfigError(f"layers.rules={rules!r} is invalid; allowed: a list of rules like [{{match: 'fc*', type: Linear}}]")
     try:
@@ -157,12 +158,12 @@ def layer_rules(cfg: Mapping[str, Any]) -> list[LayerRule]:
 
 def check_logger(cfg: Mapping[str, Any]) -> None:
     """The W&B logger's keys; :func:`validate` checks them, and so does the logger, which starts before the run's setup."""
-    if _get(cfg, "logger.name") != "wandb":
+    if lookup(cfg, "logger.name") != "wandb":
         return
-    mode = _get(cfg, "logger.mode")
+    mode = lookup(cfg, "logger.mode")
     if mode not in _LOGGER_MODES:
         raise ConfigError(f"logger.mode={mode!r} is invalid; allowed: {', '.join(_LOGGER_MODES)}")
-    timeout = _get(cfg, "logger.init_timeout_s")
+    timeout = lookup(cfg, "logger.init_timeout_s")
     if not number(0).accepts(timeout):
         raise ConfigError(f"logger.init_timeout_s={timeout!r} is invalid; allowed: a number of seconds > 0, e.g. 15")
 
@@ -176,12 +177,12 @@ def validate(cfg: Mapping[str, Any]) -> None:
     except (TypeError, ValueError) as error:
         raise ConfigError(str(error)) from None
     for dotted, check in _CHECKS.items():
-        value = _get(cfg, dotted, _MISSING)
+        value = lookup(cfg, dotted, _MISSING)
         if value is _MISSING and dotted in _SOME_DATASETS:
             continue
         if value is _MISSING or not check.accepts(value):
             raise ConfigError(f"{dotted}={None if value is _MISSING else value!r} is invalid; allowed: {check.allowed}")
-    optimizer = _get(cfg, "trainer.optimizer")
+    optimizer = lookup(cfg, "trainer.optimizer")
     if optimizer["name"] == "sgd" and optimizer["nesterov"] and not optimizer["momentum"] > 0:  # torch's SGD rule
         raise ConfigError(f"trainer.optimizer.nesterov=true is invalid with trainer.optimizer.momentum={optimizer['momentum']!r}; "
                           "allowed: nesterov=true with a momentum > 0, or nesterov=false")

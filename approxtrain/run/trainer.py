@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from approxtrain.accounting import ComputeMeter, compute_reduction
-from approxtrain.config import all_exact_warning, layer_rules, validate
+from approxtrain.config import all_exact_warning, layer_rules, lookup, validate
 from approxtrain.data import DatasetInfo, build_loaders
 from approxtrain.data.order import shutdown_workers
 from approxtrain.models import build_model
@@ -136,9 +136,9 @@ class Trainer:
                  is_main: bool = True) -> None:
         self.cfg, self.run_dir, self.is_main = cfg, Path(run_dir), is_main
         self.callbacks = list(callbacks) if is_main else []
-        self.results = Results(model=_select(cfg, "model", "name"), dataset=_select(cfg, "dataset", "name"),
-                               sampler=_select(cfg, "sampler", "name"), ratio=cfg.get("ratio"), seed=cfg.get("seed"),
-                               layers_rule_set=_select(cfg, "layers", "name") or "custom")
+        self.results = Results(model=lookup(cfg, "model.name"), dataset=lookup(cfg, "dataset.name"),
+                               sampler=lookup(cfg, "sampler.name"), ratio=cfg.get("ratio"), seed=cfg.get("seed"),
+                               layers_rule_set=lookup(cfg, "layers.name") or "custom")
         self.state = TrainState()
         # a resumed run's results.json is the earlier run's until its checkpoint has been read
         self.owns_run_dir = not cfg.get("resume")
@@ -498,11 +498,6 @@ def stop_signals() -> Iterator[StopRequests]:
     finally:
         for number, handler in requests.previous.items():
             signal.signal(number, handler)
-
-
-def _select(cfg: Mapping[str, Any], group: str, key: str) -> Any:
-    node = cfg.get(group)
-    return node.get(key) if isinstance(node, Mapping) else None
 
 
 def train(cfg: Mapping[str, Any], run_dir: Path | str, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
