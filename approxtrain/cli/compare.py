@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 from approxtrain.compare.console import make_console, print_tables
-from approxtrain.compare.report import to_csv, to_json, to_markdown, write_report
+from approxtrain.compare.report import FIGURE_FORMATS, to_csv, to_json, to_markdown, write_report
 from approxtrain.compare.runs import HYDRA_DIR, SWEEP_FILE, Problem, Run, collect_runs
 from approxtrain.compare.selection import (
     UsageError,
@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="report folder (default: <sweep or run dir>/report for one such dir, "
                         "else reports/compare_<timestamp>)")
     parser.add_argument("--no-report", action="store_true", help="do not write the report folder")
+    parser.add_argument("--figure-format", default="png",
+                        metavar="FMT[,FMT]", help=f"figure formats, from {', '.join(FIGURE_FORMATS)}; png is "
+                        "always written (report.md shows it), e.g. --figure-format pdf,svg for a paper")
     parser.add_argument("--format", choices=FORMATS, default="table",
                         help="stdout format; json/csv/md write a report only with an explicit --out")
     parser.add_argument("--sort", metavar="KEY", help=f"sort rows by one of: {', '.join(SORT_KEYS)}")
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     check_sort_key(args.sort)
+    figure_formats = _figure_formats(args.figure_format)
     filters = [parse_filter(text) for text in args.filters]
     runs, problems = _load(args)
     if runs:
@@ -88,7 +92,7 @@ def _run(args: argparse.Namespace) -> int:
     _print(tables, problems, args.format)
     out_dir = _report_dir(args)
     if out_dir is not None:
-        paths = write_report(tables, problems, out_dir)
+        paths = write_report(tables, problems, out_dir, figure_formats)
         _info(f"report written to {paths['report.md'].parent}", args.format)
     return 0
 
@@ -116,6 +120,15 @@ def _print(tables: list[Table], problems: list[Problem], fmt: str) -> None:
         return
     render = {"json": to_json, "csv": to_csv, "md": to_markdown}[fmt]
     sys.stdout.write(render(tables, problems).rstrip("\n") + "\n")
+
+
+def _figure_formats(text: str) -> tuple[str, ...]:
+    """``pdf,svg`` -> ``("pdf", "svg")``; raises :class:`UsageError` naming a bad format."""
+    formats = tuple(item.strip().lower() for item in text.split(",") if item.strip())
+    bad = [fmt for fmt in formats if fmt not in FIGURE_FORMATS]
+    if bad or not formats:
+        raise UsageError(f"bad --figure-format {text!r}; allowed: {', '.join(FIGURE_FORMATS)} (comma-separated)")
+    return formats
 
 
 def _report_dir(args: argparse.Namespace) -> Path | None:

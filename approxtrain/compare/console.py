@@ -44,6 +44,7 @@ def rich_table(table: Table, width: int = WIDE_CONSOLE) -> RichTable:
         cells: dict[str, str | Text] = dict(zip(COLUMNS, row_cells(row, digits, separator="\n" if stacked else " ")))
         cells["Δ vs exact"] = Text(str(cells["Δ vs exact"]), style=_delta_style(delta_is_better(row)))
         cells["status"] = Text(str(cells["status"]), style=STATUS_STYLES.get(row.first.status, ""))
+        cells["speedup"] = Text(str(cells["speedup"]), style="yellow" if row.speedup_reliable is False else "")
         if stacked:
             cells["step time"] = str(cells["step time"]).replace(" ms", "")
         if legend:
@@ -70,7 +71,7 @@ def print_tables(tables: Sequence[Table], problems: Sequence[Problem], console: 
         console.print(rich_table(table, width))
         if width < NARROW_CONSOLE:
             for number, row in enumerate(table.rows, start=1):
-                line = f"  #{number} (n={len(row.rows)}): {row.overrides or '-'}"
+                line = f"  #{number} (n={row.n}): {row.overrides or '-'}"
                 console.print(line, highlight=False, markup=False, soft_wrap=True)
         for note in row_notes(table):
             console.print(Text.assemble(("  note: ", "dim"), note), highlight=False, soft_wrap=True)

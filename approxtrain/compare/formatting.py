@@ -53,8 +53,14 @@ def delta_is_better(row: Row) -> bool | None:
     return (row.delta > 0) == row.first.higher_is_better
 
 
-def format_speedup(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
+UNRELIABLE_MARK = "?"  # after a speedup whose step times are too noisy (a row note says why)
+
+
+def format_speedup(value: float | None, reliable: bool | None = True) -> str:
+    """``1.85x``; ``1.85x?`` when the step times behind it are too noisy; ``-`` for none."""
+    if value is None:
+        return "-"
+    return f"{value:.2f}x" + ("" if reliable is not False else UNRELIABLE_MARK)
 
 
 def format_ratio(row: Row) -> str:
@@ -73,10 +79,10 @@ def row_cells(row: Row, digits: int, separator: str = " ") -> list[str]:
         format_stat(row.best_metric, digits, separator=separator),
         format_delta(row, digits),
         format_stat(row.step_time_s, 1, scale=1000, unit=" ms", separator=separator),
-        format_speedup(row.speedup),
+        format_speedup(row.speedup, row.speedup_reliable),
         row.epochs,
         first.status,
-        str(len(row.rows)),
+        str(row.n),
         row.overrides or "-",
     ]
 

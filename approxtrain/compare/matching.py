@@ -1,20 +1,25 @@
-"""Which config keys make two runs comparable: flattening and key classes.
+"""Which config keys make two runs comparable: flattening, key classes and run identity.
 
 A run's resolved ``.hydra/config.yaml`` is flattened to dotted keys
 (``trainer.epochs``, ``sampler.name``). Every key falls in one of three classes:
 
 * *approximation* keys define how a run approximates -- ``sampler.*``, ``ratio``,
-  ``layers.*`` (and W&B's flat ``layer_rules``). They are what a comparison varies.
+  ``layers.*``, ``schedule.*`` (the ratio over time; and W&B's flat ``layer_rules``).
+  They are what a comparison varies.
 * *bookkeeping* keys cannot change what a run computes -- ``resume``,
   ``experiment_name``, ``logger.*``, ``hydra.*``, output paths, ``_``-prefixed keys
   (W&B's own), and leaf names that only steer I/O (``num_workers``, ``root``,
   ``download``, ``log_every_n_steps``, ``checkpoint``, ...).
 * every other key is a *setting* (``model.*``, ``dataset.*``, ``trainer.*`` --
   ``trainer.device`` included, since step times on different devices do not
-  compare -- ``seed``, ...).
+  compare -- ``seed``, ...). A key nobody here has heard of is a setting, so a new
+  config key keeps runs that differ in it apart without any change to this module.
 
-The exact baseline of a run is a ``sampler.name == "exact"`` run whose settings are
-all equal to the run's, seed included.
+A run's *identity* (:func:`run_identity`) is its settings but the seed plus its
+approximation keys; an exact run has no approximation keys but ``sampler.name`` (it
+ignores ``ratio``, ``layers`` and ``schedule``), so exact runs of a sweep over ``ratio``
+are one experiment. The exact baseline of a run is a ``sampler.name == "exact"`` run
+whose settings are all equal to the run's, seed included.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 EXACT_SAMPLER = "exact"
-APPROXIMATION_PREFIXES = ("sampler", "ratio", "layers", "layer_rules")
+APPROXIMATION_PREFIXES = ("sampler", "ratio", "layers", "layer_rules", "schedule")
 BOOKKEEPING_PREFIXES = (
     "resume",
     "experiment_name",
@@ -105,6 +110,20 @@ def approximation_key(config: Mapping[str, Any]) -> ConfigKey:
     if config.get("sampler.name") == EXACT_SAMPLER:
         return (("sampler.name", EXACT_SAMPLER),)
     return tuple(sorted((k, v) for k, v in config.items() if is_approximation_key(k)))
+
+
+def run_identity(config: Mapping[str, Any]) -> tuple[ConfigKey, ConfigKey]:
+    """What makes two runs the same experiment: every key of the config but the seed, the
+    bookkeeping keys and (for exact runs) the approximation keys exact ignores. Runs with
+    one identity differ only in their seed, so they are replicates of one experiment."""
+    return setting_key(config), approximation_key(config)
+
+
+def differing_keys(configs: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Sorted keys (bookkeeping keys and the seed left out) whose values are not the same in every config."""
+    configs = list(configs)
+    keys = {key for config in configs for key in config if key != SEED_KEY and not is_bookkeeping_key(key)}
+    return sorted(key for key in keys if len({_hashable(config.get(key)) for config in configs}) > 1)
 
 
 def compact_key(key: str) -> str:

@@ -1,27 +1,50 @@
-"""``pareto.png`` and ``curves.png``, drawn with matplotlib's Agg canvas (no pyplot, no display).
+"""The report's figures, drawn with matplotlib's Agg canvas (no pyplot, no display).
 
-Pareto plot: best metric against compute reduction, one series per sampler (hollow
-markers for rows that have not finished), the exact baseline as a black star and a
-dashed line, and the Pareto front of the finished rows -- more reduction and a better
-metric in its own direction (higher accuracy, lower perplexity).
-Curves plot: mean test metric per epoch of every row, exact in thick black.
+``pareto``: best metric against compute reduction, one series per sampler in its
+fixed colour (:mod:`approxtrain.compare.style`), hollow markers for rows that have not
+finished, error bars of +-1 sample std over seeds on both axes and each point's ratio
+beside it; the exact baseline is a black star with its own error bar, a dotted line
+and a grey +-1 std band; the dashed grey line is the Pareto front of the finished rows
+-- more reduction and a better metric in its own direction (higher accuracy, lower
+perplexity).
+``curves``: mean test metric per epoch of every row with a +-1 std band over seeds;
+the sampler gives the colour, the rest of the row (ratio, other overrides) the line
+style, exact is thick black.
+Each is written as PNG and, on request, PDF and/or SVG.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from matplotlib import rc_context
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from approxtrain.compare.formatting import row_label
-from approxtrain.compare.table import Row, Table
+from approxtrain.compare.formatting import format_ratio, row_label
+from approxtrain.compare.style import (
+    ANNOTATION_SIZE,
+    BAND_ALPHA,
+    EXACT_COLOR,
+    FIGURE_WIDTH_IN,
+    PANEL_HEIGHT_IN,
+    PARETO_COLOR,
+    PNG_DPI,
+    RC_PARAMS,
+    sampler_color,
+)
+from approxtrain.compare.table import Row, Stat, Table, seed_stat
 from approxtrain.run.schema import FAILED, FINISHED
 
 LINESTYLES = ("-", "--", "-.", ":")
+LEGEND_COLUMNS = 3
+LEGEND_LINE_CHARS = 95  # characters of legend text that fit across the figure
+LEGEND_HANDLE_CHARS = 7  # a handle and the gap after it, in characters
+LEGEND_ROW_IN = 0.2
+SPREAD = "error bars and bands: ±1 std over seeds"
 
 
 def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool) -> list[int]:
@@ -37,38 +60,45 @@ def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool) 
     return sorted(front, key=lambda i: points[i][0])
 
 
-def write_pareto_png(tables: Sequence[Table], path: Path) -> Path:
-    """Draw the Pareto plot of every table (one panel each) into ``path``."""
-    figure = _figure(len(tables))
-    for axes, table in zip(_panels(figure, len(tables)), tables):
-        _draw_pareto(axes, table)
-    return _save(figure, path)
+def write_figures(tables: Sequence[Table], out_dir: Path, formats: Sequence[str] = ("png",)) -> dict[str, Path]:
+    """Draw :data:`FIGURES` (one panel per table) and save each as ``<name>.<format>`` in
+    ``out_dir`` for every one of ``formats`` (matplotlib's names: png, pdf, svg); returns
+    file name -> path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    with rc_context(RC_PARAMS):
+        for name, draw in FIGURES.items():
+            figure = _figure(tables, draw)
+            for fmt in formats:
+                path = out_dir / f"{name}.{fmt}"
+                figure.savefig(path, format=fmt, dpi=PNG_DPI if fmt == "png" else None)
+                paths[path.name] = path
+    return paths
 
 
-def write_curves_png(tables: Sequence[Table], path: Path) -> Path:
-    """Draw the per-epoch test metric of every row (one panel per table) into ``path``."""
-    figure = _figure(len(tables))
-    for axes, table in zip(_panels(figure, len(tables)), tables):
-        _draw_curves(axes, table)
-    return _save(figure, path)
-
-
-def _figure(panels: int) -> Figure:
-    figure = Figure(figsize=(8, 4.5 * max(panels, 1)), layout="constrained")
+def _figure(tables: Sequence[Table], draw: Callable[[Axes, Table], int]) -> Figure:
+    """A figure with one panel per table, each sized for its legend's rows."""
+    figure = Figure(figsize=(FIGURE_WIDTH_IN, PANEL_HEIGHT_IN), layout="constrained")
     FigureCanvasAgg(figure)
-    if panels == 0:
+    if not tables:
         figure.text(0.5, 0.5, "no runs to plot", ha="center", va="center")
+        return figure
+    panels = figure.subplots(len(tables), 1, squeeze=False)[:, 0]
+    legend_rows = [draw(axes, table) for axes, table in zip(panels, tables)]
+    figure.set_figheight(sum(PANEL_HEIGHT_IN + LEGEND_ROW_IN * rows for rows in legend_rows))
     return figure
 
 
-def _panels(figure: Figure, count: int) -> list[Axes]:
-    return [figure.add_subplot(count, 1, i + 1) for i in range(count)]
-
-
-def _save(figure: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=110)
-    return path
+def _legend(axes: Axes) -> int:
+    """The legend under the panel (it never covers a point); returns its number of rows."""
+    handles, labels = axes.get_legend_handles_labels()
+    if not handles:
+        return 0
+    longest = max(len(label) for label in labels) + LEGEND_HANDLE_CHARS
+    columns = max(1, min(LEGEND_COLUMNS, len(handles), LEGEND_LINE_CHARS // longest))
+    axes.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=columns,
+                title=SPREAD, title_fontsize="small", frameon=False)
+    return -(-len(handles) // columns) + 1
 
 
 def _plottable(table: Table) -> list[Row]:
@@ -79,29 +109,38 @@ def _plottable(table: Table) -> list[Row]:
     ]
 
 
-def _draw_pareto(axes: Axes, table: Table) -> None:
+def _draw_pareto(axes: Axes, table: Table) -> int:
     rows = _plottable(table)
-    samplers = sorted({row.first.sampler for row in rows if not row.is_exact})
-    colors = {sampler: f"C{i % 10}" for i, sampler in enumerate(samplers)}
-    for sampler in samplers:
-        _draw_series(axes, [r for r in rows if r.first.sampler == sampler], colors[sampler], sampler)
+    for sampler in sorted({row.first.sampler for row in rows if not row.is_exact}):
+        _draw_series(axes, [r for r in rows if r.first.sampler == sampler], sampler)
     for row in (r for r in rows if r.is_exact):
-        axes.scatter([row.compute_reduction.mean], [row.best_metric.mean], marker="*", s=220, color="black",
-                     zorder=5, label=f"{row_label(row)} [{row.first.status}]")
-        axes.axhline(row.best_metric.mean, color="black", linestyle=":", linewidth=1)
+        _draw_baseline(axes, row)
     finished = [r for r in rows if r.first.status == FINISHED]
     points = [(r.compute_reduction.mean, r.best_metric.mean) for r in finished]
     front = [points[i] for i in pareto_front(points, table.higher_is_better)]
     if len(front) > 1:
-        axes.plot([p[0] for p in front], [p[1] for p in front], color="grey", linestyle="--",
+        axes.plot([p[0] for p in front], [p[1] for p in front], color=PARETO_COLOR, linestyle="--",
                   linewidth=1.2, zorder=1, label="Pareto front")
-    axes.set(title=table.title, xlabel="compute reduction (fraction of MACs saved)", ylabel=f"best {table.metric_name}")
+    axes.set(title=table.title, xlabel="compute reduction (MACs saved)", ylabel=f"best {table.metric_name}")
+    axes.xaxis.set_major_formatter(PercentFormatter(xmax=1.0))
     axes.grid(alpha=0.3)
-    if rows:
-        axes.legend(fontsize="small")
+    return _legend(axes)
 
 
-def _draw_series(axes: Axes, rows: list[Row], color: str, label: str) -> None:
+def _draw_baseline(axes: Axes, row: Row) -> None:
+    """The exact row: a star with its error bars, a dotted line at its mean and a +-1 std band."""
+    metric = row.best_metric
+    axes.errorbar([row.compute_reduction.mean], [metric.mean], xerr=[row.compute_reduction.std or 0],
+                  yerr=[metric.std or 0], fmt="*", markersize=14, color=EXACT_COLOR, capsize=4, zorder=5,
+                  label=f"{row_label(row)} [{row.first.status}] n={row.n}")
+    axes.axhline(metric.mean, color=EXACT_COLOR, linestyle=":", linewidth=1)
+    if metric.std:
+        axes.axhspan(metric.mean - metric.std, metric.mean + metric.std, color=EXACT_COLOR, alpha=BAND_ALPHA / 2,
+                     linewidth=0, zorder=0)
+
+
+def _draw_series(axes: Axes, rows: list[Row], sampler: str) -> None:
+    color = sampler_color(sampler)
     for status_finished in (True, False):
         chosen = [r for r in rows if (r.first.status == FINISHED) == status_finished]
         if not chosen:
@@ -111,43 +150,54 @@ def _draw_series(axes: Axes, rows: list[Row], color: str, label: str) -> None:
             [r.best_metric.mean for r in chosen],
             xerr=[r.compute_reduction.std or 0 for r in chosen],
             yerr=[r.best_metric.std or 0 for r in chosen],
-            fmt="o", color=color, mfc=color if status_finished else "none", capsize=3,
-            label=label if status_finished else f"{label} (not finished)",
+            fmt="o", markersize=6, color=color, mfc=color if status_finished else "none", capsize=3,
+            label=sampler if status_finished else f"{sampler} (not finished)",
         )
         for row in chosen:
             if row.first.ratio is not None:
                 axes.annotate(f"{row.first.ratio:g}", (row.compute_reduction.mean, row.best_metric.mean),
-                              textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+                              textcoords="offset points", xytext=(5, 4), fontsize=ANNOTATION_SIZE, color=color)
 
 
-def _draw_curves(axes: Axes, table: Table) -> None:
-    samplers = sorted({row.first.sampler for row in table.rows if not row.is_exact})
-    ratios = sorted({row.first.ratio for row in table.rows if row.first.ratio is not None and not row.is_exact})
-    drawn = False
+def _draw_curves(axes: Axes, table: Table) -> int:
+    variants = sorted({_variant(row) for row in table.rows if not row.is_exact})
     for row in table.rows:
-        epochs, values = _mean_curve(row)
+        epochs, stats = curve_stats(row)
         if not epochs:
             continue
-        drawn = True
+        label = f"{row_label(row)} [{row.first.status}]"
         if row.is_exact:
-            axes.plot(epochs, values, color="black", linewidth=2.5, label=f"{row_label(row)} [{row.first.status}]")
-            continue
-        color = f"C{samplers.index(row.first.sampler) % 10}"
-        style = LINESTYLES[ratios.index(row.first.ratio) % len(LINESTYLES)] if row.first.ratio in ratios else "-"
-        axes.plot(epochs, values, color=color, linestyle=style, marker=".",
-                  label=f"{row_label(row)} [{row.first.status}]")
+            color, style, width = EXACT_COLOR, "-", 2.5
+        else:
+            color, width = sampler_color(row.first.sampler), None
+            style = LINESTYLES[variants.index(_variant(row)) % len(LINESTYLES)]
+        means = [s.mean for s in stats]
+        axes.plot(epochs, means, color=color, linestyle=style, linewidth=width, marker=".", label=label)
+        spread = [(e, s.mean - s.std, s.mean + s.std) for e, s in zip(epochs, stats) if s.std is not None]
+        if spread:
+            axes.fill_between([p[0] for p in spread], [p[1] for p in spread], [p[2] for p in spread],
+                              color=color, alpha=BAND_ALPHA, linewidth=0)
     axes.set(title=table.title, xlabel="epoch", ylabel=f"test {table.metric_name}")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
-    if drawn:
-        axes.legend(fontsize="small")
+    return _legend(axes)
 
 
-def _mean_curve(row: Row) -> tuple[list[int], list[float]]:
-    """Mean over the row's runs of the test metric at each epoch any of them reached."""
-    by_epoch: dict[int, list[float]] = {}
-    for run in row.runs:
-        for epoch, value in run.curve:
-            by_epoch.setdefault(epoch, []).append(value)
+def _variant(row: Row) -> tuple[str, ...]:
+    """What tells a row from the others of its sampler (ratio, layers, other overrides): its line style."""
+    return (format_ratio(row), *(item for item in row.overrides.split() if not item.startswith("sampler=")))
+
+
+def curve_stats(row: Row) -> tuple[list[int], list[Stat]]:
+    """The test metric at each epoch any of the row's runs reached: mean and std over
+    seeds (runs repeated under one seed averaged first)."""
+    by_epoch: dict[int, dict[int | None, list[float]]] = {}
+    for seed, runs in row.by_seed.items():
+        for run in runs:
+            for epoch, value in run.curve:
+                by_epoch.setdefault(epoch, {}).setdefault(seed, []).append(value)
     epochs = sorted(by_epoch)
-    return epochs, [sum(by_epoch[e]) / len(by_epoch[e]) for e in epochs]
+    return epochs, [seed_stat(by_epoch[e].values()) for e in epochs]
+
+
+FIGURES: dict[str, Callable[[Axes, Table], int]] = {"pareto": _draw_pareto, "curves": _draw_curves}

@@ -1,8 +1,8 @@
 """Machine- and human-readable outputs: Markdown, CSV, JSON and the report folder.
 
-The report folder holds ``report.md`` (the tables, notes, problems and both plots),
-``pareto.png``, ``curves.png`` and ``runs.csv`` (one line per run, then one per
-problem with status ``broken``).
+The report folder holds ``report.md`` (the tables, notes, problems and both figures),
+``pareto.png``, ``curves.png`` (plus ``.pdf``/``.svg`` copies on request) and
+``runs.csv`` (one line per run, then one per problem with status ``broken``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from approxtrain.compare.formatting import COLUMNS, metric_digits, row_cells, ro
 from approxtrain.compare.runs import Problem
 from approxtrain.compare.table import RUN_RECORD_FIELDS, Table
 
-REPORT_FILES = ("report.md", "pareto.png", "curves.png", "runs.csv")
+FIGURE_FORMATS = ("png", "pdf", "svg")  # PNG is always written: report.md shows it
 
 
 def run_records(tables: Sequence[Table]) -> list[dict[str, Any]]:
@@ -64,16 +64,20 @@ def to_markdown(tables: Sequence[Table], problems: Sequence[Problem], images: bo
     return "\n".join(lines)
 
 
-def write_report(tables: Sequence[Table], problems: Sequence[Problem], out_dir: Path) -> dict[str, Path]:
-    """Write :data:`REPORT_FILES` into ``out_dir`` (created); returns name -> path."""
-    from approxtrain.compare.plots import write_curves_png, write_pareto_png  # matplotlib only when writing
+def write_report(
+    tables: Sequence[Table], problems: Sequence[Problem], out_dir: Path, figure_formats: Sequence[str] = ("png",)
+) -> dict[str, Path]:
+    """Write ``report.md``, ``runs.csv`` and the figures into ``out_dir`` (created): each
+    figure as PNG and in the other :data:`FIGURE_FORMATS` of ``figure_formats``; returns
+    file name -> path."""
+    from approxtrain.compare.plots import write_figures  # matplotlib only when writing
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: out_dir / name for name in REPORT_FILES}
+    paths = {name: out_dir / name for name in ("report.md", "runs.csv")}
     paths["report.md"].write_text(to_markdown(tables, problems, images=True), encoding="utf-8")
     paths["runs.csv"].write_text(to_csv(tables, problems), encoding="utf-8")
-    write_pareto_png(tables, paths["pareto.png"])
-    write_curves_png(tables, paths["curves.png"])
+    formats = ["png"] + [fmt for fmt in FIGURE_FORMATS[1:] if fmt in figure_formats]
+    paths.update(write_figures(tables, out_dir, formats))
     return paths
 
 

@@ -65,11 +65,12 @@ class Run:
     best_metric: float | None
     final_metric: float | None
     compute_reduction: float | None
-    step_time_s: float | None
+    step_time_s: float | None  # median training step of the run
     wall_time_s: float | None
     epochs_done: int
     epochs_planned: int | None
     curve: list[tuple[int, float]] = field(default_factory=list)
+    epoch_step_times_s: list[float] = field(default_factory=list)  # each epoch's median step
     config: dict[str, Any] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
     error: str | None = None
@@ -236,6 +237,7 @@ def run_from_results(
         epochs_done=len(epochs),
         epochs_planned=_integer(flat.get("trainer.epochs")),
         curve=curve,
+        epoch_step_times_s=[t for t in (_number(e.get("step_time_s")) for e in epochs) if t is not None],
         config=flat,
         overrides=list(overrides or []),
         error=_text(results.get("error")),

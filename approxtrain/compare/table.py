@@ -5,10 +5,15 @@ Per run, the baseline is every exact run with the same settings and seed (see
 running/incomplete ones. ``delta = best_metric - baseline best_metric`` (for
 perplexity a positive delta is worse) and ``speedup = baseline step time / step time``.
 
-Runs that differ only in seed (and status) form one :class:`Row` with mean, sample
-standard deviation and n. Its ``delta`` is the mean metric minus the mean baseline
-metric over the seeds that have a baseline; its speedup the mean baseline step time
-over those seeds divided by the mean step time.
+Runs with one identity (:func:`~approxtrain.compare.matching.run_identity`: the whole
+config but the seed and bookkeeping keys) and one status form a :class:`Row`. Its
+replicates are its *seeds*: runs that share a seed too (an exact sweep over ``ratio``,
+which exact ignores, or a config run twice) are one experiment, averaged into that
+seed's value and noted, never counted as extra seeds. A row's mean, sample standard
+deviation and n are over its seeds' values. Its ``delta`` is the mean metric minus the
+mean baseline metric over the seeds that have a baseline; its speedup the mean baseline
+step time over those seeds divided by the mean step time, marked unreliable when either
+step time is noisy (:mod:`approxtrain.compare.timing`).
 """
 
 from __future__ import annotations
@@ -19,19 +24,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from approxtrain.compare.matching import (
-    approximation_key,
+    differing_keys,
     format_overrides,
+    run_identity,
     setting_key,
     varying_keys,
 )
 from approxtrain.compare.runs import Run
+from approxtrain.compare.timing import is_noisy, noise_note, step_time_samples, variation
 from approxtrain.run.schema import FINISHED
 
 BaselineIndex = dict[tuple[Any, ...], list[Run]]
 RUN_RECORD_FIELDS = (
     "path", "status", "model", "dataset", "metric_name", "higher_is_better", "sampler", "ratio", "layers",
     "seed", "n", "compute_reduction", "best_metric", "final_metric", "baseline_metric", "delta",
-    "step_time_s", "baseline_step_time_s", "speedup", "epochs_done", "epochs_planned", "wall_time_s",
+    "step_time_s", "baseline_step_time_s", "speedup", "step_time_cv", "baseline_step_time_cv", "speedup_reliable",
+    "epochs_done", "epochs_planned", "wall_time_s",
     "overrides", "hydra_overrides", "baseline_paths", "error", "notes",
 )  # the keys of RunRow.as_record(), in CSV column order
 
@@ -54,15 +62,23 @@ class Stat:
         return cls(statistics.fmean(present), std, len(present))
 
 
+def seed_stat(groups: Iterable[Iterable[float | None]]) -> Stat:
+    """:class:`Stat` over seeds of each seed's mean (``groups``: one list of values per
+    seed), so that runs repeated with one seed count once."""
+    return Stat.of(Stat.of(values).mean for values in groups)
+
+
 @dataclass
 class Baseline:
     """The exact runs a run or row is compared with."""
 
     metric: float | None = None
+    metric_std: float | None = None  # over the baseline's seeds
     step_time_s: float | None = None
     paths: list[str] = field(default_factory=list)
     seeds: list[int | None] = field(default_factory=list)
     partial: bool = False
+    step_time_cv: float | None = None  # spread of its per-epoch step times (see timing)
 
 
 @dataclass
@@ -80,6 +96,14 @@ class RunRow:
     @property
     def speedup(self) -> float | None:
         return _ratio(self.baseline.step_time_s, self.run.step_time_s)
+
+    @property
+    def step_time_cv(self) -> float | None:
+        return variation(step_time_samples([self.run]))
+
+    @property
+    def speedup_reliable(self) -> bool | None:
+        return _speedup_reliable(self.speedup, self.step_time_cv, self.baseline.step_time_cv)
 
     def as_record(self) -> dict[str, Any]:
         """Flat, JSON/CSV-ready fields."""
@@ -104,6 +128,9 @@ class RunRow:
             "step_time_s": run.step_time_s,
             "baseline_step_time_s": self.baseline.step_time_s,
             "speedup": self.speedup,
+            "step_time_cv": self.step_time_cv,
+            "baseline_step_time_cv": self.baseline.step_time_cv,
+            "speedup_reliable": self.speedup_reliable,
             "epochs_done": run.epochs_done,
             "epochs_planned": run.epochs_planned,
             "wall_time_s": run.wall_time_s,
@@ -111,13 +138,14 @@ class RunRow:
             "hydra_overrides": " ".join(run.overrides),
             "baseline_paths": " ".join(self.baseline.paths),
             "error": run.error,
-            "notes": "; ".join(run.notes + _baseline_notes(self.baseline, run.is_exact)),
+            "notes": "; ".join(run.notes + _baseline_notes(self.baseline, run.is_exact)
+                               + _noise_notes(self.step_time_cv, self.baseline.step_time_cv, run.is_exact)),
         }
 
 
 @dataclass
 class Row:
-    """Runs that differ only in seed, aggregated and compared with their baselines."""
+    """Runs that differ only in seed, aggregated over seeds and compared with their baselines."""
 
     rows: list[RunRow]
     baseline: Baseline
@@ -136,16 +164,40 @@ class Row:
         return self.first.is_exact
 
     @property
+    def by_seed(self) -> dict[int | None, list[Run]]:
+        """The row's runs per seed (seeds in order); more than one run under a seed is a repeat."""
+        groups = _partition(self.runs, lambda run: run.seed)
+        return {seed: groups[seed] for seed in sorted(groups, key=_none_last)}
+
+    @property
+    def n(self) -> int:
+        """Replicates: the number of seeds."""
+        return len(self.by_seed)
+
+    def _over_seeds(self, name: str) -> Stat:
+        return seed_stat([[getattr(run, name) for run in runs] for runs in self.by_seed.values()])
+
+    @property
     def best_metric(self) -> Stat:
-        return Stat.of(run.best_metric for run in self.runs)
+        return self._over_seeds("best_metric")
 
     @property
     def compute_reduction(self) -> Stat:
-        return Stat.of(run.compute_reduction for run in self.runs)
+        return self._over_seeds("compute_reduction")
 
     @property
     def step_time_s(self) -> Stat:
-        return Stat.of(run.step_time_s for run in self.runs)
+        return self._over_seeds("step_time_s")
+
+    @property
+    def step_time_cv(self) -> float | None:
+        return variation(step_time_samples(self.runs))
+
+    @property
+    def speedup_reliable(self) -> bool | None:
+        """``False`` when the row's or its baseline's step times are too noisy for its speedup."""
+        baseline_cv = None if self.is_exact else self.baseline.step_time_cv
+        return _speedup_reliable(self.speedup, self.step_time_cv, baseline_cv)
 
     @property
     def delta(self) -> float | None:
@@ -157,7 +209,7 @@ class Row:
 
     @property
     def seeds(self) -> list[int | None]:
-        return sorted({run.seed for run in self.runs}, key=_none_last)
+        return list(self.by_seed)
 
     @property
     def epochs(self) -> str:
@@ -171,7 +223,9 @@ class Row:
     def notes(self) -> list[str]:
         notes = [f"seed {run.seed}: {note}" for run in self.runs for note in run.notes]
         notes += [f"seed {run.seed}: {run.error}" for run in self.runs if run.error]
-        return notes + _baseline_notes(self.baseline, self.is_exact, len(self.seeds))
+        notes += [_repeat_note(seed, runs) for seed, runs in self.by_seed.items() if len(runs) > 1]
+        notes += _baseline_notes(self.baseline, self.is_exact, len(self.seeds))
+        return notes + _noise_notes(self.step_time_cv, self.baseline.step_time_cv, self.is_exact)
 
     def as_record(self) -> dict[str, Any]:
         """Flat, JSON/CSV-ready fields (``*_std`` are sample standard deviations)."""
@@ -185,7 +239,8 @@ class Row:
             "ratio": None if self.is_exact else first.ratio,
             "layers": None if self.is_exact else first.layers,
             "status": first.status,
-            "n": len(self.rows),
+            "n": self.n,
+            "runs": len(self.rows),
             "seeds": self.seeds,
             "compute_reduction": reduction.mean,
             "compute_reduction_std": reduction.std,
@@ -193,12 +248,16 @@ class Row:
             "best_metric_std": metric.std,
             "best_metric_n": metric.n,
             "baseline_metric": self.baseline.metric,
+            "baseline_metric_std": self.baseline.metric_std,
             "baseline_seeds": self.baseline.seeds,
             "delta": self.delta,
             "step_time_s": step.mean,
             "step_time_s_std": step.std,
             "baseline_step_time_s": self.baseline.step_time_s,
             "speedup": self.speedup,
+            "step_time_cv": self.step_time_cv,
+            "baseline_step_time_cv": self.baseline.step_time_cv,
+            "speedup_reliable": self.speedup_reliable,
             "epochs_done": min(run.epochs_done for run in self.runs),
             "epochs": self.epochs,
             "overrides": self.overrides,
@@ -298,12 +357,16 @@ def baseline_for(run: Run, seeds: Iterable[int | None], index: BaselineIndex) ->
             per_seed.append((seed, finished or candidates))
     if not per_seed:
         return Baseline()
+    metric = seed_stat([[b.best_metric for b in group] for _, group in per_seed])
+    baselines = [b for _, group in per_seed for b in group]
     return Baseline(
-        metric=_mean_of_means([[b.best_metric for b in group] for _, group in per_seed]),
-        step_time_s=_mean_of_means([[b.step_time_s for b in group] for _, group in per_seed]),
-        paths=[b.path for _, group in per_seed for b in group],
+        metric=metric.mean,
+        metric_std=metric.std,
+        step_time_s=seed_stat([[b.step_time_s for b in group] for _, group in per_seed]).mean,
+        paths=[b.path for b in baselines],
         seeds=[seed for seed, _ in per_seed],
         partial=partial,
+        step_time_cv=variation(step_time_samples(baselines)),
     )
 
 
@@ -344,7 +407,7 @@ def _table_key(run: Run) -> tuple[str, str, str]:
 
 
 def _group_key(row: RunRow) -> tuple[Any, ...]:
-    return setting_key(row.run.config), approximation_key(row.run.config), row.run.status
+    return run_identity(row.run.config), row.run.status
 
 
 def _default_order(row: Any) -> tuple[Any, ...]:
@@ -373,9 +436,21 @@ def _baseline_notes(baseline: Baseline, is_exact: bool, n_seeds: int = 1) -> lis
     return notes
 
 
-def _mean_of_means(groups: list[list[float | None]]) -> float | None:
-    means = [Stat.of(values).mean for values in groups]
-    return Stat.of(means).mean
+def _repeat_note(seed: int | None, runs: list[Run]) -> str:
+    """Why runs sharing a seed count as one replicate, naming the keys they differ in."""
+    keys = differing_keys(run.config for run in runs)
+    values = [f"{key} {', '.join(sorted({str(run.config.get(key)) for run in runs}))}" for key in keys]
+    ignored = f" that differ only in {'; '.join(values)}, which {runs[0].sampler} ignores," if values else ""
+    return f"seed {seed}: {len(runs)} runs{ignored} are one experiment, averaged as one seed"
+
+
+def _noise_notes(cv: float | None, baseline_cv: float | None, is_exact: bool) -> list[str]:
+    note = noise_note(cv, None if is_exact else baseline_cv, is_exact)
+    return [note] if note else []
+
+
+def _speedup_reliable(speedup: float | None, cv: float | None, baseline_cv: float | None) -> bool | None:
+    return None if speedup is None else not (is_noisy(cv) or is_noisy(baseline_cv))
 
 
 def _difference(value: float | None, reference: float | None) -> float | None:
