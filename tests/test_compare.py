@@ -61,15 +61,18 @@ def write_run(
     metric_name: str = ACCURACY,
     lr: float = 0.1,
     error: str | None = None,
+    epoch_step_times: list[float] | None = None,
 ) -> Path:
     """Write a realistic run dir without training: results.json through the schema, the
-    composed config and the overrides in .hydra/ (see conftest.write_run_dir)."""
+    composed config and the overrides in .hydra/ (see conftest.write_run_dir). Every epoch's
+    median step is ``step_time`` unless ``epoch_step_times`` gives one per epoch."""
     if reduction is None:
         reduction = 0.0 if sampler == "exact" else round(1 - ratio * 1.6, 3)
     epochs = [
         EpochRecord(epoch=e, step=e * STEPS_PER_EPOCH, train_loss=0.5 / e,
                     test_metric=None if best is None else best - 0.01 * (epochs_done - e),
-                    compute_reduction=reduction, time_s=1.0, step_time_s=step_time, lr=lr)
+                    compute_reduction=reduction, time_s=1.0,
+                    step_time_s=step_time if epoch_step_times is None else epoch_step_times[e - 1], lr=lr)
         for e in range(1, epochs_done + 1)
     ]
     plan_row = PlanRow("fc1", "Linear", n=64, k=19, ratio=19 / 64, policy=sampler, rule=0,
@@ -391,6 +394,7 @@ def test_filter_on_dotted_config_key_keeps_baselines_for_delta(sweep: Path) -> N
         (["{sweep}", "--wandb", "e/p"], "not both"),
         (["--wandb", "justproject"], "bad --wandb 'justproject': expected ENTITY/PROJECT"),
         (["{sweep}", "--group", "g"], "--group 'g' needs --wandb"),
+        (["{sweep}", "--figure-format", "pdf,jpg"], "bad --figure-format 'pdf,jpg'; allowed: png, pdf, svg"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(
