@@ -44,6 +44,7 @@ LEGEND_COLUMNS = 3
 LEGEND_LINE_CHARS = 95  # characters of legend text that fit across the figure
 LEGEND_HANDLE_CHARS = 7  # a handle and the gap after it, in characters
 LEGEND_ROW_IN = 0.2
+PARETO_LABEL = "Pareto front"
 SPREAD = "error bars and bands: ±1 std over seeds"
 
 
@@ -91,9 +92,10 @@ def _figure(tables: Sequence[Table], draw: Callable[[Axes, Table], int]) -> Figu
 
 def _legend(axes: Axes) -> int:
     """The legend under the panel (it never covers a point); returns its number of rows."""
-    handles, labels = axes.get_legend_handles_labels()
-    if not handles:
+    entries = sorted(zip(*axes.get_legend_handles_labels()), key=lambda entry: entry[1] == PARETO_LABEL)
+    if not entries:
         return 0
+    handles, labels = zip(*entries)  # the series first, the Pareto front last
     longest = max(len(label) for label in labels) + LEGEND_HANDLE_CHARS
     columns = max(1, min(LEGEND_COLUMNS, len(handles), LEGEND_LINE_CHARS // longest))
     axes.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=columns,
@@ -120,7 +122,7 @@ def _draw_pareto(axes: Axes, table: Table) -> int:
     front = [points[i] for i in pareto_front(points, table.higher_is_better)]
     if len(front) > 1:
         axes.plot([p[0] for p in front], [p[1] for p in front], color=PARETO_COLOR, linestyle="--",
-                  linewidth=1.2, zorder=1, label="Pareto front")
+                  linewidth=1.2, zorder=1, label=PARETO_LABEL)
     axes.set(title=table.title, xlabel="compute reduction (MACs saved)", ylabel=f"best {table.metric_name}")
     axes.xaxis.set_major_formatter(PercentFormatter(xmax=1.0))
     axes.grid(alpha=0.3)

@@ -103,7 +103,8 @@ class RunRow:
 
     @property
     def speedup_reliable(self) -> bool | None:
-        return _speedup_reliable(self.speedup, self.step_time_cv, self.baseline.step_time_cv)
+        baseline_cv = None if self.run.is_exact else self.baseline.step_time_cv
+        return _speedup_reliable(self.speedup, self.step_time_cv, baseline_cv)
 
     def as_record(self) -> dict[str, Any]:
         """Flat, JSON/CSV-ready fields."""

@@ -50,7 +50,7 @@ def is_noisy(cv: float | None) -> bool:
 
 def noise_note(cv: float | None, baseline_cv: float | None, is_exact: bool) -> str | None:
     """One line saying which step times are too noisy (and what follows), or ``None``."""
-    noisy = [f"{what} {value:.0%}" for what, value in (("this row", cv), ("its baseline", baseline_cv))
+    noisy = [f"{value:.0%} in {what}" for what, value in (("this row", cv), ("its baseline", baseline_cv))
              if is_noisy(value)]
     if not noisy:
         return None
