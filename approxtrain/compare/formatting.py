@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from approxtrain.compare.table import Row, Stat, Table
+from approxtrain.compare.timing import UNRELIABLE_MARK
 
 COLUMNS = (
     "sampler",
@@ -51,9 +52,6 @@ def delta_is_better(row: Row) -> bool | None:
     if row.is_exact or row.delta is None or row.delta == 0:
         return None
     return (row.delta > 0) == row.first.higher_is_better
-
-
-UNRELIABLE_MARK = "?"  # after a speedup whose step times are too noisy (a row note says why)
 
 
 def format_speedup(value: float | None, reliable: bool | None = True) -> str:

@@ -7,8 +7,8 @@ A run's resolved ``.hydra/config.yaml`` is flattened to dotted keys
   ``layers.*``, ``schedule.*`` (the ratio over time; and W&B's flat ``layer_rules``).
   They are what a comparison varies.
 * *bookkeeping* keys cannot change what a run computes -- ``resume``,
-  ``experiment_name``, ``logger.*``, ``hydra.*``, output paths, ``_``-prefixed keys
-  (W&B's own), and leaf names that only steer I/O (``num_workers``, ``root``,
+  ``experiment_name``, ``objective``, ``logger.*``, ``hydra.*``, output paths,
+  ``_``-prefixed keys (W&B's own), and leaf names that only steer I/O (``num_workers``, ``root``,
   ``download``, ``log_every_n_steps``, ``checkpoint``, ...).
 * every other key is a *setting* (``model.*``, ``dataset.*``, ``trainer.*`` --
   ``trainer.device`` included, since step times on different devices do not
@@ -33,6 +33,7 @@ APPROXIMATION_PREFIXES = ("sampler", "ratio", "layers", "layer_rules", "schedule
 BOOKKEEPING_PREFIXES = (
     "resume",
     "experiment_name",
+    "objective",  # what the app returns to a sweeper (Optuna); training does not read it
     "logger",
     "hydra",
     "wandb",

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 
 from approxtrain.compare.runs import Run
 
+UNRELIABLE_MARK = "?"  # after a speedup built on noisy step times
 NOISY_STEP_TIME_CV = 0.15  # 3x the few per cent idle epochs differ by; +-15 % on each side blurs 1.3x into 1.0x
 
 
@@ -54,7 +55,8 @@ def noise_note(cv: float | None, baseline_cv: float | None, is_exact: bool) -> s
              if is_noisy(value)]
     if not noisy:
         return None
-    consequence = "speedups against this baseline are unreliable" if is_exact else "the speedup is unreliable (marked ?)"
+    consequence = ("speedups against this baseline are unreliable" if is_exact
+                   else f"the speedup is unreliable (marked {UNRELIABLE_MARK})")
     return (f"step time varies by {' and '.join(noisy)} across epochs and seeds "
             f"(coefficient of variation, limit {NOISY_STEP_TIME_CV:.0%}): {consequence}; "
             "re-time on an idle machine")
