@@ -306,9 +306,10 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         else:
             print_config(console, container, run_dir)
         if container["logger"]["name"] == "wandb":
-            from approxtrain.cli.wandb_logger import WandbCallback
+            from approxtrain.cli.wandb_logger import wandb_callback
 
-            trainer.callbacks.append(WandbCallback(container, run_dir, _run_group() or container["experiment_name"]))
+            if (logger := wandb_callback(container, run_dir, _run_group() or container["experiment_name"])) is not None:
+                trainer.callbacks.append(logger)
         results = trainer.fit()
     except RunInterrupted as interrupt:  # checkpointed and recorded: say how to continue, exit as the signal asks
         print(f"approxtrain: {interrupt}", file=sys.stderr)
