@@ -28,6 +28,8 @@ APPROXIMATION_PREFIXES = ("sampler", "ratio", "layers", "layer_rules")
 BOOKKEEPING_PREFIXES = (
     "resume",
     "experiment_name",
+    "objective",  # what the app returns to a sweeper
+    "search",
     "logger",
     "hydra",
     "wandb",
