@@ -350,7 +350,6 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | list[float] | None:
             message = f"job {hydra_cfg.job.num} failed, which ends the Optuna search: {message}"
         print(f"approxtrain: error: {message}", file=sys.stderr)
         raise SystemExit(RUN_FAILED) from None
-    log.info("finished: best %s %s, compute reduction %.4f", results.metric_name, results.best_metric, results.compute_reduction)
     return objective_value(container, results)
 
 
