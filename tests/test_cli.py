@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 from datetime import datetime
 from pathlib import Path
@@ -239,6 +240,23 @@ def test_wandb_rows_at_the_optimizer_step_a_model_artifact_and_resume_keeps_the_
         assert sorted(entry.path for entry in artifact.manifest.contents) == ["best.pt", "last.pt"]
         saved = {item.path for record in wandb_records_of(path, "files") for item in record.files}
         assert {".hydra/config.yaml", ".hydra/overrides.yaml", "results.json"} <= saved
+
+
+@pytest.mark.slow
+def test_the_default_logger_without_wandb_trains_with_a_one_line_hint(cli, tmp_path):
+    """``logger=wandb`` is the default; where wandb cannot be imported the run trains as with ``logger=none``."""
+    blocked = tmp_path / "blocked" / "wandb"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError(\"No module named 'wandb'\")\n")
+    path = os.pathsep.join(filter(None, [str(blocked.parent), os.environ.get("PYTHONPATH")]))
+    run_dir = tmp_path / "run"
+    process = cli(*SMALL, f"hydra.run.dir={run_dir}", env={"PYTHONPATH": path})
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert_finished(run_dir)
+    hints = [line for line in process.stdout.splitlines() if "W&B:" in line]
+    assert len(hints) == 1 and hints[0].endswith(
+        "W&B: cannot import wandb (No module named 'wandb'); logging as logger=none (install it: pip install wandb)")
+    assert not (run_dir / "wandb").exists()
 
 
 @pytest.mark.slow
