@@ -166,6 +166,9 @@ def check_logger(cfg: Mapping[str, Any]) -> None:
     timeout = lookup(cfg, "logger.init_timeout_s")
     if not number(0).accepts(timeout):
         raise ConfigError(f"logger.init_timeout_s={timeout!r} is invalid; allowed: a number of seconds > 0, e.g. 15")
+    log_model = lookup(cfg, "logger.log_model")
+    if not SWITCH.accepts(log_model):
+        raise ConfigError(f"logger.log_model={log_model!r} is invalid; allowed: {SWITCH.allowed}")
 
 
 def validate(cfg: Mapping[str, Any]) -> None:

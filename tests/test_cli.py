@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 from datetime import datetime
 from pathlib import Path
@@ -187,11 +188,75 @@ def test_wandb_offline_run_inside_the_run_dir(cli, tmp_path):
     assert process.returncode == 0, process.stderr[-3000:]
     assert_finished(run_dir)
     config, summary, exits = wandb_contents(wandb_run_file(run_dir))
-    expected = {"model": "mlp", "dataset": "digits", "sampler": "topk", "ratio": 0.5, "seed": 0, "layers": "paper"}
-    assert {key: config.get(key) for key in expected} == expected
-    assert config.get("trainer.optimizer.lr") == 0.001  # the rest flattened to dotted keys
+    axes = (config["model"]["name"], config["dataset"]["name"], config["sampler"]["name"], config["ratio"], config["seed"],
+            config["layers"]["name"])
+    assert axes == ("mlp", "digits", "topk", 0.5, 0, "paper")  # nested as Hydra composed it
+    assert config["trainer"]["optimizer"]["lr"] == 0.001
     assert summary.get("status") == "finished" and summary.get("compute_reduction") == pytest.approx(0.5)
     assert exits and exits[-1].exit_code == 0
+
+
+def wandb_history(path: Path) -> list[tuple[int, dict]]:
+    """(step, row) of every history record of an offline W&B run file."""
+    rows = []
+    for record in read_wandb_records(path):
+        if record.WhichOneof("record_type") == "history":
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            rows.append((record.history.step.num, row))
+    return rows
+
+
+def wandb_records_of(path: Path, kind: str) -> list:
+    return [getattr(record, kind) for record in read_wandb_records(path) if record.WhichOneof("record_type") == kind]
+
+
+@pytest.mark.slow
+def test_wandb_rows_at_the_optimizer_step_a_model_artifact_and_resume_keeps_the_run(cli, tmp_path):
+    """Every history row's step is the optimizer step and carries its epoch; the run's files and a
+    ``model`` artifact are recorded; ``resume=`` continues the same W&B run (same id), its steps going on."""
+    run_dir = tmp_path / "run"
+    env = {"WANDB_MODE": "offline", "HOME": str(tmp_path)}
+    first = cli(*SMALL, "logger=wandb", "trainer.log_every_n_steps=3", f"hydra.run.dir={run_dir}", env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = cli("trainer.epochs=2", f"resume={run_dir}", env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    results = assert_finished(run_dir)
+    files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"), key=lambda path: path.parent.name)
+    assert len(files) == 2
+    run_ids = [run.run_id for path in files for run in wandb_records_of(path, "run")]
+    assert run_ids == [(run_dir / "wandb" / "run_id").read_text()] * 2
+    history = [entry for path in files for entry in wandb_history(path)]
+    steps = [step for step, _ in history]
+    assert all(row["_step"] == step and "epoch" in row for step, row in history)
+    assert steps == sorted(steps) and steps[-1] == results["steps"]
+    epoch_rows = [(step, row) for step, row in history if "test/accuracy" in row]
+    assert [(step, row["epoch"], row["test/accuracy"]) for step, row in epoch_rows] == \
+        [(epoch["step"], epoch["epoch"], pytest.approx(epoch["test_metric"])) for epoch in results["epochs"]]
+    step_rows = [step for step, row in history if "train/loss" in row]
+    assert step_rows[:2] == [3, 6] and set(step_rows) >= {epoch["step"] for epoch in results["epochs"]}
+    for path in files:
+        (artifact,) = [artifact for artifact in wandb_records_of(path, "artifact") if artifact.type == "model"]
+        assert artifact.name == f"model-{run_ids[0]}"
+        assert sorted(entry.path for entry in artifact.manifest.contents) == ["best.pt", "last.pt"]
+        saved = {item.path for record in wandb_records_of(path, "files") for item in record.files}
+        assert {".hydra/config.yaml", ".hydra/overrides.yaml", "results.json"} <= saved
+
+
+@pytest.mark.slow
+def test_the_default_logger_without_wandb_trains_with_a_one_line_hint(cli, tmp_path):
+    """``logger=wandb`` is the default; where wandb cannot be imported the run trains as with ``logger=none``."""
+    blocked = tmp_path / "blocked" / "wandb"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError(\"No module named 'wandb'\")\n")
+    path = os.pathsep.join(filter(None, [str(blocked.parent), os.environ.get("PYTHONPATH")]))
+    run_dir = tmp_path / "run"
+    process = cli(*SMALL, f"hydra.run.dir={run_dir}", env={"PYTHONPATH": path})
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert_finished(run_dir)
+    hints = [line for line in process.stdout.splitlines() if "W&B:" in line]
+    assert len(hints) == 1 and hints[0].endswith(
+        "W&B: cannot import wandb (No module named 'wandb'); logging as logger=none (install it: pip install wandb)")
+    assert not (run_dir / "wandb").exists()
 
 
 @pytest.mark.slow
@@ -206,7 +271,7 @@ def test_wandb_auto_mode_without_api_key_logs_offline(cli, tmp_path):
     assert len(hints) == 1 and "logging offline" in hints[0]
     assert_finished(run_dir)
     config, summary, exits = wandb_contents(wandb_run_file(run_dir))
-    assert config.get("model") == "mlp" and summary.get("status") == "finished"
+    assert config["model"]["name"] == "mlp" and summary.get("status") == "finished"
 
 
 @pytest.mark.slow
@@ -219,7 +284,7 @@ def test_wandb_run_is_finished_as_failed_when_the_run_fails(cli, tmp_path):
     results = read_results(run_dir)
     assert results["status"] == "failed" and results["error"] == message
     config, summary, exits = wandb_contents(wandb_run_file(run_dir))
-    assert config.get("model") == "mlp"
+    assert config["model"]["name"] == "mlp"
     assert summary.get("status") == "failed" and summary.get("error") == message
     assert exits and exits[-1].exit_code == 1
 
@@ -245,7 +310,7 @@ def test_wandb_online_without_a_server_logs_offline_within_the_bound(cli, tmp_pa
     assert len(lines) == 1 and lines[0].endswith(expected), lines
     assert not list((run_dir / "wandb").glob("run-*")), "an online W&B run was started"
     config, summary, exits = wandb_contents(wandb_run_file(run_dir))
-    assert config.get("model") == "mlp" and summary.get("status") == "finished" and exits[-1].exit_code == 0
+    assert config["model"]["name"] == "mlp" and summary.get("status") == "finished" and exits[-1].exit_code == 0
     train_log = (run_dir / "train.log").read_text()
     assert "\x1b" not in train_log
     (logged,) = [line for line in train_log.splitlines() if line.endswith(expected)]

@@ -461,13 +461,13 @@ class FakeWandbRun:
 
 def fake_wandb_run(name: str, sampler: str, seed: int, best: float, step: float, group: str = "sweep-1",
                    state: str = "finished", ratio: float = 0.3) -> FakeWandbRun:
-    """A run as approxtrain's W&B logger records it: dotted config keys plus short axes,
+    """A run as approxtrain's W&B logger records it: the config nested as Hydra composed it,
     results.json scalars in the summary (the schema's SUMMARY_KEYS, plus W&B's own ``_step``),
-    one history row per epoch among per-step rows. A crashed run never wrote its end."""
-    config = {"model.name": "mlp", "dataset.name": "digits", "sampler.name": sampler, "sampler.scale": False,
-              "ratio": ratio, "seed": seed, "trainer.epochs": 2, "trainer.device": "cpu",
-              "trainer.optimizer.lr": 0.001, "logger.group": None, "model": "mlp", "dataset": "digits",
-              "sampler": sampler, "layers": "paper", "layer_rules": "[{'type': 'Linear'}]",
+    one history row per epoch (``test/accuracy``) among per-step rows, each at its optimizer
+    step. A crashed run never wrote its end."""
+    config = {"model": {"name": "mlp"}, "dataset": {"name": "digits"}, "sampler": {"name": sampler, "scale": False},
+              "ratio": ratio, "seed": seed, "trainer": {"epochs": 2, "device": "cpu", "optimizer": {"lr": 0.001}},
+              "logger": {"group": None}, "layers": {"name": "paper", "rules": [{"type": "Linear"}]},
               "_wandb": {"cli_version": "0.31.0"}}
     status = {"finished": FINISHED, "failed": FAILED}.get(state, RUNNING)
     results = Results(model="mlp", dataset="digits", sampler=sampler, ratio=ratio, seed=seed, layers_rule_set="paper",
@@ -475,9 +475,9 @@ def fake_wandb_run(name: str, sampler: str, seed: int, best: float, step: float,
                       compute_reduction=0.0 if sampler == "exact" else 0.5, planned_compute_reduction=0.5,
                       wall_time_s=3.0, step_time_s=step, steps=58, device="cpu",
                       error="diverged" if status == FAILED else None)
-    summary = {**summary_of(results), "_step": 7}
-    history = [{"_step": 3, "epoch": 1, "test_metric": best - 0.05}, {"_step": 5, "global_step": 40, "train/loss": 0.3},
-               {"_step": 7, "epoch": 2, "test_metric": best}]
+    summary = {**summary_of(results), "_step": 58}
+    history = [{"_step": 29, "epoch": 1, "test/accuracy": best - 0.05}, {"_step": 40, "epoch": 2, "train/loss": 0.3},
+               {"_step": 58, "epoch": 2, "test/accuracy": best}]
     return FakeWandbRun(name, group, state, config, summary, history)
 
 
@@ -537,10 +537,23 @@ def test_wandb_epochs_done_counts_history_rows_a_diverged_epoch_included() -> No
     from approxtrain.compare.wandb_source import convert_run
 
     api_run = fake_wandb_run("topk-s0", "topk", 0, 0.94, 0.005)
-    api_run._history[-1]["test_metric"] = float("nan")  # epoch 2 diverged
+    api_run._history[-1]["test/accuracy"] = float("nan")  # epoch 2 diverged
     run = convert_run(api_run, "wandb:team/approxtrain/topk-s0")
     assert run.epochs_done == 2 and run.epochs_planned == 2 and run.status == "finished"
     assert run.curve == [(1, pytest.approx(0.89))]
+
+
+def test_wandb_runs_logged_before_the_named_metrics_still_read() -> None:
+    """Runs logged with dotted config keys and a ``test_metric`` history read the same."""
+    from approxtrain.compare.wandb_source import convert_run
+    from approxtrain.compare.matching import flatten
+
+    api_run = fake_wandb_run("topk-s0", "topk", 0, 0.94, 0.005)
+    api_run.config = flatten(api_run.config)
+    api_run._history = [{("test_metric" if key == "test/accuracy" else key): value for key, value in row.items()}
+                        for row in api_run._history]
+    run = convert_run(api_run, "wandb:team/approxtrain/topk-s0")
+    assert run.curve == [(1, pytest.approx(0.89)), (2, 0.94)] and run.config["sampler.name"] == "topk"
 
 
 def test_wandb_unreachable_is_one_line_exit_1(

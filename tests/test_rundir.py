@@ -7,7 +7,9 @@ runs started together -- runs the installed CLI.
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from datetime import datetime, timedelta
@@ -18,8 +20,9 @@ from omegaconf import OmegaConf
 
 from approxtrain.cli.resume import merge_overrides, parse_overrides, refused_changes
 from approxtrain.cli.train import main, settle_run_dir
-from approxtrain.run.rundir import LOCK_FILE, claim_new_dir, hold, holder, load_checkpoint, recorded_run, release
-from approxtrain.run.schema import read_results
+from approxtrain.run.rundir import (LOCK_FILE, claim_new_dir, hold, holder, load_checkpoint, recorded_run, release, save_checkpoint,
+                                    write_results)
+from approxtrain.run.schema import Results, read_results
 from approxtrain.run.trainer import train
 from conftest import approxtrain_command, compose_config, to_run_config
 
@@ -60,6 +63,23 @@ def run_copy(finished_run, tmp_path, monkeypatch) -> Path:
     """A copy of the finished run in tmp_path, which is also the working dir (where ``outputs/`` would go)."""
     monkeypatch.chdir(tmp_path)
     return Path(shutil.copytree(finished_run, tmp_path / "run"))
+
+
+# ---------------------------------------------------------------------------------------------- file modes
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o644)])
+def test_results_and_checkpoints_are_0644_less_the_umask(umask, mode, tmp_path):
+    """Readable by the group (not mkstemp's 0600), and never more than the umask allows."""
+    previous = os.umask(umask)
+    try:
+        write_results(tmp_path, Results(model="mlp", dataset="digits", sampler="topk", ratio=0.5, seed=0, layers_rule_set="paper"))
+        save_checkpoint(tmp_path / "checkpoints" / "last.pt", {"step": 1})
+    finally:
+        os.umask(previous)
+    for name in ("results.json", "checkpoints/last.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+    assert not list(tmp_path.rglob("*.tmp")), "a temporary file was left behind"
 
 
 # ---------------------------------------------------------------------------------------------- claiming and holding

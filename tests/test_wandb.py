@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
-from approxtrain.cli.wandb_logger import WandbCallback, open_run, reachable
+from approxtrain.cli.wandb_logger import WandbCallback, open_run, reachable, run_config, run_name, run_tags, wandb_callback
 from approxtrain.run.trainer import Trainer
 
 DIGITS = ("model=mlp", "dataset=digits", "dataset.batch_size=200", "trainer.log_every_n_steps=3", "logger=wandb")
@@ -65,7 +65,10 @@ class FakeRun:
 
     def __init__(self, mode: str, sync_dir: Path, fail_after: int | None) -> None:
         self.settings = SimpleNamespace(mode=mode, sync_dir=str(sync_dir))
+        self.id = "fakerun1"
         self.rows: list[dict] = []
+        self.saved: list[str] = []
+        self.steps: list[int] = []
         self.summary: dict = {}
         self.finished: int | None = None
         self.fail_after = fail_after
@@ -77,6 +80,10 @@ class FakeRun:
         if self.fail_after is not None and len(self.rows) >= self.fail_after:
             raise RuntimeError("the W&B service died")
         self.rows.append(row)
+        self.steps.append(step)
+
+    def save(self, glob_str: str, base_path: str, policy: str) -> None:
+        self.saved.append(str(Path(glob_str).relative_to(base_path)))
 
     def finish(self, exit_code: int = 0) -> None:
         self.finished = exit_code
@@ -216,6 +223,52 @@ def test_a_bad_init_timeout_is_one_line(value, shown, run_cfg, run_dir):
     with pytest.raises(ValueError, match=r"^logger\.init_timeout_s=.* is invalid; allowed: a number of seconds > 0") as error:
         WandbCallback(cfg, run_dir, group=None)
     assert f"init_timeout_s={shown} " in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------- what a run logs
+
+
+def test_config_is_nested_as_composed_with_each_axis_once(run_cfg):
+    cfg = run_cfg(*DIGITS)
+    config = run_config(cfg)
+    assert config["model"]["name"] == "mlp" and config["sampler"]["name"] == "topk" and config["ratio"] == 0.5
+    assert config["layers"]["rules"] == cfg["layers"]["rules"]  # a list of rules, not a Python repr
+    assert config["trainer"]["optimizer"] == cfg["trainer"]["optimizer"]
+    assert not any(isinstance(key, str) and "." in key for key in config), "flat dotted keys next to the nested ones"
+    assert "paper_rules" not in config["model"] and "paper_rules" in cfg["model"]
+
+
+def test_tags_and_name_leave_the_ratio_out_of_an_exact_run(run_cfg):
+    sampled, exact = run_cfg(*DIGITS, "ratio=0.3"), run_cfg(*DIGITS, "sampler=exact", "logger.tags=[baseline]")
+    assert run_tags(sampled) == ["model:mlp", "dataset:digits", "sampler:topk", "ratio:0.3"]
+    assert run_tags(exact) == ["model:mlp", "dataset:digits", "sampler:exact", "baseline"]
+    assert (run_name(sampled), run_name(exact)) == ("mlp-digits-topk-0.3-s0", "mlp-digits-exact-s0")
+
+
+def test_without_wandb_the_run_logs_as_logger_none_with_a_hint(run_cfg, run_dir, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    with caplog.at_level(logging.INFO):
+        assert wandb_callback(run_cfg(*DIGITS), run_dir, group=None) is None
+    (line,) = warnings_of(caplog)
+    assert line.startswith("W&B: cannot import wandb (") and line.endswith("logging as logger=none (install it: pip install wandb)")
+
+
+def test_rows_are_logged_at_the_optimizer_step_with_named_metrics(api_key, closed_port_url, run_cfg, run_dir, monkeypatch):
+    wandb = FakeWandb(closed_port_url, run_dir)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    cfg = run_cfg(*DIGITS, "logger.log_model=false")
+    callback = WandbCallback(cfg, run_dir, group=None)
+    results = Trainer(cfg, run_dir, [callback]).fit()
+    (run,) = wandb.runs
+    plan, *rows = run.rows
+    assert "layer_plan" in plan and all("epoch" in row for row in run.rows)
+    (epoch,) = [row for row in rows if "test/accuracy" in row]
+    assert epoch["test/accuracy"] == results.best_metric and epoch["train/loss_epoch"] == results.epochs[0]["train_loss"]
+    assert all(set(row) >= {"train/loss", "train/samples_per_s", "train/compute_reduction"} for row in rows if row is not epoch)
+    steps_per_epoch = results.steps  # one epoch
+    assert run.steps == [0, *range(3, steps_per_epoch, 3), steps_per_epoch, steps_per_epoch]  # log_every_n_steps=3
+    assert run.saved == ["results.json"]  # no .hydra dir outside the CLI: only files that exist are saved
+    assert (run_dir / "wandb" / "run_id").read_text() == run.id and run.finished == 0
 
 
 # ---------------------------------------------------------------------------------------------- train.log

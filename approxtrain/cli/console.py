@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 from approxtrain.run.callbacks import Callback, StepReport
+from approxtrain.run.rundir import BEST_CHECKPOINT, checkpoint_path
 from approxtrain.surgery import Plan
 
 if TYPE_CHECKING:
     from approxtrain.run.schema import EpochRecord
     from approxtrain.run.trainer import Trainer
+
+log = logging.getLogger("approxtrain")
+RATE_WINDOW_S = 10.0  # the seconds that it/s and the remaining time are averaged over
 
 
 def _format_metric(name: str, value: float | None) -> str:
@@ -72,39 +80,80 @@ def plan_table(plan: Plan, title: str = "layer plan") -> Table:
     return table
 
 
+def epochs_planned(trainer: Trainer) -> int:
+    """The epochs the run trains: ``trainer.epochs``, fewer when ``trainer.max_steps`` ends it sooner."""
+    epochs, max_steps = trainer.cfg["trainer"]["epochs"], trainer.cfg["trainer"]["max_steps"]
+    return epochs if max_steps is None else min(epochs, math.ceil(max_steps / max(trainer.steps_per_epoch, 1)))
+
+
+def epoch_line(record: EpochRecord, epochs: int, metric_name: str) -> str:
+    return (f"epoch {record.epoch}/{epochs}  step {record.step}  train loss {record.train_loss:.4f}  "
+            f"test {metric_name} {_format_metric(metric_name, record.test_metric)}  "
+            f"compute reduction {record.compute_reduction:.1%}  {record.time_s:.1f} s")
+
+
+class RateColumn(ProgressColumn):
+    """Steps per second over the last :data:`RATE_WINDOW_S` seconds (rich's speed estimate)."""
+
+    def render(self, task: Task) -> Text:
+        return Text("-- it/s" if task.speed is None else f"{task.speed:.1f} it/s", style="progress.data.speed")
+
+
 class ConsoleCallback(Callback):
-    """Prints a run's plan, per-epoch progress bars and summary with rich."""
+    """Prints a run's plan, a progress bar per epoch (epoch i/N, elapsed and remaining time, it/s,
+    moved every step without reading the device; the loss at logging steps) and one per evaluation,
+    and the summary, which names the run dir and the best checkpoint. The start, epoch and end
+    lines also go through ``logging``, so ``train.log`` is the run's log."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
         self.progress: Progress | None = None
-        self.task: Any = None
+        self.train_task: Any = None
+        self.eval_task: Any = None
         self.last_metric: float | None = None
 
     def on_start(self, trainer: Trainer) -> None:
         results = trainer.results
         assert trainer.plan is not None
         self.console.print(plan_table(trainer.plan))
-        self.console.print(f"training {results.model} on {results.dataset} with sampler={results.sampler} "
-                           f"ratio={results.ratio} on {results.device}")
+        log.info("training %s on %s with sampler=%s ratio=%s on %s: %d epoch(s) of %d steps, into %s", results.model,
+                 results.dataset, results.sampler, results.ratio, results.device, epochs_planned(trainer),
+                 trainer.steps_per_epoch, trainer.run_dir)
 
-    def _start_epoch(self, trainer: Trainer, epoch: int) -> None:
-        metric_name = trainer.results.metric_name
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        done = trainer.state.progress.batches if trainer.state.progress else 0  # a run resumed inside this epoch
+        total = trainer.steps_per_epoch
+        if trainer.cfg["trainer"]["max_steps"] is not None:
+            total = min(total, done + trainer.cfg["trainer"]["max_steps"] - trainer.state.step)
         self.progress = Progress(
-            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn(f"{metric_name} {{task.fields[metric]}}"),
-            TextColumn("compute reduction {task.fields[reduction]}"), TextColumn("{task.fields[speed]} samples/s"),
-            TimeElapsedColumn(), console=self.console, transient=True)
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("•"),
+            TimeRemainingColumn(), RateColumn(), TextColumn("{task.fields[info]}"),
+            console=self.console, transient=True, speed_estimate_period=RATE_WINDOW_S,
+            disable=not self.console.is_terminal)  # a log file or pipe gets the epoch lines only
         self.progress.start()
-        self.task = self.progress.add_task("train", total=trainer.steps_per_epoch, epoch=epoch, loss="-",
-                                           metric=_format_metric(metric_name, self.last_metric), reduction="-", speed="-")
+        metric_name = trainer.results.metric_name
+        self.train_task = self.progress.add_task(
+            f"epoch {epoch}/{epochs_planned(trainer)}", total=total, completed=done,
+            info=f"{metric_name} {_format_metric(metric_name, self.last_metric)}")
+        self.eval_task = None
+
+    def on_train_batch_end(self, trainer: Trainer, epoch: int, batch: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.train_task, completed=batch)
 
     def on_step(self, trainer: Trainer, report: StepReport) -> None:
+        if self.progress is not None:
+            metric_name = trainer.results.metric_name
+            self.progress.update(self.train_task, info=(
+                f"loss {report.loss:.4f}  {metric_name} {_format_metric(metric_name, self.last_metric)}  "
+                f"compute reduction {report.compute_reduction:.1%}  {report.samples_per_s:,.0f} samples/s"))
+
+    def on_eval_batch_end(self, trainer: Trainer, batch: int, total: int) -> None:
         if self.progress is None:
-            self._start_epoch(trainer, report.epoch)
-        assert self.progress is not None
-        self.progress.update(self.task, completed=report.batch, loss=f"{report.loss:.4f}",
-                             reduction=f"{report.compute_reduction:.1%}", speed=f"{report.samples_per_s:,.0f}")
+            return
+        if self.eval_task is None:
+            self.eval_task = self.progress.add_task("evaluate", total=total, info="")
+        self.progress.update(self.eval_task, completed=batch)
 
     def _stop_progress(self) -> None:
         if self.progress is not None:
@@ -114,17 +163,17 @@ class ConsoleCallback(Callback):
     def on_epoch(self, trainer: Trainer, record: EpochRecord) -> None:
         self._stop_progress()
         self.last_metric = record.test_metric
-        metric_name = trainer.results.metric_name
-        self.console.print(
-            f"epoch {record.epoch:>3}  step {record.step:>6}  train loss {record.train_loss:.4f}  "
-            f"test {metric_name} {_format_metric(metric_name, record.test_metric)}  "
-            f"compute reduction {record.compute_reduction:.1%}  {record.time_s:.1f} s")
+        log.info(epoch_line(record, epochs_planned(trainer), trainer.results.metric_name))
 
     def on_failure(self, trainer: Trainer, message: str) -> None:
         self._stop_progress()
 
     def on_end(self, trainer: Trainer) -> None:
+        self._stop_progress()  # interrupted inside an epoch
         results = trainer.results
+        best = checkpoint_path(trainer.run_dir, BEST_CHECKPOINT)
+        best_checkpoint = str(best) if best.is_file() else "-"
+        reduction = f"{results.compute_reduction:.1%}" if results.compute_reduction is not None else "-"
         table = Table(title="summary", title_justify="left", show_header=False)
         table.add_column(style="bold")
         table.add_column()
@@ -133,11 +182,15 @@ class ConsoleCallback(Callback):
             ("status", results.status),
             (f"best {name}", _format_metric(name, results.best_metric)),
             (f"final {name}", _format_metric(name, results.final_metric)),
-            ("compute reduction (measured)", f"{results.compute_reduction:.1%}" if results.compute_reduction is not None else "-"),
+            ("compute reduction (measured)", reduction),
             ("epochs / steps", f"{len(results.epochs)} / {results.steps}"),
             ("median step time", f"{results.step_time_s * 1000:.1f} ms" if results.step_time_s else "-"),
             ("wall time", f"{results.wall_time_s:.1f} s"),
             ("device", results.device),
+            ("run dir", str(trainer.run_dir)),
+            ("best checkpoint", best_checkpoint),
         ):
             table.add_row(key, str(value))
         self.console.print(table)
+        log.info("%s: best %s %s, compute reduction %s; run dir %s; best checkpoint %s", results.status, name,
+                 _format_metric(name, results.best_metric), reduction, trainer.run_dir, best_checkpoint)

@@ -45,7 +45,7 @@ from approxtrain.run.schema import FINISHED, read_results
 log = logging.getLogger("approxtrain")
 CONFIG_PACKAGE = "approxtrain.configs"
 CONFIG_NAME = "train"
-GROUPS = ("model", "dataset", "sampler", "layers", "logger", "experiment", "trainer")
+GROUPS = ("model", "dataset", "sampler", "layers", "logger", "experiment", "trainer", "search")
 # Exit codes: 0 finished; RUN_FAILED a run (or a sweep's job) failed, recorded in its results.json;
 # USAGE_ERROR the command line cannot be composed (nothing ran); 128 + N stopped by signal N
 # (130 SIGINT, 143 SIGTERM) at a step boundary, with a checkpoint to continue from.
@@ -154,9 +154,23 @@ def composition_error(args: list[str]) -> str | None:
     if parsed is None:
         return None
     try:
-        compose(parsed, _first_of_each_sweep(parsed.overrides) if parsed.multirun else parsed.overrides)
+        cfg = compose(parsed, _first_of_each_sweep(parsed.overrides) if parsed.multirun else parsed.overrides)
     except Exception as error:  # noqa: BLE001 - every composition error becomes one line
         return composition_error_line(str(error), args)
+    return objective_error(cfg)
+
+
+def objective_error(cfg: DictConfig) -> str | None:
+    """Why the composed config's ``objective`` (and, for ``ratio_within_margin``, ``search.*``) cannot be
+    computed, in one line; None when it can -- checked before a sweep spends its trials."""
+    from approxtrain.cli.objective import objective_names
+
+    keys = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+            for key in ("objective", "search") if key in cfg}
+    try:
+        objective_names(keys)
+    except ValueError as error:
+        return str(error)
     return None
 
 
@@ -266,8 +280,15 @@ def _run_group() -> str | None:
     return None
 
 
+def _search_stops_at_a_failed_job(hydra_cfg: Any) -> bool:
+    """Whether the sweep is an Optuna search run in this process: hydra-optuna-sweeper gives up at the
+    first trial without a value (with a traceback), so the job ends the process in one line instead."""
+    sweeper, launcher = str(hydra_cfg.sweeper.get("_target_", "")), str(hydra_cfg.launcher.get("_target_", ""))
+    return sweeper.endswith("OptunaSweeper") and launcher.endswith("BasicLauncher")
+
+
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name=CONFIG_NAME)
-def _app(cfg: DictConfig) -> float | None:
+def _app(cfg: DictConfig) -> float | list[float] | None:
     """One job: train, recording a failure in the run's ``results.json`` (and W&B) as one line."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -286,10 +307,12 @@ def _app(cfg: DictConfig) -> float | None:
             release(run_dir)
 
 
-def _train(cfg: DictConfig, run_dir: Path) -> float | None:
+def _train(cfg: DictConfig, run_dir: Path) -> float | list[float] | None:
+    """Train one run; returns its ``objective`` (:mod:`approxtrain.cli.objective`), None for a failed job of a sweep."""
     from rich.console import Console
 
     from approxtrain.cli.console import ConsoleCallback, print_config
+    from approxtrain.cli.objective import objective_value
     from approxtrain.run.trainer import RunInterrupted, Trainer
 
     hydra_cfg = HydraConfig.get()
@@ -306,9 +329,10 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         else:
             print_config(console, container, run_dir)
         if container["logger"]["name"] == "wandb":
-            from approxtrain.cli.wandb_logger import WandbCallback
+            from approxtrain.cli.wandb_logger import wandb_callback
 
-            trainer.callbacks.append(WandbCallback(container, run_dir, _run_group() or container["experiment_name"]))
+            if (logger := wandb_callback(container, run_dir, _run_group() or container["experiment_name"])) is not None:
+                trainer.callbacks.append(logger)
         results = trainer.fit()
     except RunInterrupted as interrupt:  # checkpointed and recorded: say how to continue, exit as the signal asks
         print(f"approxtrain: {interrupt}", file=sys.stderr)
@@ -321,11 +345,12 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         log.debug("run failed", exc_info=True)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             log.error("job %s failed: %s", hydra_cfg.job.num, message)
-            return None
+            if not _search_stops_at_a_failed_job(hydra_cfg):
+                return None
+            message = f"job {hydra_cfg.job.num} failed, which ends the Optuna search: {message}"
         print(f"approxtrain: error: {message}", file=sys.stderr)
         raise SystemExit(RUN_FAILED) from None
-    log.info("finished: best %s %s, compute reduction %.4f", results.metric_name, results.best_metric, results.compute_reduction)
-    return results.best_metric
+    return objective_value(container, results)
 
 
 def failed_jobs(sweep_dir: Path, since: float = 0.0) -> list[str]:

@@ -1,7 +1,10 @@
 """Weights & Biases logging of a run (``logger=wandb``); wandb is imported only here, lazily.
 
-Config and summary keys are flat so the dashboard's runs table, parallel
-coordinates and scatter (``compute_reduction`` vs ``best_metric``) work unedited.
+The W&B run mirrors the run dir: the config nested as Hydra composed it, every history row at
+its optimizer step (with its ``epoch``), metrics named by what they are (``train/loss``,
+``test/accuracy`` or ``test/perplexity``), the ``results.json`` scalars in the summary, the
+``.hydra`` files and ``results.json`` saved with the run, and ``last.pt``/``best.pt`` as a
+``model`` artifact. ``resume=`` continues the same W&B run (its id is kept in the run dir).
 W&B never stalls or ends the training: online W&B that cannot reach its server within
 ``logger.init_timeout_s`` logs offline instead, and a W&B error later only ends the logging.
 """
@@ -22,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from approxtrain.config import check_logger
 from approxtrain.run.callbacks import Callback, StepReport
-from approxtrain.run.schema import INTERRUPTED, higher_is_better, summary_of
+from approxtrain.run.rundir import BEST_CHECKPOINT, checkpoint_path
+from approxtrain.run.schema import INTERRUPTED, higher_is_better, summary_of, test_metric_key
 from approxtrain.run.trainer import failure_message
 
 if TYPE_CHECKING:
@@ -32,29 +36,58 @@ if TYPE_CHECKING:
 log = logging.getLogger("approxtrain")
 
 
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"trainer": {"optimizer": {"lr": 0.1}}}`` -> ``{"trainer.optimizer.lr": 0.1}``."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
+# Where the model comes from, not what the run is (layers.rules holds the rules used).
+MODEL_PROVENANCE = ("paper_dataset", "module", "paper_rules")
+# The W&B run's id, kept in the run dir so that ``resume=`` continues the same W&B run.
+RUN_ID_FILE = Path("wandb") / "run_id"
+# The run's record saved with the W&B run (relative to the run dir).
+RUN_FILES = (".hydra/*.yaml", "results.json")
 
 
 def run_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The flat W&B config: short keys for the comparison axes plus every dotted key."""
-    flat = flatten({key: value for key, value in cfg.items() if key != "layers"})
-    for key in ("model.paper_dataset", "model.module", "model.paper_rules"):  # where it comes from; layer_rules has the rules used
-        flat.pop(key, None)
-    flat.update(
-        model=cfg["model"]["name"], dataset=cfg["dataset"]["name"], sampler=cfg["sampler"]["name"],
-        ratio=cfg["ratio"], seed=cfg["seed"], layers=cfg["layers"].get("name", "custom"),
-        layer_rules=str(cfg["layers"].get("rules")),
-    )
-    return flat
+    """The W&B config: the resolved config, nested as Hydra composed it (``model.name``, ``sampler.name``,
+    ``ratio``, ``seed``, ``layers.name``, ... each once), without where the model comes from."""
+    config = dict(cfg)
+    config["model"] = {key: value for key, value in cfg["model"].items() if key not in MODEL_PROVENANCE}
+    return config
+
+
+def is_exact(cfg: Mapping[str, Any]) -> bool:
+    """Whether the run trains exactly (its ``ratio`` means nothing then)."""
+    return cfg["sampler"]["name"] == "exact"
+
+
+def run_tags(cfg: Mapping[str, Any]) -> list[str]:
+    """``model:``, ``dataset:``, ``sampler:`` and, for a sampled run, ``ratio:`` tags, then ``logger.tags``."""
+    tags = [f"model:{cfg['model']['name']}", f"dataset:{cfg['dataset']['name']}", f"sampler:{cfg['sampler']['name']}"]
+    if not is_exact(cfg):
+        tags.append(f"ratio:{cfg['ratio']}")
+    return [*tags, *cfg["logger"]["tags"]]
+
+
+def run_name(cfg: Mapping[str, Any]) -> str:
+    """``mlp-digits-topk-0.5-s0``; an exact run has no ratio in its name."""
+    parts = [cfg["model"]["name"], cfg["dataset"]["name"], cfg["sampler"]["name"]]
+    return "-".join([*parts, *([] if is_exact(cfg) else [str(cfg["ratio"])]), f"s{cfg['seed']}"])
+
+
+def step_row(report: StepReport) -> dict[str, Any]:
+    """A logging step's W&B row (logged at ``report.step``)."""
+    return {"epoch": report.epoch, "train/loss": report.loss, "train/samples_per_s": report.samples_per_s,
+            "train/compute_reduction": report.compute_reduction}
+
+
+def epoch_row(record: EpochRecord, metric_name: str) -> dict[str, Any]:
+    """An evaluated epoch's W&B row (logged at ``record.step``)."""
+    return {"epoch": record.epoch, test_metric_key(metric_name): record.test_metric, "train/loss_epoch": record.train_loss,
+            "train/compute_reduction_epoch": record.compute_reduction, "train/lr": record.lr,
+            "time/epoch_s": record.time_s, "time/step_s": record.step_time_s}
+
+
+def stored_run_id(run_dir: Path) -> str | None:
+    """The id of the W&B run an earlier part of this run logged to, else None."""
+    path = run_dir / RUN_ID_FILE
+    return path.read_text().strip() or None if path.is_file() else None
 
 
 def _api_key_configured() -> bool:
@@ -169,55 +202,71 @@ def _never_raises(hook: Callable[..., None]) -> Callable[..., None]:
     return guarded
 
 
+def wandb_callback(cfg: Mapping[str, Any], run_dir: Path, group: str | None) -> WandbCallback | None:
+    """The W&B logger of a ``logger=wandb`` run; None, with a one-line hint, when wandb cannot be imported
+    (the run goes on as with ``logger=none``)."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError as error:
+        log.warning("W&B: cannot import wandb (%s); logging as logger=none (install it: pip install wandb)", error)
+        return None
+    return WandbCallback(cfg, run_dir, group)
+
+
 class WandbCallback(Callback):
-    """Logs a run to W&B: resolved flat config, tags, per-step and per-epoch metrics (the optimizer
-    step is every row's step, and every row carries its epoch), the layer plan as a ``wandb.Table``
-    and a summary holding the best metric and the ``results.json`` scalars. The run is always
-    finished, as failed when the run fails. W&B errors never reach the training (:func:`open_run`)."""
+    """Logs a run to W&B (see the module's docstring): config, tags, a row per logging step and per
+    epoch at its optimizer step, the layer plan as a ``wandb.Table``, the run's files and checkpoints,
+    and a summary holding the ``results.json`` scalars. The run is always finished, as failed when the
+    run fails. W&B errors never reach the training (:func:`open_run`)."""
 
     def __init__(self, cfg: Mapping[str, Any], run_dir: Path, group: str | None) -> None:
         import wandb
 
         check_logger(cfg)
-        self.wandb = wandb
+        self.wandb, self.run_dir = wandb, run_dir
         logger = cfg["logger"]
-        tags = [f"model:{cfg['model']['name']}", f"dataset:{cfg['dataset']['name']}", f"sampler:{cfg['sampler']['name']}",
-                f"ratio:{cfg['ratio']}", *logger["tags"]]
+        self.log_model = logger["log_model"]
         run_dir.mkdir(parents=True, exist_ok=True)
+        run_id = stored_run_id(run_dir) if cfg["resume"] else None
         self.run = open_run(
             wandb, logger["mode"], logger["init_timeout_s"],
-            project=logger["project"], entity=logger["entity"], group=logger["group"] or group,
-            name=f"{cfg['model']['name']}-{cfg['dataset']['name']}-{cfg['sampler']['name']}-{cfg['ratio']}-s{cfg['seed']}",
-            tags=tags, config=run_config(cfg), dir=str(run_dir), job_type="train", reinit="finish_previous",
+            project=logger["project"], entity=logger["entity"], group=logger["group"] or group, name=run_name(cfg),
+            tags=run_tags(cfg), config=run_config(cfg), dir=str(run_dir), job_type="train", reinit="finish_previous",
+            **({"id": run_id, "resume": "allow"} if run_id else {}),
         )
+        if self.run is not None:
+            (run_dir / RUN_ID_FILE).parent.mkdir(parents=True, exist_ok=True)
+            (run_dir / RUN_ID_FILE).write_text(self.run.id)
 
     @_never_raises
     def on_start(self, trainer: Trainer) -> None:
+        """The test metric's summary direction; the layer plan, once (a resumed run logged it)."""
         assert trainer.plan is not None
+        metric = trainer.results.metric_name
+        self.run.define_metric(test_metric_key(metric), summary="max" if higher_is_better(metric) else "min")
+        self.run.summary.update({"planned_compute_reduction": trainer.plan.compute_reduction, "metric_name": metric})
+        if trainer.state.step > 0:
+            return
         columns = ["layer", "type", "n", "k", "ratio", "policy", "exact_macs", "approx_macs", "note"]
         rows = [[r.name, r.type, r.n, r.k, r.ratio, r.policy, r.exact_macs.total, r.approx_macs.total, r.note]
                 for r in trainer.plan.rows]
-        metric = trainer.results.metric_name
-        self.run.define_metric("test_metric", summary="max" if higher_is_better(metric) else "min")
         self.run.log({"layer_plan": self.wandb.Table(columns=columns, data=rows), "epoch": trainer.state.epoch},
                      step=trainer.state.step)
-        self.run.summary.update({"planned_compute_reduction": trainer.plan.compute_reduction, "metric_name": metric})
 
     @_never_raises
     def on_step(self, trainer: Trainer, report: StepReport) -> None:
-        self.run.log({"epoch": report.epoch, "train/loss": report.loss, "train/samples_per_s": report.samples_per_s,
-                      "train/compute_reduction": report.compute_reduction}, step=report.step)
+        self.run.log(step_row(report), step=report.step)
 
     @_never_raises
     def on_epoch(self, trainer: Trainer, record: EpochRecord) -> None:
-        self.run.log({"epoch": record.epoch, "test_metric": record.test_metric, "train_loss_epoch": record.train_loss,
-                      "compute_reduction_epoch": record.compute_reduction, "epoch_time_s": record.time_s, "lr": record.lr},
-                     step=record.step)
+        self.run.log(epoch_row(record, trainer.results.metric_name), step=record.step)
 
     @_never_raises
     def on_end(self, trainer: Trainer) -> None:
         """Finished, or interrupted by a signal: then marked preempting, so W&B shows it as preempted."""
-        self.run.summary.update(summary_of(trainer.results))
+        self._record(trainer)
+        if self.log_model:
+            self._log_checkpoints(trainer)
         if trainer.results.status == INTERRUPTED:
             self.run.mark_preempting()
             self.run.finish(exit_code=1)
@@ -226,5 +275,25 @@ class WandbCallback(Callback):
 
     @_never_raises
     def on_failure(self, trainer: Trainer, message: str) -> None:
-        self.run.summary.update(summary_of(trainer.results))
+        self._record(trainer)
         self.run.finish(exit_code=1)
+
+    def _record(self, trainer: Trainer) -> None:
+        """The ``results.json`` scalars into the summary; the run's ``.hydra`` files and ``results.json`` saved with it."""
+        self.run.summary.update(summary_of(trainer.results))
+        for pattern in RUN_FILES:
+            if any(self.run_dir.glob(pattern)):
+                self.run.save(str(self.run_dir / pattern), base_path=str(self.run_dir), policy="now")
+
+    def _log_checkpoints(self, trainer: Trainer) -> None:
+        """``last.pt`` and ``best.pt`` as a version of the ``model-<run id>`` artifact (``latest``)."""
+        paths = [path for path in (checkpoint_path(self.run_dir), checkpoint_path(self.run_dir, BEST_CHECKPOINT)) if path.is_file()]
+        if not paths:
+            return
+        results = trainer.results
+        artifact = self.wandb.Artifact(f"model-{self.run.id}", type="model", metadata={
+            "metric_name": results.metric_name, "best_metric": results.best_metric, "epoch": trainer.state.epoch,
+            "step": trainer.state.step, "compute_reduction": results.compute_reduction, "status": results.status})
+        for path in paths:
+            artifact.add_file(str(path), name=path.name)
+        self.run.log_artifact(artifact, aliases=["latest"])

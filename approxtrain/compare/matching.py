@@ -34,6 +34,7 @@ BOOKKEEPING_PREFIXES = (
     "resume",
     "experiment_name",
     "objective",  # what the app returns to a sweeper (Optuna); training does not read it
+    "search",  # the sweeper preset's own keys (baseline, margin)
     "logger",
     "hydra",
     "wandb",

@@ -3,14 +3,15 @@
 Expected logging contract (what approxtrain's W&B logger writes):
 
 * ``group``: the sweep (one group per multirun);
-* ``config``: the resolved Hydra config as flat dotted keys (``model.name``,
-  ``sampler.name``, ``trainer.epochs``, ...) plus the short axes ``model``,
-  ``dataset``, ``sampler``, ``ratio``, ``seed``, ``layers``, ``layer_rules``; nested
-  dicts are flattened here too;
+* ``config``: the resolved Hydra config, nested as composed (``model.name``,
+  ``sampler.name``, ``ratio``, ``trainer.epochs``, ...), flattened here to dotted keys
+  (runs logged before it was nested hold dotted keys already, which pass through);
 * ``summary``: the scalars of ``results.json``, :data:`approxtrain.run.schema.SUMMARY_KEYS`
   (``status``, ``metric_name``, ``best_metric``, ``compute_reduction``, ``step_time_s``,
   ...; a ``section/`` prefix is tolerated);
-* history: one row per epoch with ``epoch`` and ``test_metric`` (epochs done = rows).
+* history: one row per epoch with ``epoch`` and the test metric named by what it is,
+  :func:`approxtrain.run.schema.test_metric_key` (``test/accuracy``, ``test/perplexity``;
+  ``test_metric`` in runs logged before) -- epochs done = rows.
 
 ``wandb`` is imported only here, and only when called.
 """
@@ -23,13 +24,13 @@ from typing import Any
 from approxtrain.compare.matching import flatten
 from approxtrain.compare.runs import Problem, Run, derive_status, run_from_results
 from approxtrain.compare.selection import UsageError
-from approxtrain.run.schema import FAILED, FINISHED, RUNNING, STATUSES, SUMMARY_KEYS
+from approxtrain.run.schema import FAILED, FINISHED, RUNNING, STATUSES, SUMMARY_KEYS, test_metric_key
 
 # W&B run states: those of a run that died, and those that name one of our statuses.
 FAILED_STATES = frozenset({"crashed", "failed", "killed"})
 STATUS_OF_STATE = {"finished": FINISHED, "running": RUNNING}
 HISTORY_SAMPLES = 10_000
-HISTORY_KEYS = ("epoch", "test_metric")
+LEGACY_TEST_METRIC = "test_metric"  # the history's test metric in runs logged before it was named by what it is
 API_TIMEOUT_S = 20
 
 
@@ -47,7 +48,7 @@ def fetch_wandb_runs(project: str, group: str | None = None) -> tuple[list[Run],
     try:
         import wandb
     except ImportError as error:
-        raise WandbSourceError(f"--wandb needs the wandb package ({error}); install approxtrain[wandb]") from error
+        raise WandbSourceError(f"--wandb needs the wandb package ({error}); pip install wandb") from error
     try:
         api = wandb.Api(timeout=API_TIMEOUT_S)
         api_runs = list(api.runs(project, filters={"group": group} if group else None))
@@ -81,7 +82,7 @@ def convert_run(api_run: Any, path: str) -> Run:
     summary["status"] = _status(summary.get("status"), state)
     if state in FAILED_STATES and not summary.get("error"):
         summary["error"] = f"W&B state {state}"
-    run = run_from_results(path, summary, config or None, history=_history(api_run))
+    run = run_from_results(path, summary, config or None, history=_history(api_run, summary.get("metric_name")))
     run.status = derive_status(run, results_age_s=0.0)
     return run
 
@@ -114,17 +115,25 @@ def _lookup(mapping: Mapping[str, Any], name: str) -> Any:
     return mapping[prefixed[0]] if prefixed else None
 
 
-def _history(api_run: Any) -> list[Mapping[str, Any]]:
-    """Per-epoch rows that carry a test metric (``epoch``/``test_metric``, bare or prefixed)."""
+def _history(api_run: Any, metric_name: str | None) -> list[Mapping[str, Any]]:
+    """Per-epoch rows (``epoch`` and the test metric) as ``results.json`` epoch records hold them."""
+    for key in ([test_metric_key(metric_name)] if metric_name else []) + [LEGACY_TEST_METRIC]:
+        rows = _history_rows(api_run, key)
+        if rows:
+            return [{"epoch": _lookup(row, "epoch"), "test_metric": _lookup(row, key)} for row in rows]
+    return []
+
+
+def _history_rows(api_run: Any, key: str) -> list[dict[str, Any]]:
+    """The history rows that carry ``key`` (``epoch`` and ``key`` asked for; bare or prefixed)."""
     try:
-        history = api_run.history(samples=HISTORY_SAMPLES, keys=list(HISTORY_KEYS), pandas=False)
+        history = api_run.history(samples=HISTORY_SAMPLES, keys=["epoch", key], pandas=False)
     except TypeError:
         history = api_run.history()
     if hasattr(history, "to_dict"):
         history = history.to_dict("records")
     rows = [_as_dict(row) for row in history or []]
-    epochs = [{"epoch": _lookup(row, "epoch"), "test_metric": _lookup(row, "test_metric")} for row in rows]
-    return [row for row in epochs if row["test_metric"] is not None]
+    return [row for row in rows if _lookup(row, key) is not None]
 
 
 def _as_dict(value: Any) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The seams of a run: a :class:`Callback` receives its events, in this order::
 
-    on_start -> (on_epoch_start -> on_step ... -> on_epoch) x epochs -> on_end
-                                   any error on the way -> on_failure
+    on_start -> (on_epoch_start -> (on_train_batch_end, on_step) ... -> on_eval_batch_end ... -> on_epoch) x epochs
+             -> on_end;            any error on the way -> on_failure
 
 Reporters (console, W&B) and, later, schedules and signal handling hang off the
 trainer as callbacks; the training loop itself does not know them. Each hook gets
@@ -41,8 +41,15 @@ class Callback:
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         """Before epoch ``epoch`` (1-based) trains."""
 
+    def on_train_batch_end(self, trainer: Trainer, epoch: int, batch: int) -> None:
+        """After every optimizer step (``batch`` batches of ``epoch`` done); nothing has been read from the
+        device, so a hook must not read it either (progress bars: count, don't sync)."""
+
     def on_step(self, trainer: Trainer, report: StepReport) -> None:
         """At a logging step."""
+
+    def on_eval_batch_end(self, trainer: Trainer, batch: int, total: int) -> None:
+        """After ``batch`` of the ``total`` test batches of an evaluation (nothing read from the device)."""
 
     def on_epoch(self, trainer: Trainer, record: EpochRecord) -> None:
         """After an epoch is evaluated, checkpointed and recorded in ``results.json``."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import fcntl
 import itertools
 import os
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
 from typing import IO, Any
@@ -132,10 +132,26 @@ def checkpoint_path(run_dir: Path | str, name: str = LAST_CHECKPOINT) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / name
 
 
+# The mode of the files a run writes (results.json, checkpoints): readable by the group and
+# others, less what the umask takes away (``tempfile.mkstemp`` would make them 0600).
+FILE_MODE = 0o644
+
+
+def _new_temporary(path: Path) -> tuple[int, str]:
+    """A new file next to ``path`` (a hidden ``.tmp`` sibling), created with :data:`FILE_MODE` less the umask."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name next to {str(path)!r}")
+
+
 def atomic_write(path: Path, write) -> None:
     """Call ``write(handle)`` on a temporary sibling of ``path``, then move it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _new_temporary(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)

@@ -30,6 +30,11 @@ def higher_is_better(metric_name: str) -> bool:
     return metric_name not in LOWER_IS_BETTER
 
 
+def test_metric_key(metric_name: str) -> str:
+    """The per-epoch test metric's name in a run's W&B history: ``test/accuracy``, ``test/perplexity``."""
+    return f"test/{metric_name}"
+
+
 def improves(metric_name: str, value: float, best: float | None) -> bool:
     """Whether ``value`` beats ``best`` (None: nothing yet) in the metric's direction; a
     non-finite value (a diverged run) never does."""

@@ -257,6 +257,7 @@ class Trainer:
             loss_sum += reported
             progress.batches += 1
             self.state.step += 1
+            self._emit("on_train_batch_end", epoch, progress.batches)
             last = progress.batches == self.steps_per_epoch or trainer["max_steps"] is not None and self.state.step >= trainer["max_steps"]
             if self.state.step % trainer["log_every_n_steps"] == 0 or last:
                 self._report_step(epoch, progress.batches, reported, loss_sum, window)
@@ -317,8 +318,8 @@ class Trainer:
         self.model.eval()
         self._reset_model_state()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        count = 0
-        for input, target in self.test_loader:
+        count, batches = 0, len(self.test_loader)
+        for batch, (input, target) in enumerate(self.test_loader, 1):
             input, target = input.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                 output = self.model(input)
@@ -327,6 +328,7 @@ class Trainer:
             else:
                 total += (output.argmax(dim=1) == target).sum()
             count += target.numel()
+            self._emit("on_eval_batch_end", batch, batches)
         self._reset_model_state()
         mean = total.item() / max(count, 1)
         if self.info.metric != PERPLEXITY:
