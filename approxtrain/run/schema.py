@@ -52,6 +52,10 @@ class EpochRecord:
     time_s: float
     step_time_s: float | None  # median training step
     lr: float  # the learning rate it trained with
+    # the forward ratio in effect, averaged over its steps: the top-level ratio as the schedule set it
+    # (schedule=adaptive: the share of pairs the sampled layers kept, sum k / sum n)
+    ratio: float | None = None
+    layer_k: dict[str, int] | None = None  # each sampled layer's k at its end (when a schedule sets them)
 
 
 @dataclass

@@ -40,6 +40,7 @@ from approxtrain.run.device import StepTimer, peak_memory_bytes, resolve_device
 from approxtrain.run.optim import build_optimizer, build_scheduler
 from approxtrain.run.rundir import BEST_CHECKPOINT, checkpoint_path, load_checkpoint, save_checkpoint, write_results
 from approxtrain.run.schema import FAILED, FINISHED, INTERRUPTED, PERPLEXITY, EpochRecord, Results, improves
+from approxtrain.schedule import build_ratio_control
 from approxtrain.surgery import Plan, approximate_, attach_meter
 
 log = logging.getLogger("approxtrain")
@@ -56,6 +57,7 @@ class EpochProgress:
     time_s: float = 0.0
     step_times: list[float] = field(default_factory=list)
     lr: float = 0.0  # the rate the epoch trains with
+    ratio_sum: float = 0.0  # the ratio in effect, summed over the batches done
 
 
 @dataclass
@@ -174,6 +176,8 @@ class Trainer:
         self.optimizer = build_optimizer(trainer["optimizer"], self.model.parameters())
         self.scheduler = build_scheduler(trainer["scheduler"], self.optimizer)
         self.scheduler_per_step = self.scheduler is not None and trainer["scheduler"]["interval"] == "step"
+        self.ratio_control = build_ratio_control(cfg.get("schedule"), self.model, ratio=cfg["ratio"],
+                                                 epochs=trainer["epochs"], steps_per_epoch=self.steps_per_epoch)
         if cfg["resume"]:
             self.restore(load_checkpoint(checkpoint_path(cfg["resume"])))
         self.step_model = torch.compile(self.model) if trainer["compile"] else self.model
@@ -251,9 +255,12 @@ class Trainer:
         loss_sum = torch.tensor(progress.loss_sum, device=self.device)
         window = _SpeedWindow(self.cfg["dataset"]["batch_size"], progress.batches)
         for input, target in self.train_loader:
+            if self.ratio_control is not None:
+                self.ratio_control.before_step(epoch, progress.batches, self.state.step)
             self.timer.start()
             reported = self.training_step(input, target)
             self.timer.stop()
+            progress.ratio_sum += self.ratio_control.ratio if self.ratio_control is not None else self.cfg["ratio"]
             loss_sum += reported
             progress.batches += 1
             self.state.step += 1
@@ -274,7 +281,9 @@ class Trainer:
         return EpochRecord(epoch=epoch, step=self.state.step, train_loss=loss_sum.item() / max(progress.batches, 1),
                            test_metric=self.evaluate(), compute_reduction=compute_reduction(exact, actual),
                            time_s=time.perf_counter() - epoch_started,
-                           step_time_s=statistics.median(step_times) if step_times else None, lr=progress.lr)
+                           step_time_s=statistics.median(step_times) if step_times else None, lr=progress.lr,
+                           ratio=progress.ratio_sum / max(progress.batches, 1),
+                           layer_k=self.ratio_control.layer_k() if self.ratio_control is not None else None)
 
     def _report_step(self, epoch: int, batch: int, reported: Tensor, loss_sum: Tensor, window: _SpeedWindow) -> None:
         """A logging step: the one host sync (loss values), the divergence check, the callbacks."""
