@@ -90,6 +90,7 @@ _CHECKS: dict[str, Check] = {
     "trainer.deterministic": SWITCH,
     "trainer.grad_clip": or_null(number(0)),
     "trainer.log_every_n_steps": integer(1),
+    "trainer.telemetry_every": integer(0),
     "trainer.checkpoint": SWITCH,
     "trainer.optimizer.name": choice("adam", "sgd"),
     "trainer.optimizer.lr": number(0),

@@ -24,6 +24,7 @@ from approxtrain.config import check_logger
 from approxtrain.run.callbacks import Callback, StepReport
 from approxtrain.run.schema import INTERRUPTED, higher_is_better, summary_of
 from approxtrain.run.trainer import failure_message
+from approxtrain.telemetry import telemetry_scalars
 
 if TYPE_CHECKING:
     from approxtrain.run.schema import EpochRecord
@@ -202,16 +203,20 @@ class WandbCallback(Callback):
         self.run.log({"layer_plan": self.wandb.Table(columns=columns, data=rows), "epoch": trainer.state.epoch},
                      step=trainer.state.step)
         self.run.summary.update({"planned_compute_reduction": trainer.plan.compute_reduction, "metric_name": metric})
+        self.telemetry_logged = len(trainer.state.telemetry)
 
     @_never_raises
     def on_step(self, trainer: Trainer, report: StepReport) -> None:
         self.run.log({"epoch": report.epoch, "train/loss": report.loss, "train/samples_per_s": report.samples_per_s,
-                      "train/compute_reduction": report.compute_reduction}, step=report.step)
+                      "train/compute_reduction": report.compute_reduction,
+                      **telemetry_scalars(trainer.state.telemetry[self.telemetry_logged:])}, step=report.step)
+        self.telemetry_logged = len(trainer.state.telemetry)
 
     @_never_raises
     def on_epoch(self, trainer: Trainer, record: EpochRecord) -> None:
         self.run.log({"epoch": record.epoch, "test_metric": record.test_metric, "train_loss_epoch": record.train_loss,
-                      "compute_reduction_epoch": record.compute_reduction, "epoch_time_s": record.time_s, "lr": record.lr},
+                      "compute_reduction_epoch": record.compute_reduction, "epoch_time_s": record.time_s, "lr": record.lr,
+                      "ratio": record.ratio},
                      step=record.step)
 
     @_never_raises

@@ -4,7 +4,7 @@ A run's resolved ``.hydra/config.yaml`` is flattened to dotted keys
 (``trainer.epochs``, ``sampler.name``). Every key falls in one of three classes:
 
 * *approximation* keys define how a run approximates -- ``sampler.*``, ``ratio``,
-  ``layers.*`` (and W&B's flat ``layer_rules``). They are what a comparison varies.
+  ``layers.*`` (and W&B's flat ``layer_rules``), ``schedule.*``. They are what a comparison varies.
 * *bookkeeping* keys cannot change what a run computes -- ``resume``,
   ``experiment_name``, ``logger.*``, ``hydra.*``, output paths, ``_``-prefixed keys
   (W&B's own), and leaf names that only steer I/O (``num_workers``, ``root``,
@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 EXACT_SAMPLER = "exact"
-APPROXIMATION_PREFIXES = ("sampler", "ratio", "layers", "layer_rules")
+APPROXIMATION_PREFIXES = ("sampler", "ratio", "layers", "layer_rules", "schedule")
 BOOKKEEPING_PREFIXES = (
     "resume",
     "experiment_name",
@@ -48,6 +48,7 @@ BOOKKEEPING_LEAVES = (
     "checkpoint",
     "checkpoint_every",
     "progress",
+    "telemetry_every",
 )
 SEED_KEY = "seed"
 
