@@ -74,3 +74,32 @@ def test_telemetry_run_records_rows_and_trains_the_same(run_cfg, tmp_path):
     assert steps == [0, 3, 6, 9, 12, 15] and {row["layer"] for row in on["telemetry"]} == {"fc1", "fc2", "fc3"}
     for row in on["telemetry"]:
         assert 0 < row["forward_error"] and 0 < row["discarded_share"] < 1 and -1 <= row["grad_cosine"] <= 1
+
+
+def _written_run(run_dir, seed: int, *overrides: str, telemetry: bool = False):
+    from conftest import write_run_dir
+
+    from approxtrain.run.schema import Results
+
+    rows = [{"step": step, "epoch": 1, "layer": layer, "k": 10, "n": 64, "forward_error": 0.1 * step + (layer == "fc2"),
+             "discarded_share": 0.2, "grad_cosine": 0.9} for step in (0, 5) for layer in ("fc1", "fc2")] if telemetry else []
+    results = Results(model="mlp", dataset="digits", sampler="topk", ratio=0.3, seed=seed, layers_rule_set="paper",
+                      status="finished", best_metric=0.9, final_metric=0.9, compute_reduction=0.5, telemetry=rows)
+    return write_run_dir(run_dir, results, *overrides)
+
+
+def test_compare_keeps_schedules_apart_and_plots_layer_error(tmp_path):
+    from approxtrain.compare import build_rows, collect_runs
+    from approxtrain.compare.formatting import row_label
+    from approxtrain.compare.report import write_report
+
+    for seed in (0, 1):
+        _written_run(tmp_path / f"constant{seed}", seed)
+        _written_run(tmp_path / f"linear{seed}", seed, "schedule=linear", telemetry=True)
+    (table,) = build_rows(collect_runs([tmp_path])[0])
+    labels = sorted(row_label(row) for row in table.rows)
+    assert len(table.rows) == 2 and [len(row.runs) for row in table.rows] == [2, 2]
+    assert labels == ["topk 0.3 paper schedule=constant", "topk 0.3 paper schedule=linear"]
+    paths = write_report([table], [], tmp_path / "report")
+    assert paths["layer_error.png"].stat().st_size > 0
+    assert "layer_error.png" in paths["report.md"].read_text()

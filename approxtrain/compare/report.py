@@ -67,6 +67,7 @@ def to_markdown(tables: Sequence[Table], problems: Sequence[Problem], images: bo
 def write_report(tables: Sequence[Table], problems: Sequence[Problem], out_dir: Path) -> dict[str, Path]:
     """Write :data:`REPORT_FILES` into ``out_dir`` (created); returns name -> path."""
     from approxtrain.compare.plots import write_curves_png, write_pareto_png  # matplotlib only when writing
+    from approxtrain.compare.telemetry_plot import LAYER_ERROR_FILE, write_layer_error_png
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / name for name in REPORT_FILES}
@@ -74,6 +75,10 @@ def write_report(tables: Sequence[Table], problems: Sequence[Problem], out_dir: 
     paths["runs.csv"].write_text(to_csv(tables, problems), encoding="utf-8")
     write_pareto_png(tables, paths["pareto.png"])
     write_curves_png(tables, paths["curves.png"])
+    if layer_error := write_layer_error_png(tables, out_dir / LAYER_ERROR_FILE):  # runs with telemetry only
+        paths[LAYER_ERROR_FILE] = layer_error
+        with paths["report.md"].open("a", encoding="utf-8") as report:
+            report.write(f"\n![per-layer forward error (telemetry)]({LAYER_ERROR_FILE})\n")
     return paths
 
 
