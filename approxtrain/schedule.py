@@ -248,6 +248,8 @@ def schedule_fields(schedule: Mapping[str, Any] | None) -> dict[str, Any]:
     unknown = sorted(set(values) - set(allowed))
     if unknown:
         raise ValueError(f"schedule.{unknown[0]} is not a field of schedule={name}; allowed: {', '.join(allowed)}")
+    if name == "adaptive" and "budget" not in values:
+        raise ValueError("schedule.budget is missing for schedule=adaptive; allowed: a number in [0, 1), e.g. 0.1")
     return values
 
 
