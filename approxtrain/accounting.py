@@ -22,7 +22,8 @@ with it, and so do the ops, into the meter (:func:`record_call` at forward time,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -253,6 +254,17 @@ class ComputeMeter:
     def reset(self) -> None:
         for layer in self.entries.values():
             layer.reset()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Inside, what the layers record is taken back on exit (telemetry's extra exact pass is no training)."""
+        saved = {name: (list(layer._eager), layer._traced.clone()) for name, layer in self.entries.items()}
+        try:
+            yield
+        finally:
+            for name, (eager, traced) in saved.items():
+                self.entries[name]._eager = eager
+                self.entries[name]._traced.copy_(traced)
 
     @property
     def exact(self) -> ProductMACs:

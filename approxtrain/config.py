@@ -14,6 +14,7 @@ from typing import Any
 
 from approxtrain.models import model_options, model_spec
 from approxtrain.sampling import POLICIES, SamplingConfig, num_kept
+from approxtrain.schedule import INTERVALS, SCHEDULES, schedule_fields
 from approxtrain.surgery import LayerRule, Plan, rules_from_dicts
 
 
@@ -89,6 +90,7 @@ _CHECKS: dict[str, Check] = {
     "trainer.deterministic": SWITCH,
     "trainer.grad_clip": or_null(number(0)),
     "trainer.log_every_n_steps": integer(1),
+    "trainer.telemetry_every": integer(0),
     "trainer.checkpoint": SWITCH,
     "trainer.optimizer.name": choice("adam", "sgd"),
     "trainer.optimizer.lr": number(0),
@@ -107,9 +109,18 @@ _CHECKS: dict[str, Check] = {
     "dataset.eval_batch_size": integer(1),
     "dataset.seq_len": integer(1),
     "dataset.download": SWITCH,
+    "schedule.name": choice(*SCHEDULES),
+    "schedule.exact_first": integer(0),
+    "schedule.anneal": number(0, inclusive=True),
+    "schedule.stages": integer(1),
+    "schedule.exact_last": integer(0),
+    "schedule.interval": choice(*INTERVALS),
+    "schedule.budget": Check(lambda value: _is_number(value) and 0 <= value < 1, "a number in [0, 1), e.g. 0.1"),
+    "schedule.every": integer(1),
 }
 _K_LIMITS = ("min_k", "bwd_min_k", "wu_min_k", "align_k")  # the sampling fields that can raise k to n
 _SOME_DATASETS = ("dataset.seq_len", "dataset.download")  # fields of some datasets only
+_OPTIONAL = (*_SOME_DATASETS, *(key for key in _CHECKS if key.startswith("schedule.")))  # fields of some schedules only
 
 
 def lookup(cfg: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
@@ -181,7 +192,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(str(error)) from None
     for dotted, check in _CHECKS.items():
         value = lookup(cfg, dotted, _MISSING)
-        if value is _MISSING and dotted in _SOME_DATASETS:
+        if value is _MISSING and dotted in _OPTIONAL:
             continue
         if value is _MISSING or not check.accepts(value):
             raise ConfigError(f"{dotted}={None if value is _MISSING else value!r} is invalid; allowed: {check.allowed}")
@@ -190,6 +201,10 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"trainer.optimizer.nesterov=true is invalid with trainer.optimizer.momentum={optimizer['momentum']!r}; "
                           "allowed: nesterov=true with a momentum > 0, or nesterov=false")
     check_logger(cfg)
+    try:
+        schedule_fields(cfg.get("schedule"))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def all_exact_warning(cfg: Mapping[str, Any], plan: Plan) -> str | None:

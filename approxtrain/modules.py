@@ -17,7 +17,8 @@ from approxtrain.sampling import SamplingConfig
 
 
 def _describe(sampling: SamplingConfig, n: int) -> str:
-    text = f"sampler={sampling.policy}, ratio={sampling.ratio:g}, k={sampling.k(n)}/{n}"
+    chosen = "fixed_k" if sampling.fixed_k is not None else f"ratio={sampling.ratio:g}"
+    text = f"sampler={sampling.policy}, {chosen}, k={sampling.k(n)}/{n}"
     if sampling.policy in ("nps", "uniform"):
         text += f", replacement={sampling.replacement}, scale={sampling.scale}"
     if sampling.bwd_ratio < 1:

@@ -80,6 +80,8 @@ class SamplingConfig:
         wu_min_k: the fewest pairs that product keeps.
         align_k: round every ``k`` up to a multiple of this (tensor-core friendly
             shapes); 1 = no rounding.
+        fixed_k: the exact number of forward pairs kept (at most ``n``), in place of
+            ``ratio``; set per layer by the adaptive controller (:mod:`approxtrain.schedule`).
     """
 
     policy: str = "topk"
@@ -92,6 +94,7 @@ class SamplingConfig:
     wu_ratio: float = 1.0
     wu_min_k: int = 1
     align_k: int = 1
+    fixed_k: int | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -101,6 +104,8 @@ class SamplingConfig:
         object.__setattr__(self, "wu_ratio", _check_ratio("wu_ratio", self.wu_ratio))
         for name in ("min_k", "bwd_min_k", "wu_min_k", "align_k"):
             _check_count(name, getattr(self, name))
+        if self.fixed_k is not None:
+            _check_count("fixed_k", self.fixed_k)
         for name in ("replacement", "scale"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: true, false")
@@ -128,7 +133,9 @@ class SamplingConfig:
         return self.policy != "exact" and (self.bwd_ratio < 1.0 or self.wu_ratio < 1.0)
 
     def k(self, n: int) -> int:
-        """Forward pairs kept out of ``n``: ``clamp(round(ratio n), min_k, n)``, aligned."""
+        """Forward pairs kept out of ``n``: ``clamp(round(ratio n), min_k, n)``, aligned (``fixed_k``: ``min(fixed_k, n)``)."""
+        if self.fixed_k is not None and self.policy != "exact":
+            return min(self.fixed_k, n)
         return num_kept(n, self.ratio, self.min_k, self.align_k) if self.policy != "exact" else n
 
     def bwd_k(self, n: int) -> int:

@@ -28,6 +28,7 @@ from approxtrain.run.callbacks import Callback, StepReport
 from approxtrain.run.rundir import BEST_CHECKPOINT, checkpoint_path
 from approxtrain.run.schema import INTERRUPTED, higher_is_better, summary_of, test_metric_key
 from approxtrain.run.trainer import failure_message
+from approxtrain.telemetry import telemetry_scalars
 
 if TYPE_CHECKING:
     from approxtrain.run.schema import EpochRecord
@@ -80,7 +81,7 @@ def step_row(report: StepReport) -> dict[str, Any]:
 def epoch_row(record: EpochRecord, metric_name: str) -> dict[str, Any]:
     """An evaluated epoch's W&B row (logged at ``record.step``)."""
     return {"epoch": record.epoch, test_metric_key(metric_name): record.test_metric, "train/loss_epoch": record.train_loss,
-            "train/compute_reduction_epoch": record.compute_reduction, "train/lr": record.lr,
+            "train/compute_reduction_epoch": record.compute_reduction, "train/ratio": record.ratio, "train/lr": record.lr,
             "time/epoch_s": record.time_s, "time/step_s": record.step_time_s}
 
 
@@ -245,6 +246,7 @@ class WandbCallback(Callback):
         metric = trainer.results.metric_name
         self.run.define_metric(test_metric_key(metric), summary="max" if higher_is_better(metric) else "min")
         self.run.summary.update({"planned_compute_reduction": trainer.plan.compute_reduction, "metric_name": metric})
+        self.telemetry_logged = len(trainer.state.telemetry)
         if trainer.state.step > 0:
             return
         columns = ["layer", "type", "n", "k", "ratio", "policy", "exact_macs", "approx_macs", "note"]
@@ -255,7 +257,9 @@ class WandbCallback(Callback):
 
     @_never_raises
     def on_step(self, trainer: Trainer, report: StepReport) -> None:
-        self.run.log(step_row(report), step=report.step)
+        new_telemetry = trainer.state.telemetry[self.telemetry_logged:]
+        self.run.log({**step_row(report), **telemetry_scalars(new_telemetry)}, step=report.step)
+        self.telemetry_logged += len(new_telemetry)
 
     @_never_raises
     def on_epoch(self, trainer: Trainer, record: EpochRecord) -> None:

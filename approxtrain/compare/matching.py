@@ -55,6 +55,7 @@ BOOKKEEPING_LEAVES = (
     "checkpoint",
     "checkpoint_every",
     "progress",
+    "telemetry_every",
 )
 SEED_KEY = "seed"
 

@@ -71,6 +71,7 @@ def write_report(
     figure as PNG and in the other :data:`FIGURE_FORMATS` of ``figure_formats``; returns
     file name -> path."""
     from approxtrain.compare.plots import write_figures  # matplotlib only when writing
+    from approxtrain.compare.telemetry_plot import LAYER_ERROR_FILE, write_layer_error_png
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / name for name in ("report.md", "runs.csv")}
@@ -78,6 +79,10 @@ def write_report(
     paths["runs.csv"].write_text(to_csv(tables, problems), encoding="utf-8")
     formats = ["png"] + [fmt for fmt in FIGURE_FORMATS[1:] if fmt in figure_formats]
     paths.update(write_figures(tables, out_dir, formats))
+    if layer_error := write_layer_error_png(tables, out_dir / LAYER_ERROR_FILE):  # runs with telemetry only
+        paths[LAYER_ERROR_FILE] = layer_error
+        with paths["report.md"].open("a", encoding="utf-8") as report:
+            report.write(f"\n![per-layer forward error (telemetry)]({LAYER_ERROR_FILE})\n")
     return paths
 
 

@@ -57,6 +57,10 @@ class EpochRecord:
     time_s: float
     step_time_s: float | None  # median training step
     lr: float  # the learning rate it trained with
+    # the forward ratio in effect, averaged over its steps: the top-level ratio as the schedule set it
+    # (schedule=adaptive: the share of pairs the sampled layers kept, sum k / sum n)
+    ratio: float | None = None
+    layer_k: dict[str, int] | None = None  # each sampled layer's k at its end (when a schedule sets them)
 
 
 @dataclass
@@ -77,6 +81,8 @@ class Results:
     planned_compute_reduction: float | None = None
     epochs: list[dict[str, Any]] = field(default_factory=list)  # EpochRecord dicts
     layers: list[dict[str, Any]] = field(default_factory=list)  # the plan's rows
+    # trainer.telemetry_every > 0: per sampled layer, every N steps (approxtrain.telemetry.LayerTelemetry rows)
+    telemetry: list[dict[str, Any]] = field(default_factory=list)
     wall_time_s: float = 0.0
     step_time_s: float | None = None
     steps: int = 0
@@ -98,7 +104,7 @@ class Results:
 RESULT_KEYS = tuple(f.name for f in fields(Results))
 EPOCH_KEYS = tuple(f.name for f in fields(EpochRecord))
 # The scalar keys: what W&B's run summary mirrors.
-SUMMARY_KEYS = tuple(key for key in RESULT_KEYS if key not in ("epochs", "layers"))
+SUMMARY_KEYS = tuple(key for key in RESULT_KEYS if key not in ("epochs", "layers", "telemetry"))
 
 
 def summary_of(results: Results | dict[str, Any]) -> dict[str, Any]:

@@ -40,6 +40,8 @@ from approxtrain.run.device import StepTimer, peak_memory_bytes, resolve_device
 from approxtrain.run.optim import build_optimizer, build_scheduler
 from approxtrain.run.rundir import BEST_CHECKPOINT, checkpoint_path, load_checkpoint, save_checkpoint, write_results
 from approxtrain.run.schema import FAILED, FINISHED, INTERRUPTED, PERPLEXITY, EpochRecord, Results, improves
+from approxtrain.schedule import build_ratio_control
+from approxtrain.telemetry import Telemetry, telemetry_rows
 from approxtrain.surgery import Plan, approximate_, attach_meter
 
 log = logging.getLogger("approxtrain")
@@ -56,6 +58,7 @@ class EpochProgress:
     time_s: float = 0.0
     step_times: list[float] = field(default_factory=list)
     lr: float = 0.0  # the rate the epoch trains with
+    ratio_sum: float = 0.0  # the ratio in effect, summed over the batches done
 
 
 @dataclass
@@ -71,6 +74,7 @@ class TrainState:
     wall_time_s: float = 0.0
     step_times: list[float] = field(default_factory=list)
     progress: EpochProgress | None = None  # the unfinished epoch epoch + 1, when stopped inside it
+    telemetry: list[dict[str, Any]] = field(default_factory=list)  # LayerTelemetry rows (trainer.telemetry_every)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainState:
@@ -174,6 +178,9 @@ class Trainer:
         self.optimizer = build_optimizer(trainer["optimizer"], self.model.parameters())
         self.scheduler = build_scheduler(trainer["scheduler"], self.optimizer)
         self.scheduler_per_step = self.scheduler is not None and trainer["scheduler"]["interval"] == "step"
+        self.ratio_control = build_ratio_control(cfg.get("schedule"), self.model, ratio=cfg["ratio"],
+                                                 epochs=trainer["epochs"], steps_per_epoch=self.steps_per_epoch)
+        self.telemetry = Telemetry(self.model, trainer["telemetry_every"]) if trainer["telemetry_every"] else None
         if cfg["resume"]:
             self.restore(load_checkpoint(checkpoint_path(cfg["resume"])))
         self.step_model = torch.compile(self.model) if trainer["compile"] else self.model
@@ -251,9 +258,12 @@ class Trainer:
         loss_sum = torch.tensor(progress.loss_sum, device=self.device)
         window = _SpeedWindow(self.cfg["dataset"]["batch_size"], progress.batches)
         for input, target in self.train_loader:
+            if self.ratio_control is not None:
+                self.ratio_control.before_step(epoch, progress.batches, self.state.step)
             self.timer.start()
-            reported = self.training_step(input, target)
+            reported = self.training_step(input, target, epoch)
             self.timer.stop()
+            progress.ratio_sum += self.ratio_control.ratio if self.ratio_control is not None else self.cfg["ratio"]
             loss_sum += reported
             progress.batches += 1
             self.state.step += 1
@@ -275,7 +285,9 @@ class Trainer:
         return EpochRecord(epoch=epoch, step=self.state.step, train_loss=loss_sum.item() / max(progress.batches, 1),
                            test_metric=self.evaluate(), compute_reduction=compute_reduction(exact, actual),
                            time_s=time.perf_counter() - epoch_started,
-                           step_time_s=statistics.median(step_times) if step_times else None, lr=progress.lr)
+                           step_time_s=statistics.median(step_times) if step_times else None, lr=progress.lr,
+                           ratio=progress.ratio_sum / max(progress.batches, 1),
+                           layer_k=self.ratio_control.layer_k() if self.ratio_control is not None else None)
 
     def _report_step(self, epoch: int, batch: int, reported: Tensor, loss_sum: Tensor, window: _SpeedWindow) -> None:
         """A logging step: the one host sync (loss values), the divergence check, the callbacks."""
@@ -291,26 +303,54 @@ class Trainer:
         self._reset_model_state()
         self.meter.reset()
 
-    def training_step(self, input: Tensor, target: Tensor) -> Tensor:
-        """Forward, backward and optimizer step on one batch; returns the reported loss (detached, on device)."""
+    def training_step(self, input: Tensor, target: Tensor, epoch: int | None = None) -> Tensor:
+        """Forward, backward and optimizer step on one batch; returns the reported loss (detached, on device).
+        A telemetry step also measures the layers' approximation against exact products on this batch."""
         trainer = self.cfg["trainer"]
         input, target = input.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
         if self.channels_last and input.dim() == 4:
             input = input.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            output = self.step_model(input)
-        if self.info.kind == "text":
-            loss, reported = text_loss(output, target)
-        else:
-            loss = reported = F.cross_entropy(output.float(), target)
+        probe = self.telemetry.watch() if self.telemetry is not None and self.telemetry.due(self.state.step) else None
+        carried = getattr(self.model, "state", None)  # a recurrent model's state this batch starts from
+        loss, reported = self._loss(self.step_model if probe is None else self.model, input, target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if probe is not None:
+            self._measure(probe, input, target, carried, epoch)
         if trainer["grad_clip"]:
             nn.utils.clip_grad_norm_(self.model.parameters(), trainer["grad_clip"])
         self.optimizer.step()
         if self.scheduler_per_step:
             self.scheduler.step()
         return reported.detach()
+
+    def _loss(self, model: nn.Module, input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """(loss to optimise, loss to report) of ``model`` on the batch."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            output = model(input)
+        if self.info.kind == "text":
+            return text_loss(output, target)
+        loss = F.cross_entropy(output.float(), target)
+        return loss, loss
+
+    def _measure(self, probe: Any, input: Tensor, target: Tensor, carried: Any, epoch: int | None) -> None:
+        """Telemetry on this batch: the extra exact pass starts from the same recurrent state, and the
+        meter does not count it."""
+        assert self.telemetry is not None
+
+        def exact_loss() -> Tensor:
+            after = getattr(self.model, "state", None)
+            if carried is not None or after is not None:
+                self.model.state = carried
+            try:
+                return self._loss(self.model, input, target)[0]
+            finally:
+                if carried is not None or after is not None:
+                    self.model.state = after
+
+        with self.meter.paused():
+            rows = self.telemetry.measure(probe, exact_loss, step=self.state.step, epoch=epoch)
+        self.state.telemetry.extend(telemetry_rows(rows))
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -424,6 +464,7 @@ class Trainer:
         results.final_metric = state.history[-1]["test_metric"] if state.history else None
         results.compute_reduction = compute_reduction(state.exact_macs, state.actual_macs) if state.exact_macs else None
         results.epochs = state.history
+        results.telemetry = state.telemetry
         results.wall_time_s, results.steps = state.wall_time_s, state.step
         results.step_time_s = statistics.median(state.step_times) if state.step_times else None
 
