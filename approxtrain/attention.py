@@ -36,6 +36,27 @@ def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
 
 
+def _save_as_multihead_attention(module: ProjectedMultiheadAttention, state_dict: dict, prefix: str, *_) -> None:
+    """``state_dict`` keys as ``nn.MultiheadAttention``'s: ``in_proj_weight`` (or ``q_proj_weight``, ...), ``in_proj_bias``."""
+    weights = [state_dict.pop(f"{prefix}{name}.weight").detach() for name in PROJECTIONS]
+    if module._qkv_same_embed_dim:
+        state_dict[f"{prefix}in_proj_weight"] = torch.cat(weights)
+    else:
+        state_dict.update({f"{prefix}{name}_weight": weight for name, weight in zip(PROJECTIONS, weights)})
+    if module.q_proj.bias is not None:
+        state_dict[f"{prefix}in_proj_bias"] = torch.cat([state_dict.pop(f"{prefix}{name}.bias").detach() for name in PROJECTIONS])
+
+
+def _load_as_projections(module: ProjectedMultiheadAttention, state_dict: dict, prefix: str, *_) -> None:
+    """``nn.MultiheadAttention``'s keys (as :func:`_save_as_multihead_attention` writes them) split into the projections'."""
+    for fused, suffix in ((f"{prefix}in_proj_weight", "weight"), (f"{prefix}in_proj_bias", "bias")):
+        if fused in state_dict:
+            state_dict.update({f"{prefix}{name}.{suffix}": part for name, part in zip(PROJECTIONS, state_dict.pop(fused).chunk(3))})
+    for name in PROJECTIONS:
+        if f"{prefix}{name}_weight" in state_dict:
+            state_dict[f"{prefix}{name}.weight"] = state_dict.pop(f"{prefix}{name}_weight")
+
+
 class ProjectedMultiheadAttention(nn.Module):
     """``nn.MultiheadAttention``'s function with ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``
     as ``nn.Linear`` modules; made by :meth:`from_multihead_attention`.
@@ -46,6 +67,7 @@ class ProjectedMultiheadAttention(nn.Module):
     (boolean, True = may not attend, or additive float). Returns the output and, with
     ``need_weights``, the attention weights (averaged over heads with ``average_attn_weights``).
     ``attention(x) = out_proj(softmax(q_proj(x) k_proj(x)ᵀ / sqrt(head_dim) + mask) v_proj(x))`` per head.
+    Its ``state_dict`` has ``nn.MultiheadAttention``'s keys: a checkpoint loads into either.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear,
@@ -58,6 +80,8 @@ class ProjectedMultiheadAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = q_proj, k_proj, v_proj, out_proj
         # nn.TransformerEncoderLayer's inference fast path reads this, in_proj_weight/in_proj_bias and merge_masks
         self._qkv_same_embed_dim = q_proj.in_features == k_proj.in_features == v_proj.in_features == embed_dim
+        self.register_state_dict_post_hook(_save_as_multihead_attention)
+        self.register_load_state_dict_pre_hook(_load_as_projections)
 
     merge_masks = nn.MultiheadAttention.merge_masks
 

@@ -352,7 +352,7 @@ def _batch_of(example_input: Any) -> int:
 
 def _fill_macs(model: nn.Module, plan: Plan, example_input: Any, batch_size: int | None) -> None:
     """Trace ``example_input`` once to fill the layer rows' MACs; a layer the forward never calls as
-    a module (its weight used directly, as ``F.linear(x, layer.weight)`` does) is marked exact."""
+    a module (its weight used directly, as ``F.linear(x, layer.weight)`` does) is made exact, and its row says so."""
     layer_rows = [row for row in plan.rows if row.type in (*LAYER_TYPES, "LSTM")]
     calls: dict[str, list[_Call]] = {row.name: [] for row in layer_rows}
     modules = dict(model.named_modules())
@@ -383,7 +383,8 @@ def _fill_macs(model: nn.Module, plan: Plan, example_input: Any, batch_size: int
     plan.batch_size = batch_size or example_batch
     for row in layer_rows:
         module = modules[row.name]
-        if not calls[row.name]:
+        if not calls[row.name]:  # not traced: nothing to count, and it is made exact so that the plan holds
+            _set_submodule(model, row.name, _as_exact(module))
             row.k, row.ratio, row.policy = row.n, 1.0, "exact"
             row.note = "never called as a module (its weight is used directly): its products exact; not in the MACs"
         exact = approx = ProductMACs()

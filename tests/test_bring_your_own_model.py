@@ -173,7 +173,7 @@ def test_first_and_last_layer_rules_and_layers_never_called():
     plan = approximate_(model, rules_from_dicts([{}], TOPK_HALF), example_input=torch.randn(2, 3, 6, 6))
     tied = next(row for row in plan.rows if row.name == "tied")
     assert (tied.policy, tied.k, tied.exact_macs.total) == ("exact", tied.n, 0)
-    assert tied.note.startswith("never called as a module")
+    assert tied.note.startswith("never called as a module") and type(model.tied) is nn.Linear
     with pytest.raises(ValueError, match=r"layer rule position='middle' is unknown; allowed: first, last"):
         rules_from_dicts([{"position": "middle"}], TOPK_HALF)
 
@@ -192,7 +192,7 @@ def test_projected_attention_computes_what_multihead_attention_does(batch_first,
     layout = (lambda length, features: (batch, length, features)) if batch_first else (lambda length, features: (length, batch, features))
     query = torch.randn(layout(target, 8), dtype=torch.double, requires_grad=True)
     key, value = (torch.randn(layout(source, width), dtype=torch.double) for _ in range(2))
-    masks = {"attn_mask": torch.randn(target, source, dtype=torch.double),
+    masks = {"attn_mask": torch.tensor([[False, False, True, False]] * target).roll(1, dims=0),  # True: may not attend
              "key_padding_mask": torch.tensor([[False, True, False, False]] * batch)}
     expected = attention(query, key, value, need_weights=need_weights, **masks)
     output = projected(query, key, value, need_weights=need_weights, **masks)
@@ -200,6 +200,19 @@ def test_projected_attention_computes_what_multihead_attention_does(batch_first,
     assert (output[1] is None) == (expected[1] is None) and (output[1] is None or torch.allclose(output[1], expected[1]))
     (gradient,) = torch.autograd.grad(output[0].sum(), query)
     torch.testing.assert_close(gradient, torch.autograd.grad(expected[0].sum(), query)[0])
+
+
+@pytest.mark.parametrize("kdim", [None, 6])
+def test_projected_attention_state_dict_is_multihead_attentions(kdim):
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(8, 2, kdim=kdim, vdim=kdim)
+    projected = ProjectedMultiheadAttention.from_multihead_attention(attention)
+    saved = projected.state_dict()
+    assert sorted(saved) == sorted(attention.state_dict())
+    assert all(torch.equal(tensor, attention.state_dict()[key]) for key, tensor in saved.items())
+    fresh = ProjectedMultiheadAttention.from_multihead_attention(nn.MultiheadAttention(8, 2, kdim=kdim, vdim=kdim))
+    fresh.load_state_dict(attention.state_dict())  # a checkpoint of the torch module loads into the projected one
+    assert all(torch.equal(getattr(fresh, name).weight, getattr(projected, name).weight) for name in ("q_proj", "k_proj", "v_proj"))
 
 
 def test_transformer_plan_lists_approximated_and_skipped_products():
