@@ -21,12 +21,14 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from approxtrain.attention import ProjectedMultiheadAttention, unsupported
 from approxtrain.accounting import ComputeMeter, LayerShape, ProductMACs, compute_reduction, lstm_stack_macs, sampled_macs
 from approxtrain.modules import ApproxConv2d, ApproxLinear, _rebind
 from approxtrain.sampling import SamplingConfig
 
 LAYER_TYPES = ("Linear", "Conv2d")
-_RULE_KEYS = ("match", "type", "exact")
+POSITIONS = ("first", "last")
+_RULE_KEYS = ("match", "type", "exact", "position")
 
 
 @dataclass(frozen=True)
@@ -39,24 +41,32 @@ class LayerRule:
         type: ``Linear`` or ``Conv2d``; None = both.
         exact: keep the matched layers exact.
         sampling: the matched layers' sampling (ignored when ``exact``).
+        position: ``first`` or ``last``: only the model's first (last) Linear/Conv2d layer,
+            in module order (``named_modules()``); None = any layer.
     """
 
     match: str | None = None
     type: str | None = None
     exact: bool = False
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    position: str | None = None
 
     def __post_init__(self) -> None:
         if self.type is not None and self.type not in LAYER_TYPES:
             raise ValueError(f"layer rule type={self.type!r} is unknown; allowed: {', '.join(LAYER_TYPES)}")
+        if self.position is not None and self.position not in POSITIONS:
+            raise ValueError(f"layer rule position={self.position!r} is unknown; allowed: {', '.join(POSITIONS)}")
         if self.match is not None and self.match.startswith("re:"):
             try:
                 re.compile(self.match[3:])
             except re.error as error:
                 raise ValueError(f"layer rule match={self.match!r} is not a valid regular expression ({error})") from None
 
-    def matches(self, name: str, module: nn.Module) -> bool:
+    def matches(self, name: str, module: nn.Module, positions: Sequence[str] = ()) -> bool:
+        """Whether the rule selects layer ``name``; ``positions``: which of ``first``/``last`` the layer is."""
         if self.type is not None and _layer_type(module) != self.type:
+            return False
+        if self.position is not None and self.position not in positions:
             return False
         if self.match is None:
             return True
@@ -65,7 +75,8 @@ class LayerRule:
         return fnmatch.fnmatchcase(name, self.match)
 
     def describe(self) -> str:
-        parts = [f"{key}={value!r}" for key, value in (("match", self.match), ("type", self.type)) if value is not None]
+        parts = [f"{key}={value!r}" for key, value in (("match", self.match), ("type", self.type), ("position", self.position))
+                 if value is not None]
         parts.append("exact" if self.exact else f"sampler={self.sampling.policy} ratio={self.sampling.ratio:g}")
         return " ".join(parts)
 
@@ -86,7 +97,7 @@ class LayerRule:
         exact = values.get("exact", False)
         if not isinstance(exact, bool):
             raise ValueError(f"layer rule exact={exact!r} is invalid; allowed: true, false")
-        return cls(values.get("match"), values.get("type"), exact or sampling.policy == "exact", sampling)
+        return cls(values.get("match"), values.get("type"), exact or sampling.policy == "exact", sampling, values.get("position"))
 
 
 def rules_from_dicts(items: Iterable[Mapping[str, Any]], default: SamplingConfig) -> list[LayerRule]:
@@ -172,6 +183,14 @@ def _pairs(module: nn.Module) -> int:
     return module.input_size + module.hidden_size
 
 
+def _positions(names: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Layer name -> which of ``first``/``last`` it is, for the Linear/Conv2d layers ``names`` in module order."""
+    positions: dict[str, tuple[str, ...]] = {}
+    for position, name in zip(POSITIONS, (names[0], names[-1]) if names else ()):
+        positions[name] = (*positions.get(name, ()), position)
+    return positions
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -187,6 +206,50 @@ def _as_exact(module: nn.Module) -> nn.Module:
     for attribute in ("sampling", "generator", "compute"):
         base.__dict__.pop(attribute, None)
     return base
+
+
+def _swap_layer(model: nn.Module, name: str, module: nn.Module, index: int | None, rule: LayerRule | None,
+                generator: torch.Generator | None) -> PlanRow:
+    """Make Linear/Conv2d layer ``name`` exact or approximate by ``rule`` (rule ``index``); its plan row."""
+    note = ""
+    if rule is None or rule.exact or rule.sampling.policy == "exact":
+        new = _as_exact(module)
+        note = "no rule" if rule is None else f"{rule.position} layer" if rule.position is not None else ""
+        sampling = None
+    elif isinstance(module, nn.Conv2d) and module.groups != 1:
+        new, sampling = _as_exact(module), None
+        note = f"groups={module.groups} > 1: kept exact"
+    else:
+        sampling = rule.sampling
+        base = _as_exact(module)
+        new = (ApproxLinear.from_linear(base, sampling, generator) if isinstance(base, nn.Linear)
+               else ApproxConv2d.from_conv2d(base, sampling, generator))
+    if new is not module:
+        _set_submodule(model, name, new)
+    n = _pairs(module)
+    k = sampling.k(n) if sampling is not None else n
+    if sampling is not None and sampling.align_k > 1:
+        note = f"k rounded up to a multiple of {sampling.align_k} (align_k)"
+    policy = sampling.policy if sampling is not None else "exact"
+    return PlanRow(name, _layer_type(module), n, k, k / n, policy, index, note)  # type: ignore[arg-type]
+
+
+def _exact_products_row(name: str, module: nn.Module) -> list[PlanRow]:
+    """A row for a module that is no Linear/Conv2d/LSTM layer but holds products surgery leaves exact:
+    attention's activation products, an unsupported ``nn.MultiheadAttention``, or a weight of
+    another kind (Embedding, Conv1d, GRU, a raw Parameter); none for one without (ReLU, norms)."""
+    if isinstance(module, ProjectedMultiheadAttention):
+        return [PlanRow(name, "Attention", module.head_dim, module.head_dim, 1.0, "exact", None,
+                        "Q·Kᵀ and weights·V: activation products (no weight), exact; not in the MACs")]
+    if isinstance(module, nn.MultiheadAttention):
+        return [PlanRow(name, "MultiheadAttention", module.embed_dim, module.embed_dim, 1.0, "exact", None,
+                        f"{unsupported(module)}: torch's kernel, all its products exact; not in the MACs")]
+    weights = [key for key, parameter in module.named_parameters(recurse=False) if parameter.dim() >= 2]
+    if not weights:
+        return []
+    kind = type(module).__name__
+    reason = "a lookup, no product" if isinstance(module, nn.Embedding) else "not a Linear/Conv2d/LSTM weight, its products exact; not in the MACs"
+    return [PlanRow(name or "(model)", kind, 0, 0, 1.0, "exact", None, f"{', '.join(weights)}: {reason}")]
 
 
 def approximate_(
@@ -214,39 +277,26 @@ def approximate_(
     Returns:
         The :class:`Plan`.
     """
-    layers = [(name, module) for name, module in model.named_modules() if _layer_type(module) is not None]
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.MultiheadAttention) and unsupported(module) is None:
+            _set_submodule(model, name, ProjectedMultiheadAttention.from_multihead_attention(module))
+    modules = list(model.named_modules())
+    layers = [(name, module) for name, module in modules if _layer_type(module) is not None]
+    positions = _positions([name for name, module in layers if _layer_type(module) in LAYER_TYPES])
     used = [False] * len(rules)
     rows: list[PlanRow] = []
-    for name, module in layers:
-        kind = _layer_type(module)
-        n = _pairs(module)
-        if kind == "LSTM":
-            rows.append(PlanRow(name, kind, n, n, 1.0, "exact", None, "cuDNN LSTM: gate products exact (layers=gates samples them)"))
+    for name, module in modules:
+        if _layer_type(module) is None:
+            rows.extend(_exact_products_row(name, module))
             continue
-        index = next((i for i, rule in enumerate(rules) if rule.matches(name, module)), None)
-        rule = rules[index] if index is not None else None
+        if isinstance(module, nn.LSTM):
+            rows.append(PlanRow(name, "LSTM", _pairs(module), _pairs(module), 1.0, "exact", None,
+                                "cuDNN LSTM: gate products exact (layers=gates samples them)"))
+            continue
+        index = next((i for i, rule in enumerate(rules) if rule.matches(name, module, positions.get(name, ()))), None)
         if index is not None:
             used[index] = True
-        note = ""
-        if rule is None or rule.exact or rule.sampling.policy == "exact":
-            new = _as_exact(module)
-            note = "no rule" if rule is None else ""
-            sampling = None
-        elif isinstance(module, nn.Conv2d) and module.groups != 1:
-            new, sampling = _as_exact(module), None
-            note = f"groups={module.groups} > 1: kept exact"
-        else:
-            sampling = rule.sampling
-            base = _as_exact(module)
-            new = (ApproxLinear.from_linear(base, sampling, generator) if isinstance(base, nn.Linear)
-                   else ApproxConv2d.from_conv2d(base, sampling, generator))
-        if new is not module:
-            _set_submodule(model, name, new)
-        k = sampling.k(n) if sampling is not None else n
-        if sampling is not None and sampling.align_k > 1:
-            note = f"k rounded up to a multiple of {sampling.align_k} (align_k)"
-        policy = sampling.policy if sampling is not None else "exact"
-        rows.append(PlanRow(name, kind, n, k, k / n, policy, index, note))
+        rows.append(_swap_layer(model, name, module, index, rules[index] if index is not None else None, generator))
     for index, rule in enumerate(rules):
         if not used[index]:
             names = ", ".join(name for name, module in layers if _layer_type(module) in LAYER_TYPES)
@@ -301,7 +351,10 @@ def _batch_of(example_input: Any) -> int:
 
 
 def _fill_macs(model: nn.Module, plan: Plan, example_input: Any, batch_size: int | None) -> None:
-    calls: dict[str, list[_Call]] = {row.name: [] for row in plan.rows}
+    """Trace ``example_input`` once to fill the layer rows' MACs; a layer the forward never calls as
+    a module (its weight used directly, as ``F.linear(x, layer.weight)`` does) is made exact, and its row says so."""
+    layer_rows = [row for row in plan.rows if row.type in (*LAYER_TYPES, "LSTM")]
+    calls: dict[str, list[_Call]] = {row.name: [] for row in layer_rows}
     modules = dict(model.named_modules())
 
     def hook(name: str):
@@ -311,7 +364,7 @@ def _fill_macs(model: nn.Module, plan: Plan, example_input: Any, batch_size: int
             calls[name].append(_Call(tuple(input.shape), tuple(out.shape), bool(input.requires_grad)))
         return record
 
-    handles = [modules[row.name].register_forward_hook(hook(row.name)) for row in plan.rows]
+    handles = [modules[row.name].register_forward_hook(hook(row.name)) for row in layer_rows]
     modes = {name: module.training for name, module in modules.items()}
     reset_state = getattr(model, "reset_state", None)
     try:
@@ -328,8 +381,12 @@ def _fill_macs(model: nn.Module, plan: Plan, example_input: Any, batch_size: int
     example_batch = _batch_of(example_input)
     factor = (batch_size or example_batch) / example_batch
     plan.batch_size = batch_size or example_batch
-    for row in plan.rows:
+    for row in layer_rows:
         module = modules[row.name]
+        if not calls[row.name]:  # not traced: nothing to count, and it is made exact so that the plan holds
+            _set_submodule(model, row.name, _as_exact(module))
+            row.k, row.ratio, row.policy = row.n, 1.0, "exact"
+            row.note = "never called as a module (its weight is used directly): its products exact; not in the MACs"
         exact = approx = ProductMACs()
         for call in calls[row.name]:
             if isinstance(module, (ApproxLinear, ApproxConv2d)):

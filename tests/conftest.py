@@ -30,6 +30,14 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # A shrunk run: one epoch, CPU, no loader workers, no W&B.
 FAST = ("logger=none", "trainer.epochs=1", "trainer.num_workers=0", "trainer.device=cpu")
 PLAN_ROW_KEYS = ("name", "type", "n", "k", "ratio", "policy", "exact_macs", "approx_macs")
+# What choosing a model needs beyond ``model=<name>``: model=custom has no default _target_.
+CUSTOM_MODEL = ("model._target_=byo_nets.SmallConvNet", "+model.in_channels=${dataset_info:in_channels}",
+                "+model.num_classes=${dataset_info:num_classes}")
+
+
+def model_overrides(model: str) -> tuple[str, ...]:
+    """The overrides that choose ``model`` (``model=<name>``, plus a target for ``custom``)."""
+    return (f"model={model}", *(CUSTOM_MODEL if model == "custom" else ()))
 
 
 def compose_config(*overrides: str, return_hydra_config: bool = True) -> DictConfig:

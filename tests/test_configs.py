@@ -11,7 +11,7 @@ from approxtrain.cli.train import check_group_overrides, main
 from approxtrain.config import ConfigError, sampler_defaults, validate
 from approxtrain.data import DATASETS
 from approxtrain.models import list_models, model_options, model_spec
-from conftest import to_run_config
+from conftest import model_overrides, to_run_config
 
 GROUPS = ("model", "dataset", "sampler", "layers", "logger", "trainer", "experiment")
 
@@ -107,7 +107,7 @@ def test_experiment_preset_takes_further_overrides(compose_cfg):
 
 @pytest.mark.parametrize("model", list_models())
 def test_dataset_and_layers_default_to_the_models_paper_choice(model, compose_cfg):
-    cfg = compose_cfg(f"model={model}")
+    cfg = compose_cfg(*model_overrides(model))
     assert cfg.model.name == model
     assert cfg.dataset.name == cfg.model.paper_dataset == cfg.hydra.runtime.choices.dataset
     resolved = to_run_config(cfg)
@@ -125,7 +125,7 @@ def test_model_configs_hold_the_papers_dataset_and_layer_choice(model, compose_c
 @pytest.mark.parametrize("model", list_models())
 def test_dataset_choice_overrides_the_paper_dataset(model, compose_cfg):
     for dataset in compatible_datasets(model):
-        cfg = compose_cfg(f"model={model}", f"dataset={dataset}")
+        cfg = compose_cfg(*model_overrides(model), f"dataset={dataset}")
         assert cfg.dataset.name == cfg.hydra.runtime.choices.dataset == dataset, (model, dataset)
         resolved = to_run_config(cfg)
         if dataset == "synthetic":
@@ -260,7 +260,7 @@ def test_validate_rejects_bad_values_in_one_line(overrides, message, compose_cfg
         (["model=wrn", "model/paper_dataset=cifar10"], None),
         (["sampler=nope"], "sampler=nope is unknown; allowed: bernoulli, exact, nps, topk, uniform"),
         (["-m", "sampler=topk,nope"], "sampler=nope is unknown"),
-        (["model=nope"], "model=nope is unknown; allowed: cnn, lstm, mlp, resnet50, wrn"),
+        (["model=nope"], "model=nope is unknown; allowed: cnn, custom, lstm, mlp, resnet50, torchvision, transformer, wrn"),
         (["experiment=nope"], "experiment=nope is unknown"),
         (["dataset=nope"], "dataset=nope is unknown"),
         (["override layers=nope"], "layers=nope is unknown"),
@@ -285,4 +285,4 @@ def test_help_lists_the_groups(monkeypatch, capsys):
         assert f"\n{group}: " in text, f"--help does not list group {group}"
     assert "experiment: cnn_mnist, lstm_ptb, mlp_mnist, resnet50_imagenet, wrn_cifar10, wrn_cifar100" in text
     assert "sampler: bernoulli, exact, nps, topk, uniform" in text
-    assert "model: cnn, lstm, mlp, resnet50, wrn" in text
+    assert "model: cnn, custom, lstm, mlp, resnet50, torchvision, transformer, wrn" in text

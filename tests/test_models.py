@@ -9,7 +9,7 @@ from torch import nn
 from approxtrain.data import DatasetInfo
 from approxtrain.data.synthetic import like_info
 from approxtrain.models import LSTMLanguageModel, build_model, list_models, model_spec
-from conftest import to_run_config
+from conftest import model_overrides, to_run_config
 
 MNIST = DatasetInfo("mnist", "image", in_channels=1, image_size=(28, 28), num_classes=10)
 DIGITS = DatasetInfo("digits", "image", in_channels=1, image_size=(8, 8), num_classes=10)
@@ -18,7 +18,8 @@ CIFAR100 = DatasetInfo("cifar100", "image", in_channels=3, image_size=(32, 32), 
 IMAGENET = DatasetInfo("imagenet", "image", in_channels=3, image_size=(224, 224), num_classes=1000)
 PTB = DatasetInfo("ptb", "text", vocab_size=10_000, metric="perplexity")
 SMALL_TEXT = DatasetInfo("synthetic", "text", vocab_size=50, metric="perplexity")
-KINDS = {"mlp": "image", "cnn": "image", "lstm": "text", "wrn": "image", "resnet50": "image"}
+KINDS = {"mlp": "image", "cnn": "image", "lstm": "text", "wrn": "image", "resnet50": "image", "torchvision": "image",
+         "transformer": "text", "custom": None}
 
 
 def build(name: str, info: DatasetInfo, **options) -> nn.Module:
@@ -78,9 +79,9 @@ def test_big_models_eval_forward(name: str, info: DatasetInfo) -> None:
 
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_builds_from_its_config_for_its_paper_dataset(name: str, compose_cfg) -> None:
-    model_config = to_run_config(compose_cfg(f"model={name}"))["model"]
+    model_config = to_run_config(compose_cfg(*model_overrides(name)))["model"]
     info = like_info(model_config["paper_dataset"])
-    assert model_spec(model_config).kind == info.kind
+    assert model_spec(model_config).kind in (info.kind, None)  # None: the model takes either (model=custom)
     assert isinstance(build_model(model_config, info), nn.Module)
 
 
@@ -249,7 +250,7 @@ def test_text_image_mismatch_is_one_line_value_error(name: str, info: DatasetInf
 
 
 def test_unknown_model_and_option() -> None:
-    with pytest.raises(ValueError, match=r"unknown model 'vgg'; allowed: cnn, lstm, mlp, resnet50, wrn") as error:
+    with pytest.raises(ValueError, match=r"unknown model 'vgg'; allowed: cnn, custom, lstm, mlp, resnet50, torchvision, transformer, wrn") as error:
         build("vgg", MNIST)
     assert "\n" not in str(error.value)
     with pytest.raises(TypeError, match=r"unknown option 'width'.*'mlp'.*hidden"):

@@ -8,14 +8,19 @@
   (``mnist``, ``ptb``, ...). A model config picks the paper's dataset in its defaults list
   (``- paper_dataset: mnist``), which sets ``model.paper_dataset``; ``train.yaml``'s
   dataset defaults to that choice (``dataset: ${model/paper_dataset}``).
+
+It also registers the ``dataset_info`` resolver (``${dataset_info:num_classes}``, for the
+arguments of a ``model=custom`` model: :func:`approxtrain.models.custom.dataset_fact`).
 """
 
 from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from approxtrain.config import sampler_defaults
 from approxtrain.data.synthetic import LIKES
+from approxtrain.models.custom import dataset_fact
 
 
 def store_configs() -> None:
@@ -23,6 +28,8 @@ def store_configs() -> None:
     store.store(name="sampler_fields", node=sampler_defaults())
     for dataset in LIKES:
         store.store(group="model/paper_dataset", name=dataset, node={"paper_dataset": dataset}, package="model")
+    if not OmegaConf.has_resolver("dataset_info"):
+        OmegaConf.register_new_resolver("dataset_info", dataset_fact)
 
 
 store_configs()

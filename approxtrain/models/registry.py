@@ -5,7 +5,8 @@ it gets the :class:`~approxtrain.data.DatasetInfo` to size its input and output 
 and its keyword-only parameters are the model's options, their defaults the paper's.
 Its config (``configs/model/<name>.yaml``) names it and lists every option with the same
 default; it also holds what composing a run needs before any model code is imported:
-the paper's dataset and the paper's layer rules.
+the paper's dataset and the paper's layer rules. A builder with ``**arguments`` (the
+``custom`` model) passes every further option on unchecked: the model it builds checks them.
 """
 
 from __future__ import annotations
@@ -53,11 +54,12 @@ class ModelSpec:
 
     ``kind``: ``"image"`` (input ``(N, C, H, W)`` float) or ``"text"`` (input ``(N, T)``
     int64 token ids); it also says which example input traces the model's layers.
+    None: the model takes either (its config says how it is sized).
     """
 
     name: str
     builder: Callable[..., nn.Module]
-    kind: str
+    kind: str | None
     checks: Mapping[str, OptionCheck]
 
     @property
@@ -66,21 +68,27 @@ class ModelSpec:
         parameters = inspect.signature(self.builder).parameters.values()
         return {parameter.name: parameter.default for parameter in parameters if parameter.kind is parameter.KEYWORD_ONLY}
 
+    @property
+    def passes_on_options(self) -> bool:
+        """Whether the builder takes ``**arguments``: options beyond :attr:`options` go to the model it builds."""
+        parameters = inspect.signature(self.builder).parameters.values()
+        return any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters)
+
     def check_options(self, options: Mapping[str, Any]) -> None:
         """Reject an option the model does not take (``TypeError``) or a bad value (``ValueError``)."""
         unknown = sorted(set(options) - set(self.checks))
-        if unknown:
+        if unknown and not self.passes_on_options:
             allowed = ", ".join(self.checks) or "none"
             raise TypeError(f"unknown option {unknown[0]!r} for model {self.name!r}; allowed: {allowed}")
         for option, value in options.items():
-            if not self.checks[option].test(value):
+            if option in self.checks and not self.checks[option].test(value):
                 raise ValueError(f"model.{option}={value!r} is invalid; allowed: {self.checks[option].allowed}")
 
 
 _MODELS: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, *, kind: str, checks: Mapping[str, OptionCheck] | None = None) -> Callable:
+def register_model(name: str, *, kind: str | None, checks: Mapping[str, OptionCheck] | None = None) -> Callable:
     """Decorator: register ``builder(info, *, option=default, ...)`` as model ``name``.
 
     ``checks`` holds one :class:`OptionCheck` per option, so every option is validated
@@ -89,7 +97,7 @@ def register_model(name: str, *, kind: str, checks: Mapping[str, OptionCheck] | 
 
     def register(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         spec = ModelSpec(name, builder, kind, dict(checks or {}))
-        if kind not in KINDS:
+        if kind is not None and kind not in KINDS:
             raise ValueError(f"model {name!r}: kind={kind!r} is invalid; allowed: {', '.join(KINDS)}")
         options = spec.options
         if set(options) != set(spec.checks) or inspect.Parameter.empty in options.values():
@@ -147,7 +155,7 @@ def build_model(model: Mapping[str, Any], info: DatasetInfo) -> nn.Module:
     spec = model_spec(model)
     options = model_options(model)
     spec.check_options(options)
-    if info.kind != spec.kind:
+    if spec.kind is not None and info.kind != spec.kind:
         article = {"image": "an image", "text": "a text"}
         raise ValueError(
             f"model {spec.name!r} needs {article[spec.kind]} dataset but {info.name!r} is {article[info.kind]} dataset; "
