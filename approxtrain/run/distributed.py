@@ -187,7 +187,8 @@ def _end_job(launch: Launch, failed: bool) -> None:
     """After a job: a failed one tears the groups down (the followers' next collective fails at once);
     a finished one tells the followers there is no other job, unless the ranks outlive it (torchrun)."""
     if failed:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     elif launch.persistent:
         atexit.register(_release_followers)
     else:
@@ -375,8 +376,9 @@ class GradientAllReduce:
         return None if kept.numel() >= parameter.shape[1] else kept
 
     def _sampled(self, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
-        gradients = bucket.gradients()
-        keeps = [self._kept(parameter) for parameter in bucket.parameters()]
+        buffer, parameters = bucket.buffer(), bucket.parameters()
+        gradients = _bucket_views(buffer, parameters)
+        keeps = [self._kept(parameter) for parameter in parameters]
         packed = torch.cat([(g if keep is None else g.index_select(1, keep)).reshape(-1) for g, keep in zip(gradients, keeps)])
         packed.div_(self.group.size())
         self.sent.actual_bytes += packed.numel() * packed.element_size()
@@ -391,6 +393,27 @@ class GradientAllReduce:
                     g.copy_(part)
                 else:
                     g.index_copy_(1, keep, part)
-            return bucket.buffer()
+            return buffer
 
         return dist.all_reduce(packed, group=self.group, async_op=True).get_future().then(unpack)
+
+
+def _bucket_views(buffer: Tensor, parameters: list[Tensor]) -> list[Tensor]:
+    """Each parameter's gradient as a view of the bucket's flat ``buffer``: laid out one after the
+    other, each with its parameter's strides (as DDP's reducer lays them out)."""
+    views, offset = [], buffer.storage_offset()
+    for parameter in parameters:
+        strides = parameter.stride() if _dense(parameter) else torch.empty(parameter.shape).stride()
+        views.append(buffer.as_strided(parameter.shape, strides, offset))
+        offset += parameter.numel()
+    return views
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill its storage span exactly once, in some order of its dims."""
+    span = 1
+    for stride, size in sorted(zip(t.stride(), t.shape)):
+        if size > 1 and stride != span:
+            return False
+        span *= size
+    return True
