@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -239,3 +240,18 @@ def test_a_killed_rank_fails_the_run_within_the_timeout(tmp_path):
     assert results["status"] == "failed" and "\n" not in results["error"] and results["epochs"]
     assert stderr.strip().splitlines()[-1] == f"approxtrain: error: {results['error']}"
     assert not math.isnan(results["epochs"][0]["test_metric"])
+
+
+@pytest.mark.slow
+def test_bench_distributed_counts_the_sampled_bytes(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "scripts/bench_distributed.py", "--models", "mlp", "--batch", "4", "--warmup", "0",
+                           "--steps", "1", "--json", str(out)], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    rows = {row["config"]: row for row in json.loads(out.read_text())["rows"]}
+    full = rows["exact/full"]["exact_bytes"]
+    assert rows["exact/full"]["actual_bytes"] == full and rows["exact/bf16"]["actual_bytes"] == full // 2
+    assert rows["topk/sampled"]["actual_bytes"] == rows["topk/sampled/weights"]["actual_bytes"] < 0.55 * full
+    assert rows["topk/sampled"]["score_bytes"] > 0 == rows["topk/sampled/weights"]["score_bytes"]
+    assert rows["topk/sampled"]["speedup_10gbps"] > 0

@@ -380,7 +380,7 @@ class GradientAllReduce:
         gradients = _bucket_views(buffer, parameters)
         keeps = [self._kept(parameter) for parameter in parameters]
         packed = torch.cat([(g if keep is None else g.index_select(1, keep)).reshape(-1) for g, keep in zip(gradients, keeps)])
-        packed.div_(self.group.size())
+        packed.div_(dist.get_world_size(self.group))
         self.sent.actual_bytes += packed.numel() * packed.element_size()
 
         def unpack(future: torch.futures.Future) -> Tensor:
