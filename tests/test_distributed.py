@@ -27,7 +27,7 @@ from approxtrain.data.order import EpochShuffle
 from approxtrain.data.text import TokenBatches
 from approxtrain.functional import PairScoring, approx_linear
 from approxtrain.modules import ApproxLinear
-from approxtrain.run.distributed import Distributed, GradientAllReduce, _comm_hook, lead
+from approxtrain.run.distributed import Distributed, GradientAllReduce, Launch, _comm_hook, launched, lead
 from approxtrain.run.rundir import checkpoint_path, load_checkpoint
 from approxtrain.run.schema import read_results
 from approxtrain.run.trainer import Trainer
@@ -105,6 +105,24 @@ def test_pair_scoring_seam():
     doubled = PairScoring(reduce_input=lambda norms: norms * 0 + 1, kept=[])  # every input column alike
     approx_linear(x, w, None, config, scoring=doubled)
     assert torch.equal(doubled.kept[0], by_weights.kept[0])
+
+
+def test_ranks_come_from_torchrun_or_a_submitit_slurm_job(monkeypatch):
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES",
+             "TORCHELASTIC_RUN_ID", "APPROXTRAIN_LAUNCHER", "SUBMITIT_EXECUTOR")
+    for name in names:  # (set, then removed: each is restored as it was after the test)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    assert launched() == Launch()
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    for name, value in dict(SLURM_NTASKS="4", SLURM_PROCID="3", SLURM_LOCALID="1", SLURM_JOB_ID="4242",
+                            SLURM_JOB_NODELIST="node[1-2]", SLURM_NNODES="2", SLURM_NODEID="1").items():
+        monkeypatch.setenv(name, value)
+    slurm = Launch(rank=3, world_size=4, local_rank=1, launcher="slurm")
+    assert launched() == slurm and os.environ["MASTER_ADDR"] == "node1" and launched() == slurm
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.delenv("APPROXTRAIN_LAUNCHER")
+    assert launched() == Launch(3, 4, 1, "torchrun") and launched().persistent and not slurm.persistent
 
 
 @pytest.fixture
@@ -210,6 +228,17 @@ def test_cli_two_devices_writes_one_results_json(cli, tmp_path):
     communication = results["communication"]
     assert communication["actual_bytes"] < communication["exact_bytes"] and 0.3 < communication["reduction"] < 0.5
     assert [path.name for path in tmp_path.iterdir()] == ["run"]  # one run dir
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_one_run_dir(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "approxtrain.cli.train",
+               *CLI_RUN[1:], "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = read_results(tmp_path / "run")
+    assert results["status"] == "finished" and results["world_size"] == 2 and results["communication"]["reduction"] > 0.3
+    assert [path.name for path in tmp_path.iterdir()] == ["run"]
 
 
 def _children(pid: int) -> list[int]:

@@ -86,6 +86,7 @@ def launched() -> Launch:
         from submitit.helpers import TorchDistributedEnvironment
 
         slurm = TorchDistributedEnvironment().export()  # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for env://
+        os.environ["APPROXTRAIN_LAUNCHER"] = "slurm"  # (what the next call finds, with RANK and WORLD_SIZE)
         return Launch(slurm.rank, slurm.world_size, slurm.local_rank, "slurm")
     return Launch()
 
