@@ -11,7 +11,8 @@ The link model: ``step(bw) = compute_s + 2 (w - 1) / w * bytes / bw`` (a ring al
 ranks, no overlap with backward: an upper bound), at 10/25/100 Gb/s; ``speedup`` is exact/full
 over each configuration, to set against the thesis's 1.09-1.37x multi-node speedups.
 ``score_bytes``: what ``selection=global`` all-reduces in forward per step (the input norms,
-n floats per approximated layer), which ``selection=weights`` does not.
+n floats per approximated layer), which ``selection=weights`` does not; ``score_allreduce_s``: the
+time of those all-reduces here (each layer's timed alone, median of 20, summed).
 
     python scripts/bench_distributed.py                       # mlp cnn wrn resnet50, CPU batches
     python scripts/bench_distributed.py --models mlp cnn --steps 5 --json outputs/bench_distributed.json
@@ -85,8 +86,24 @@ def _time_steps(model, info, batch: int, device, warmup: int, steps: int, distri
     return times
 
 
-def _score_bytes(model) -> int:
-    return sum(m.weight.shape[1] * 4 for m in model.modules() if isinstance(m, (ApproxLinear, ApproxConv2d)) and m.sampling.policy != "exact")
+def _scored_pairs(model) -> list[int]:
+    """``n`` of each sampled layer: the floats ``selection=global`` all-reduces for it in forward."""
+    return [m.weight.shape[1] for m in model.modules() if isinstance(m, (ApproxLinear, ApproxConv2d)) and m.sampling.policy != "exact"]
+
+
+def _score_allreduce_s(model, device, repeats: int = 20) -> float:
+    """The forward all-reduces ``selection=global`` adds to a step: per layer the median of ``repeats``."""
+    total = 0.0
+    for n in _scored_pairs(model):
+        norms, times = torch.ones(n, device=device), []
+        for _ in range(repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(norms)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        total += statistics.median(times)
+    return total
 
 
 def _rank(rank: int, port: int, args: argparse.Namespace) -> list[dict]:
@@ -108,7 +125,8 @@ def _rank(rank: int, port: int, args: argparse.Namespace) -> list[dict]:
             steps = args.warmup + args.steps
             row = {"model": name, "config": label, "batch_per_rank": batch, "step_s": statistics.median(times),
                    "exact_bytes": sent.exact_bytes // steps, "actual_bytes": sent.actual_bytes // steps,
-                   "score_bytes": _score_bytes(model) if selection == "global" and ratio else 0}
+                   "score_bytes": 4 * sum(_scored_pairs(model)) if selection == "global" and ratio else 0,
+                   "score_allreduce_s": _score_allreduce_s(model, device) if selection == "global" and ratio else 0.0}
             if rank == 0:
                 if (name, ratio) not in compute:
                     alone, _ = _model(name, ratio, device)
@@ -116,7 +134,8 @@ def _rank(rank: int, port: int, args: argparse.Namespace) -> list[dict]:
                 row["compute_s"] = compute[name, ratio]
                 rows.append(row)
                 print(f"{name:9s} {label:22s} step {row['step_s'] * 1e3:9.1f} ms  compute {row['compute_s'] * 1e3:9.1f} ms  "
-                      f"bytes/step {row['actual_bytes']:>12,} of {row['exact_bytes']:>12,}", flush=True)
+                      f"bytes/step {row['actual_bytes']:>12,} of {row['exact_bytes']:>12,}  "
+                      f"scores {row['score_bytes']:>7,} B {row['score_allreduce_s'] * 1e3:6.2f} ms", flush=True)
             dist.barrier()
     dist.destroy_process_group()
     return rows

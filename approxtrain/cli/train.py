@@ -273,7 +273,9 @@ def _app(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     if launched().rank > 0:  # a SLURM task other than the first: rank 0 sends it the job
-        raise SystemExit(follow())
+        if (code := follow()) != 0:
+            raise SystemExit(code)
+        return None
     try:  # a single run's dir is held already (by main or unique_dir); a sweep's job holds its own
         taken = hold(run_dir)
     except ValueError as busy:  # held by another live run: nothing of it is touched

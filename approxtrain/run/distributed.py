@@ -30,9 +30,9 @@ import atexit
 import contextlib
 import logging
 import math
-import multiprocessing
 import os
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -132,30 +132,28 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _spawn(world_size: int) -> list[multiprocessing.Process]:
-    """Start ranks 1..world_size-1 on this node as followers; this process becomes rank 0."""
+def _spawn(world_size: int) -> list[subprocess.Popen]:
+    """Start ranks 1..world_size-1 on this node as followers (fresh interpreters: under any launcher,
+    whatever its multiprocessing setup); this process becomes rank 0."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    context = multiprocessing.get_context("spawn")
-    ranks = [context.Process(target=_spawned, args=(rank, world_size, os.environ["MASTER_PORT"]), daemon=True,
-                             name=f"approxtrain-rank{rank}") for rank in range(1, world_size)]
-    for process in ranks:
-        process.start()
-    return ranks
+    return [subprocess.Popen([sys.executable, "-c", _FOLLOWER],
+                             env={**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                                  "APPROXTRAIN_LAUNCHER": "spawn"})
+            for rank in range(1, world_size)]
 
 
-def _spawned(rank: int, world_size: int, port: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), APPROXTRAIN_LAUNCHER="spawn")
-    sys.exit(follow(launched()))
+_FOLLOWER = "import sys; from approxtrain.run.distributed import follow; sys.exit(follow())"
 
 
-def _stop(ranks: list[multiprocessing.Process], failed: bool) -> None:
+def _stop(ranks: list[subprocess.Popen], failed: bool) -> None:
     for process in ranks:
         if failed:
             process.terminate()
-        process.join(_JOIN_TIMEOUT_S)
-        if process.is_alive():
+        try:
+            process.wait(_JOIN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
             process.kill()
+            process.wait()
 
 
 @contextlib.contextmanager
@@ -166,8 +164,12 @@ def lead(cfg: Mapping[str, Any], run_dir: Path | str) -> Iterator[Distributed]:
     if launch.world_size > 1 and devices != 1:
         raise ValueError(f"trainer.devices={devices} is invalid under {launch.launcher} (its {launch.world_size} ranks "
                          "are the devices); allowed: trainer.devices=1")
-    ranks: list[multiprocessing.Process] = []
-    if devices > 1:
+    ranks: list[subprocess.Popen] = []
+    if isinstance(devices, int) and devices > 1:  # (a bad value is left to the trainer's validation)
+        gpus = torch.cuda.device_count()
+        if lookup(cfg, "trainer.device") != "cpu" and 0 < gpus < devices:
+            raise ValueError(f"trainer.devices={devices} is invalid: this node has {gpus} GPU(s); allowed: 1 to {gpus}, "
+                             "or trainer.device=cpu")
         ranks = _spawn(devices)
         launch = Launch(0, devices, 0, "spawn")
     if launch.world_size == 1:
