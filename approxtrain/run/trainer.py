@@ -279,8 +279,8 @@ class Trainer:
             self.scheduler.step()
         step_times = progress.step_times + self.timer.collect()
         self.state.step_times.extend(step_times)
-        macs = torch.tensor([self.meter.exact.total, self.meter.actual.total], device=self.device)
-        exact, actual = (int(done) + int(now) for done, now in zip((progress.exact_macs, progress.actual_macs), self.dist.sum(macs)))
+        exact_now, actual_now = self._metered_macs()
+        exact, actual = progress.exact_macs + exact_now, progress.actual_macs + actual_now
         self.state.exact_macs += exact
         self.state.actual_macs += actual
         self._count_communication()
@@ -408,9 +408,9 @@ class Trainer:
     def _pause(self, epoch: int, progress: EpochProgress, loss_sum: Tensor, epoch_started: float) -> None:
         """At a step boundary inside ``epoch``: keep what the epoch did so far in the state, then stop."""
         progress.loss_sum = self.dist.mean(loss_sum.double()).item()  # each rank continues from the mean
-        macs = self.dist.sum(torch.tensor([self.meter.exact.total, self.meter.actual.total], device=self.device)).tolist()
-        progress.exact_macs += macs[0]
-        progress.actual_macs += macs[1]
+        exact_now, actual_now = self._metered_macs()
+        progress.exact_macs += exact_now
+        progress.actual_macs += actual_now
         self._count_communication()
         progress.time_s = time.perf_counter() - epoch_started
         progress.step_times += self.timer.collect()
@@ -442,6 +442,11 @@ class Trainer:
         results.step_time_s = statistics.median(state.step_times) if state.step_times else None
         if self.dist.world_size > 1:
             results.communication = Communication(state.exact_bytes, state.actual_bytes).to_dict()
+
+    def _metered_macs(self) -> tuple[int, int]:
+        """Exact and actual MACs the meter counted since its reset, summed over the ranks."""
+        exact, actual = self.dist.sum(torch.tensor([self.meter.exact.total, self.meter.actual.total], device=self.device)).tolist()
+        return exact, actual
 
     def _count_communication(self) -> None:
         """Move the gradient bytes sent since the last count into the state (a checkpoint carries them)."""
