@@ -83,6 +83,11 @@ _CHECKS: dict[str, Check] = {
     "trainer.epochs": integer(1),
     "trainer.max_steps": or_null(integer(1)),
     "trainer.device": choice("auto", "cpu", "cuda"),
+    "trainer.devices": integer(1),
+    "trainer.distributed.backend": choice("auto", "gloo", "nccl"),
+    "trainer.distributed.timeout_s": number(0),
+    "trainer.distributed.selection": choice("global", "weights", "local"),
+    "trainer.distributed.sampled_allreduce": choice("auto", True, False),
     "trainer.amp": choice("auto", "bf16", "off"),
     "trainer.compile": SWITCH,
     "trainer.channels_last": choice("auto", True, False),
@@ -200,6 +205,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
     if optimizer["name"] == "sgd" and optimizer["nesterov"] and not optimizer["momentum"] > 0:  # torch's SGD rule
         raise ConfigError(f"trainer.optimizer.nesterov=true is invalid with trainer.optimizer.momentum={optimizer['momentum']!r}; "
                           "allowed: nesterov=true with a momentum > 0, or nesterov=false")
+    if lookup(cfg, "trainer.distributed.selection") == "local" and lookup(cfg, "trainer.distributed.sampled_allreduce") is True:
+        raise ConfigError("trainer.distributed.sampled_allreduce=true is invalid with trainer.distributed.selection=local "
+                          "(the ranks keep different slices); allowed: false or auto, or selection=global/weights")
     check_logger(cfg)
     try:
         schedule_fields(cfg.get("schedule"))

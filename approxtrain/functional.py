@@ -23,6 +23,8 @@ the MACs each call runs are counted by :class:`~approxtrain.accounting.LayerShap
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -54,11 +56,37 @@ def _sampled_weight(weight: Tensor, selection: Selection) -> Tensor:
     return _scaled(taken, 1, selection.scale)
 
 
+@dataclass(eq=False)
+class PairScoring:
+    """How a layer scores the pairs its forward selects, and what it kept: the seam through which
+    data-parallel training (:mod:`approxtrain.run.distributed`) shares the selection across processes.
+
+    ``reduce_input``: maps this process's input slice norms to the ones scored (e.g. the global
+    batch's, all-reduced); ``weights_only``: score by the weight's slice norms alone; ``kept``:
+    when a list, each forward selection's ``keep`` is appended (its reader clears it).
+    """
+
+    reduce_input: Callable[[Tensor], Tensor] | None = None
+    weights_only: bool = False
+    kept: list[Tensor] | None = field(default=None, repr=False)
+
+
 def _select_pairs(a: Tensor, a_dim: int, b: Tensor, b_dim: int, k: int, config: SamplingConfig,
-                  generator: torch.Generator | None) -> Selection:
-    """``k`` of the pairs (slice ``i`` of ``a`` along ``a_dim``, of ``b`` along ``b_dim``), scored ``|a_i| |b_i|``."""
+                  generator: torch.Generator | None, scoring: PairScoring | None = None) -> Selection:
+    """``k`` of the pairs (slice ``i`` of ``a`` along ``a_dim``, of ``b`` along ``b_dim``), scored
+    ``|a_i| |b_i|`` (or as ``scoring`` says)."""
     with torch.no_grad():
-        return select(norms(a, a_dim) * norms(b, b_dim), k, config, generator)
+        if scoring is None:
+            return select(norms(a, a_dim) * norms(b, b_dim), k, config, generator)
+        if scoring.weights_only:
+            scores = norms(b, b_dim)
+        else:
+            a_norms = norms(a, a_dim)
+            scores = (a_norms if scoring.reduce_input is None else scoring.reduce_input(a_norms)) * norms(b, b_dim)
+        selection = select(scores, k, config, generator)
+        if scoring.kept is not None:
+            scoring.kept.append(selection.keep)
+        return selection
 
 
 def _sample_pairs(a: Tensor, a_dim: int, b: Tensor, b_dim: int, k: int, config: SamplingConfig,
@@ -183,6 +211,7 @@ def approx_linear(
     config: SamplingConfig = SamplingConfig(),
     generator: torch.Generator | None = None,
     compute: LayerCompute | None = None,
+    scoring: PairScoring | None = None,
 ) -> Tensor:
     """Column-row sampled ``F.linear``.
 
@@ -190,7 +219,7 @@ def approx_linear(
     column over all leading dimensions times the norm of the matching weight column.
 
     Shapes: ``input (*, n)``, ``weight (out, n)``, ``bias (out,)``; returns ``(*, out)``.
-    At ``k = n`` (or policy ``exact``) this is ``F.linear`` itself.
+    At ``k = n`` (or policy ``exact``) this is ``F.linear`` itself. ``scoring``: see :class:`PairScoring`.
     """
     out_features, n = weight.shape
     k = config.k(n)
@@ -204,7 +233,7 @@ def approx_linear(
     x2, weight, bias = _autocast(x2, weight, bias)
     save_input = save_input and x2.data_ptr() == input.data_ptr() and x2.dtype == input.dtype
     with profiler_range(SELECT_RANGE):
-        selection = _select_pairs(x2, 1, weight, 1, k, config, generator)
+        selection = _select_pairs(x2, 1, weight, 1, k, config, generator, scoring)
     if compute is not None:
         record_call(compute, shape, x2.requires_grad, weight.requires_grad, config, selection.keep.numel())
     output, _ = LinearCRS.apply(x2, weight, bias, *selection, save_input, config, generator, compute)
@@ -283,6 +312,7 @@ def approx_conv2d(
     config: SamplingConfig = SamplingConfig(),
     generator: torch.Generator | None = None,
     compute: LayerCompute | None = None,
+    scoring: PairScoring | None = None,
 ) -> Tensor:
     """Column-row sampled ``F.conv2d`` (groups = 1, numeric zero padding).
 
@@ -290,7 +320,7 @@ def approx_conv2d(
 
     Shapes: ``input (N, C, H, W)``, ``weight (O, C, kh, kw)``, ``bias (O,)``;
     returns ``(N, O, H_out, W_out)``. At ``k = C`` (or policy ``exact``) this is
-    ``F.conv2d`` itself.
+    ``F.conv2d`` itself. ``scoring``: see :class:`PairScoring`.
     """
     if input.dim() != 4:
         raise ValueError(f"approx_conv2d input has shape {tuple(input.shape)}; allowed: (N, C, H, W)")
@@ -306,7 +336,7 @@ def approx_conv2d(
     input, weight, bias = _autocast(input, weight, bias)
     save_input = input is original and kept_by_producer(input)
     with profiler_range(SELECT_RANGE):
-        selection = _select_pairs(input, 1, weight, 1, k, config, generator)
+        selection = _select_pairs(input, 1, weight, 1, k, config, generator, scoring)
     output, _ = Conv2dCRS.apply(input, weight, bias, *selection, save_input, config, generator, compute, geometry)
     if compute is not None:
         record_call(compute, _conv_shape(output, weight), input.requires_grad, weight.requires_grad, config,

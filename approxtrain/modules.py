@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from approxtrain.accounting import LayerCompute
-from approxtrain.functional import approx_conv2d, approx_linear
+from approxtrain.functional import PairScoring, approx_conv2d, approx_linear
 from approxtrain.sampling import SamplingConfig
 
 
@@ -72,6 +72,7 @@ class ApproxLinear(nn.Linear):
         self.sampling = sampling
         self.generator = generator
         self.compute: LayerCompute | None = None
+        self.scoring: PairScoring | None = None  # set by data-parallel training
         if column_major_weight:
             _store_column_major_(self.weight)
 
@@ -81,7 +82,7 @@ class ApproxLinear(nn.Linear):
         """An approximate layer sharing ``module``'s parameters (no copy of the Parameter
         objects; the weight's storage is re-laid out column-major unless told not to)."""
         new = _rebind(cls, module)
-        new.sampling, new.generator, new.compute = sampling, generator, None
+        new.sampling, new.generator, new.compute, new.scoring = sampling, generator, None, None
         if column_major_weight:
             _store_column_major_(new.weight)
         return new
@@ -89,7 +90,7 @@ class ApproxLinear(nn.Linear):
     def forward(self, input: Tensor) -> Tensor:
         if not self.training:
             return F.linear(input, self.weight, self.bias)
-        return approx_linear(input, self.weight, self.bias, self.sampling, self.generator, self.compute)
+        return approx_linear(input, self.weight, self.bias, self.sampling, self.generator, self.compute, self.scoring)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {_describe(self.sampling, self.in_features)}"
@@ -112,6 +113,7 @@ class ApproxConv2d(nn.Conv2d):
         self.sampling = sampling
         self.generator = generator
         self.compute: LayerCompute | None = None
+        self.scoring: PairScoring | None = None  # set by data-parallel training
 
     @classmethod
     def from_conv2d(cls, module: nn.Conv2d, sampling: SamplingConfig, generator: torch.Generator | None = None) -> ApproxConv2d:
@@ -119,7 +121,7 @@ class ApproxConv2d(nn.Conv2d):
         if module.groups != 1:
             raise ValueError(f"conv groups={module.groups} cannot be sampled; allowed: groups=1 (grouped convolutions stay exact)")
         new = _rebind(cls, module)
-        new.sampling, new.generator, new.compute = sampling, generator, None
+        new.sampling, new.generator, new.compute, new.scoring = sampling, generator, None, None
         return new
 
     def _padded(self, input: Tensor) -> tuple[Tensor, tuple[int, int] | str]:
@@ -137,7 +139,7 @@ class ApproxConv2d(nn.Conv2d):
             return self._conv_forward(input, self.weight, self.bias)
         input, padding = self._padded(input)
         return approx_conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation,
-                             self.sampling, self.generator, self.compute)
+                             self.sampling, self.generator, self.compute, self.scoring)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {_describe(self.sampling, self.in_channels)}"

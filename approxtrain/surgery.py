@@ -203,7 +203,7 @@ def _as_exact(module: nn.Module) -> nn.Module:
         base = _rebind(nn.Conv2d, module)
     else:
         return module
-    for attribute in ("sampling", "generator", "compute"):
+    for attribute in ("sampling", "generator", "compute", "scoring"):
         base.__dict__.pop(attribute, None)
     return base
 

@@ -40,6 +40,7 @@ import approxtrain.cli.config_store  # noqa: F401  (stores the config nodes made
 from approxtrain.cli.allocator import retain_freed_memory
 from approxtrain.cli.resume import RESUME_KEY, RecordResume, last_value, parse_overrides, requeued_run, resume_overrides
 from approxtrain.models.custom import dataset_fact_hint
+from approxtrain.run.distributed import follow, launched, lead
 from approxtrain.run.rundir import checkpoint_path, claim_new_dir, hold, holder, recorded_run, release
 from approxtrain.run.schema import FINISHED, read_results
 
@@ -294,6 +295,10 @@ def _app(cfg: DictConfig) -> float | list[float] | None:
     """One job: train, recording a failure in the run's ``results.json`` (and W&B) as one line."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    if launched().rank > 0:  # a SLURM task other than the first: rank 0 sends it the job
+        if (code := follow()) != 0:
+            raise SystemExit(code)
+        return None
     try:  # a single run's dir is held already (by main or unique_dir); a sweep's job holds its own
         taken = hold(run_dir)
     except ValueError as busy:  # held by another live run: nothing of it is touched
@@ -335,7 +340,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | list[float] | None:
 
             if (logger := wandb_callback(container, run_dir, _run_group() or container["experiment_name"])) is not None:
                 trainer.callbacks.append(logger)
-        results = trainer.fit()
+        with lead(container, run_dir) as trainer.dist:  # one process, or rank 0 of several
+            results = trainer.fit()
     except RunInterrupted as interrupt:  # checkpointed and recorded: say how to continue, exit as the signal asks
         print(f"approxtrain: {interrupt}", file=sys.stderr)
         raise SystemExit(128 + interrupt.signal_number) from None
@@ -404,6 +410,8 @@ def main() -> None:
     ``HYDRA_FULL_ERROR=1`` skips the composition check, so Hydra shows its full trace.
     """
     args = sys.argv[1:]
+    if launched().launcher in ("torchrun", "env") and launched().rank > 0:  # rank 0 runs Hydra and sends the jobs
+        raise SystemExit(follow())
     error = check_group_overrides(args)
     if error is None and os.environ.get("HYDRA_FULL_ERROR") != "1":
         error = composition_error(args)

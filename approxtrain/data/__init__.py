@@ -51,7 +51,7 @@ def _from_fields(source: Callable, name: str, fields: Mapping[str, Any], **conte
 
 
 def build_loaders(
-    dataset: Mapping[str, Any], *, num_workers: int, seed: int, pin_memory: bool
+    dataset: Mapping[str, Any], *, num_workers: int, seed: int, pin_memory: bool, shard: tuple[int, int] = (0, 1)
 ) -> tuple[Iterable, Iterable, DatasetInfo]:
     """Training and test loaders for a resolved ``dataset`` config and its :class:`DatasetInfo`.
 
@@ -61,7 +61,9 @@ def build_loaders(
     datasets: H = W, null = native), ``seq_len``/``train_split`` (ptb: windows and the file
     trained on, ``train`` or ``valid``; evaluation is always on ``test``), ``like``/
     ``num_samples`` (synthetic: whose shapes, how many training samples). ``seed`` seeds the
-    training shuffle (and synthetic data).
+    training shuffle (and synthetic data). ``shard = (rank, world_size)``: this rank's share of the
+    training data, ``batch_size`` per rank (images: every ``world_size``-th item of the epoch's
+    order; text: ``batch_size`` of the ``world_size * batch_size`` rows of the token stream).
 
     Raises ``ValueError`` for an unknown name, field or bad value and :class:`DatasetNotFound`
     when the data is missing and cannot be downloaded (one-line messages).
@@ -78,16 +80,19 @@ def build_loaders(
     if image_size is not None and not _is_positive_int(image_size):
         raise ValueError(f"dataset.image_size={image_size!r} is invalid; allowed: null or an integer >= 1")
 
-    batches = dict(batch_size=batch_size, eval_batch_size=eval_batch_size)
+    rank, world_size = shard
+    text_batches = dict(batch_size=batch_size * world_size, eval_batch_size=eval_batch_size)  # token streams come batched
     if name == "ptb":
-        return _from_fields(text.ptb, name, fields, **batches)
+        train_set, test_set, info = _from_fields(text.ptb, name, fields, **text_batches)
+        return train_set.shard(rank, world_size), test_set, info
     if name == "synthetic":
-        train_set, test_set, info = _from_fields(synthetic.synthetic, name, fields, seed=seed, **batches)
-        if info.kind == "text":  # token streams come batched
-            return train_set, test_set, info
+        train_set, test_set, info = _from_fields(synthetic.synthetic, name, fields, seed=seed, **text_batches)
+        if info.kind == "text":
+            return train_set.shard(rank, world_size), test_set, info
     else:
         train_set, test_set, info = _from_fields(_IMAGE_SETS[name], name, fields)
     train_loader, test_loader = images.make_loaders(
-        train_set, test_set, **batches, num_workers=num_workers, seed=seed, pin_memory=pin_memory
+        train_set, test_set, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed,
+        pin_memory=pin_memory, shard=shard
     )
     return train_loader, test_loader, info

@@ -54,10 +54,12 @@ def make_loaders(
     num_workers: int,
     seed: int,
     pin_memory: bool,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[DataLoader, DataLoader]:
     """Shuffled training loader (its order from the seed and the epoch, see :mod:`approxtrain.data.order`)
-    and in-order test loader, both ``drop_last=False``."""
-    train_loader = ShuffledLoader(train_set, batch_size=batch_size, seed=seed, num_workers=num_workers, pin_memory=pin_memory)
+    and in-order test loader, both ``drop_last=False``; ``shard``: this rank's share of training, ``(rank, world_size)``."""
+    train_loader = ShuffledLoader(train_set, batch_size=batch_size, seed=seed, num_workers=num_workers, pin_memory=pin_memory,
+                                  shard=shard)
     test_loader = DataLoader(test_set, batch_size=eval_batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
                              pin_memory=pin_memory, persistent_workers=num_workers > 0,
                              worker_init_fn=ignore_stop_signals if num_workers else None)

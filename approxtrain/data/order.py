@@ -30,21 +30,29 @@ def _seed(*key: int) -> int:
 
 class EpochShuffle(Sampler[tuple[int, int]]):
     """A permutation of ``range(num_samples)`` per epoch, from ``(seed, epoch)``; yields ``(epoch, index)``
-    pairs (so an item can seed its augmentation by them), starting at position ``start``."""
+    pairs (so an item can seed its augmentation by them), starting at position ``start``.
 
-    def __init__(self, num_samples: int, seed: int) -> None:
-        self.num_samples, self.seed = num_samples, seed
+    With ``world_size`` ranks (``DistributedSampler``'s split), rank ``r`` takes positions
+    ``r, r + world_size, ...`` of the permutation, padded by its head to a multiple of
+    ``world_size``: every rank has the same number of items, and the ranks' batches ``i``
+    together are the one-process batch ``i`` of ``world_size`` times the size."""
+
+    def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
         self.epoch, self.start = 1, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(_seed(self.seed, self.epoch)))[self.start:]
-        return ((self.epoch, index) for index in order.tolist())
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(_seed(self.seed, self.epoch)))
+        if self.world_size > 1:
+            order = order.repeat(-(-len(self) * self.world_size // self.num_samples))[: len(self) * self.world_size]
+            order = order[self.rank :: self.world_size]
+        return ((self.epoch, index) for index in order[self.start :].tolist())
 
     def __len__(self) -> int:
-        return self.num_samples
+        return -(-self.num_samples // self.world_size)
 
 
 class SeededItems(Dataset):
@@ -72,11 +80,12 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 class ShuffledLoader(DataLoader):
-    """The training loader: :class:`EpochShuffle` order over :class:`SeededItems`; ``len()`` is a whole
-    epoch's batches. Call :meth:`set_epoch` before iterating an epoch."""
+    """The training loader: :class:`EpochShuffle` order over :class:`SeededItems` (``shard``: this
+    rank's share, ``(rank, world_size)``); ``len()`` is a whole epoch's batches. Call :meth:`set_epoch` before iterating an epoch."""
 
-    def __init__(self, dataset: Dataset, *, batch_size: int, seed: int, num_workers: int, pin_memory: bool) -> None:
-        super().__init__(SeededItems(dataset, seed), batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed),
+    def __init__(self, dataset: Dataset, *, batch_size: int, seed: int, num_workers: int, pin_memory: bool,
+                 shard: tuple[int, int] = (0, 1)) -> None:
+        super().__init__(SeededItems(dataset, seed), batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed, *shard),
                          drop_last=False, num_workers=num_workers, pin_memory=pin_memory,
                          persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals if num_workers else None)
 

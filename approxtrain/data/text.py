@@ -48,6 +48,15 @@ class TokenBatches:
         self.seq_len = seq_len
         self.start_batch = 0
 
+    def shard(self, rank: int, world_size: int) -> TokenBatches:
+        """This rank's rows: the ``batch_size / world_size`` rows from ``rank`` times that on (the ranks'
+        batches together are the one-process batch)."""
+        if self.batch_size % world_size:
+            raise ValueError(f"{self.batch_size} rows cannot be split evenly over {world_size} ranks")
+        rows = self.batch_size // world_size
+        self.data, self.batch_size = self.data[rank * rows : (rank + 1) * rows], rows
+        return self
+
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Iterate from batch ``start_batch`` on (the stream's order is the same every epoch)."""
         self.start_batch = start_batch

@@ -88,6 +88,9 @@ class Results:
     steps: int = 0
     device: str | None = None
     peak_memory_bytes: int | None = None
+    world_size: int = 1  # processes (ranks) trained on; dataset.batch_size is per process
+    global_batch_size: int | None = None  # batch_size * world_size
+    communication: dict[str, Any] | None = None  # data-parallel runs: gradient exact_bytes, actual_bytes, reduction
     error: str | None = None  # one line, when failed (or interrupted: which signal, at which step)
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,7 +6,10 @@
 list what happens. It takes the resolved config as a plain mapping (nothing here imports
 Hydra, W&B or rich). Training is approximate; evaluation on the test split is exact
 (``model.eval()``), as in the paper. Only the writing process (``is_main``) writes
-``results.json`` and checkpoints and calls the callbacks.
+``results.json`` and checkpoints and calls the callbacks. Under data-parallel training
+(:class:`~approxtrain.run.distributed.Distributed`) each rank runs a Trainer on its shard of
+the data; rank 0 is the writing process, and the losses, MACs and stop requests are reduced
+over the ranks.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from approxtrain.data import DatasetInfo, build_loaders
 from approxtrain.data.order import shutdown_workers
 from approxtrain.models import build_model
 from approxtrain.run.callbacks import Callback, StepReport
-from approxtrain.run.device import StepTimer, peak_memory_bytes, resolve_device
+from approxtrain.run.device import StepTimer, peak_memory_bytes
+from approxtrain.run.distributed import Communication, Distributed, training_device
 from approxtrain.run.optim import build_optimizer, build_scheduler
 from approxtrain.run.rundir import BEST_CHECKPOINT, checkpoint_path, load_checkpoint, save_checkpoint, write_results
 from approxtrain.run.schema import FAILED, FINISHED, INTERRUPTED, PERPLEXITY, EpochRecord, Results, improves
@@ -75,6 +79,8 @@ class TrainState:
     step_times: list[float] = field(default_factory=list)
     progress: EpochProgress | None = None  # the unfinished epoch epoch + 1, when stopped inside it
     telemetry: list[dict[str, Any]] = field(default_factory=list)  # LayerTelemetry rows (trainer.telemetry_every)
+    exact_bytes: int = 0  # gradient bytes a full all-reduce would have sent (per rank)
+    actual_bytes: int = 0  # gradient bytes sent (per rank)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainState:
@@ -137,9 +143,10 @@ class Trainer:
     """
 
     def __init__(self, cfg: Mapping[str, Any], run_dir: Path | str, callbacks: Sequence[Callback] = (), *,
-                 is_main: bool = True) -> None:
-        self.cfg, self.run_dir, self.is_main = cfg, Path(run_dir), is_main
-        self.callbacks = list(callbacks) if is_main else []
+                 is_main: bool = True, dist: Distributed | None = None) -> None:
+        self.dist = dist or Distributed.of(cfg)
+        self.cfg, self.run_dir, self.is_main = cfg, Path(run_dir), is_main and self.dist.is_main
+        self.callbacks = list(callbacks) if self.is_main else []
         self.results = Results(model=lookup(cfg, "model.name"), dataset=lookup(cfg, "dataset.name"),
                                sampler=lookup(cfg, "sampler.name"), ratio=cfg.get("ratio"), seed=cfg.get("seed"),
                                layers_rule_set=lookup(cfg, "layers.name") or "custom")
@@ -157,11 +164,12 @@ class Trainer:
         validate(cfg)
         trainer, dataset = cfg["trainer"], cfg["dataset"]
         seed_everything(cfg["seed"], trainer["deterministic"])
-        self.device = device = resolve_device(trainer["device"])
+        self.device = device = training_device(trainer, self.dist)
         use_amp = trainer["amp"] == "bf16" or trainer["amp"] == "auto" and device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if use_amp else None
         self.train_loader, self.test_loader, self.info = build_loaders(
-            dataset, num_workers=trainer["num_workers"], seed=cfg["seed"], pin_memory=device.type == "cuda")
+            dataset, num_workers=trainer["num_workers"], seed=cfg["seed"], pin_memory=device.type == "cuda",
+            shard=(self.dist.rank, self.dist.world_size))
         self.steps_per_epoch = len(self.train_loader)
         self.model = build_model(cfg["model"], self.info).to(device)
         self.channels_last = trainer["channels_last"] is True or (
@@ -183,12 +191,15 @@ class Trainer:
         self.telemetry = Telemetry(self.model, trainer["telemetry_every"]) if trainer["telemetry_every"] else None
         if cfg["resume"]:
             self.restore(load_checkpoint(checkpoint_path(cfg["resume"])))
-        self.step_model = torch.compile(self.model) if trainer["compile"] else self.model
+        wrapped = self.dist.wrap(self.model, device)
+        self.step_model = torch.compile(wrapped) if trainer["compile"] else wrapped
         self.timer = StepTimer(device)
         self.results.dataset, self.results.metric_name = self.info.name, self.info.metric
         self.results.planned_compute_reduction = self.plan.compute_reduction
         self.results.layers = self.plan.to_dicts()
         self.results.device = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        self.results.world_size = self.dist.world_size
+        self.results.global_batch_size = dataset["batch_size"] * self.dist.world_size
         self._update_results()
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
@@ -273,17 +284,20 @@ class Trainer:
                 self._report_step(epoch, progress.batches, reported, loss_sum, window)
             if last:
                 break
-            if self.stop_requests:
+            if self.dist.any(bool(self.stop_requests)):
                 self._pause(epoch, progress, loss_sum, epoch_started)
         if self.scheduler is not None and not self.scheduler_per_step:
             self.scheduler.step()
         step_times = progress.step_times + self.timer.collect()
         self.state.step_times.extend(step_times)
-        exact, actual = progress.exact_macs + self.meter.exact.total, progress.actual_macs + self.meter.actual.total
+        exact_now, actual_now = self._metered_macs()
+        exact, actual = progress.exact_macs + exact_now, progress.actual_macs + actual_now
         self.state.exact_macs += exact
         self.state.actual_macs += actual
-        return EpochRecord(epoch=epoch, step=self.state.step, train_loss=loss_sum.item() / max(progress.batches, 1),
-                           test_metric=self.evaluate(), compute_reduction=compute_reduction(exact, actual),
+        self._count_communication()
+        train_loss = self.dist.mean(loss_sum.double()).item() / max(progress.batches, 1)
+        return EpochRecord(epoch=epoch, step=self.state.step, train_loss=train_loss,
+                           test_metric=self.evaluate() if self.is_main else math.nan, compute_reduction=compute_reduction(exact, actual),
                            time_s=time.perf_counter() - epoch_started,
                            step_time_s=statistics.median(step_times) if step_times else None, lr=progress.lr,
                            ratio=progress.ratio_sum / max(progress.batches, 1),
@@ -291,7 +305,7 @@ class Trainer:
 
     def _report_step(self, epoch: int, batch: int, reported: Tensor, loss_sum: Tensor, window: _SpeedWindow) -> None:
         """A logging step: the one host sync (loss values), the divergence check, the callbacks."""
-        loss, total = torch.stack((reported.float(), loss_sum.float())).tolist()
+        loss, total = self.dist.mean(torch.stack((reported.float(), loss_sum.float()))).tolist()
         if not (math.isfinite(loss) and math.isfinite(total)):
             raise TrainingDiverged(f"non-finite training loss ({loss}) by step {self.state.step}, epoch {epoch}: the run diverged; "
                                    "lower trainer.optimizer.lr or set trainer.grad_clip")
@@ -430,14 +444,16 @@ class Trainer:
 
     def _stop_if_asked(self) -> None:
         """Between epochs: a pending stop request ends the run (the epoch's checkpoint is written)."""
-        if self.stop_requests:
+        if self.dist.any(bool(self.stop_requests)):
             self._interrupt()
 
     def _pause(self, epoch: int, progress: EpochProgress, loss_sum: Tensor, epoch_started: float) -> None:
         """At a step boundary inside ``epoch``: keep what the epoch did so far in the state, then stop."""
-        progress.loss_sum = loss_sum.item()
-        progress.exact_macs += self.meter.exact.total
-        progress.actual_macs += self.meter.actual.total
+        progress.loss_sum = self.dist.mean(loss_sum.double()).item()  # each rank continues from the mean
+        exact_now, actual_now = self._metered_macs()
+        progress.exact_macs += exact_now
+        progress.actual_macs += actual_now
+        self._count_communication()
         progress.time_s = time.perf_counter() - epoch_started
         progress.step_times += self.timer.collect()
         self.state.progress = progress
@@ -447,7 +463,7 @@ class Trainer:
 
     def _interrupt(self) -> None:
         """Checkpoint, record ``interrupted``, tell the callbacks and raise :class:`RunInterrupted`."""
-        signal_number = self.stop_requests.signals[0]
+        signal_number = self.stop_requests.signals[0] if self.stop_requests else signal.SIGTERM  # (another rank's)
         name = signal.Signals(signal_number).name
         if self.cfg["trainer"]["checkpoint"]:
             self.save_checkpoint()
@@ -467,6 +483,20 @@ class Trainer:
         results.telemetry = state.telemetry
         results.wall_time_s, results.steps = state.wall_time_s, state.step
         results.step_time_s = statistics.median(state.step_times) if state.step_times else None
+        if self.dist.world_size > 1:
+            results.communication = Communication(state.exact_bytes, state.actual_bytes).to_dict()
+
+    def _metered_macs(self) -> tuple[int, int]:
+        """Exact and actual MACs the meter counted since its reset, summed over the ranks."""
+        exact, actual = self.dist.sum(torch.tensor([self.meter.exact.total, self.meter.actual.total], device=self.device)).tolist()
+        return exact, actual
+
+    def _count_communication(self) -> None:
+        """Move the gradient bytes sent since the last count into the state (a checkpoint carries them)."""
+        sent = self.dist.communication()
+        self.state.exact_bytes += sent.exact_bytes
+        self.state.actual_bytes += sent.actual_bytes
+        sent.exact_bytes = sent.actual_bytes = 0
 
     def _write_results(self) -> None:
         if self.is_main and self.owns_run_dir:
