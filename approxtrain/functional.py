@@ -76,17 +76,22 @@ def _select_pairs(a: Tensor, a_dim: int, b: Tensor, b_dim: int, k: int, config: 
     """``k`` of the pairs (slice ``i`` of ``a`` along ``a_dim``, of ``b`` along ``b_dim``), scored
     ``|a_i| |b_i|`` (or as ``scoring`` says)."""
     with torch.no_grad():
-        if scoring is None:
-            return select(norms(a, a_dim) * norms(b, b_dim), k, config, generator)
-        if scoring.weights_only:
-            scores = norms(b, b_dim)
-        else:
-            a_norms = norms(a, a_dim)
-            scores = (a_norms if scoring.reduce_input is None else scoring.reduce_input(a_norms)) * norms(b, b_dim)
-        selection = select(scores, k, config, generator)
-        if scoring.kept is not None:
-            scoring.kept.append(selection.keep)
-        return selection
+        selection = select(pair_scores(a, a_dim, b, b_dim, scoring), k, config, generator)
+    if scoring is not None and scoring.kept is not None:
+        scoring.kept.append(selection.keep)
+    return selection
+
+
+def pair_scores(a: Tensor, a_dim: int, b: Tensor, b_dim: int, scoring: PairScoring | None = None) -> Tensor:
+    """The scores ``|a_i| |b_i|`` a forward selects by (or as ``scoring`` says: the weight's norms
+    alone, or the input norms reduced over the processes), ``(n,)``."""
+    with torch.no_grad():
+        if scoring is not None and scoring.weights_only:
+            return norms(b, b_dim)
+        a_norms = norms(a, a_dim)
+        if scoring is not None and scoring.reduce_input is not None:
+            a_norms = scoring.reduce_input(a_norms)
+        return a_norms * norms(b, b_dim)
 
 
 def _sample_pairs(a: Tensor, a_dim: int, b: Tensor, b_dim: int, k: int, config: SamplingConfig,

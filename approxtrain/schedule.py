@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from approxtrain._layout import norms
+from approxtrain import functional
 from approxtrain.modules import ApproxConv2d, ApproxLinear
 from approxtrain.sampling import SamplingConfig
 
@@ -109,7 +109,8 @@ def pair_scores(module: ApproxLinear | ApproxConv2d, input: Tensor) -> Tensor:
     weight = module.weight
     if isinstance(module, ApproxLinear):
         input = input.reshape(-1, weight.shape[1])
-    return (norms(input, 1).float() * norms(weight, 1).float())
+    # the layer's own scoring: under data-parallel training every process then decides the same k
+    return functional.pair_scores(input, 1, weight, 1, module.scoring).float()
 
 
 def _kept_mass(scores: Tensor) -> Tensor:

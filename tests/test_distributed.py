@@ -176,6 +176,18 @@ def test_two_ranks_train_as_one_process_on_the_global_batch(run_cfg, tmp_path, s
 
 
 @pytest.mark.slow
+def test_adaptive_ratios_decide_alike_on_every_rank(run_cfg, tmp_path):
+    """schedule=adaptive scores through the layer's own scoring: with selection=global each rank decides
+    the k of the global batch, so 2 ranks train as one process on it (local scores would make the
+    ranks' k, and so their gradient slices, differ)."""
+    common = (*DIGITS, "sampler=topk", "schedule=adaptive", "schedule.budget=0.3", "schedule.interval=step")
+    two = train(run_cfg(*common, "trainer.devices=2", "dataset.batch_size=100"), tmp_path / "two")
+    one = train(run_cfg(*common, "dataset.batch_size=200"), tmp_path / "one")
+    assert_same_model(two, one)
+    assert read_results(tmp_path / "two")["epochs"][-1]["layer_k"] == read_results(tmp_path / "one")["epochs"][-1]["layer_k"]
+
+
+@pytest.mark.slow
 def test_weights_selection_equals_one_process_scoring_by_weights(run_cfg, tmp_path):
     common = (*DIGITS, "sampler=topk", "trainer.distributed.selection=weights")
     two = train(run_cfg(*common, "trainer.devices=2", "dataset.batch_size=100"), tmp_path / "two")
