@@ -245,6 +245,8 @@ def approximate_(
         k = sampling.k(n) if sampling is not None else n
         if sampling is not None and sampling.align_k > 1:
             note = f"k rounded up to a multiple of {sampling.align_k} (align_k)"
+        if sampling is not None and sampling.mode == "backward":
+            note = f"backward-only: forward exact, gradient products at ratio {sampling.ratio:g}"
         policy = sampling.policy if sampling is not None else "exact"
         rows.append(PlanRow(name, kind, n, k, k / n, policy, index, note))
     for index, rule in enumerate(rules):
