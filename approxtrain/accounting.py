@@ -182,7 +182,7 @@ def counted_in_backward(config: SamplingConfig, product: str) -> bool:
     one keeps a random number of pairs. Every other product's count is known at forward
     time and recorded there (no side effects inside backward, so ``torch.compile`` traces
     the ops without breaking the graph)."""
-    ratio = config.bwd_ratio if product == "input_grad" else config.wu_ratio
+    ratio = config.input_grad_ratio if product == "input_grad" else config.weight_grad_ratio
     return config.policy == "bernoulli" and ratio < 1.0
 
 

@@ -226,7 +226,7 @@ def all_exact_warning(cfg: Mapping[str, Any], plan: Plan) -> str | None:
     limits: dict[str, int] = {}  # key -> value
     for row in sampled:
         sampling, rule = rules[row.rule].sampling, cfg["layers"]["rules"][row.rule]
-        if num_kept(row.n, sampling.ratio) == row.n and not sampling.samples_backward:
+        if num_kept(row.n, sampling.ratio, rounding=sampling.k_rounding) == row.n and not sampling.samples_backward:
             continue  # its ratios keep every pair by themselves
         for name in _K_LIMITS:
             if getattr(sampling, name) > 1:

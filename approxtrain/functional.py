@@ -16,6 +16,9 @@ applied by broadcasting. Optional extra backward sampling (paper Sec. 5):
 ``bwd_ratio`` samples the input-gradient product over its inner dimension (output
 features/channels) and ``wu_ratio`` the weight-gradient product over its inner
 dimension (batch rows; batch samples for a convolution), with the layer's policy.
+``mode=backward`` keeps every pair forward and samples both backward products at
+``ratio`` (the thesis's backward-only sampling); at ``k = n`` the forward product is
+exact for every policy, so only the backward products are sampled.
 
 How slices are taken and spread in memory is :mod:`approxtrain._layout`'s business;
 the MACs each call runs are counted by :class:`~approxtrain.accounting.LayerShape`.
@@ -107,8 +110,9 @@ def _sample_pairs(a: Tensor, a_dim: int, b: Tensor, b_dim: int, k: int, config: 
 
 
 def _is_exact(config: SamplingConfig, k: int, n: int) -> bool:
-    """Whether the op is the exact one: nothing sampled forward or backward."""
-    return k >= n and config.policy != "bernoulli" and not config.samples_backward or config.policy == "exact"
+    """Whether the op is the exact one: every pair kept forward (an exact product for every
+    policy, see :func:`~approxtrain.sampling.select`) and nothing sampled backward."""
+    return k >= n and not config.samples_backward or config.policy == "exact"
 
 
 def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:

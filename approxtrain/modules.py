@@ -25,6 +25,10 @@ def _describe(sampling: SamplingConfig, n: int) -> str:
         text += f", bwd_ratio={sampling.bwd_ratio:g}"
     if sampling.wu_ratio < 1:
         text += f", wu_ratio={sampling.wu_ratio:g}"
+    if sampling.mode == "backward":
+        text += ", mode=backward (forward exact, ratio samples the gradient products)"
+    if sampling.k_rounding != "nearest":
+        text += f", k_rounding={sampling.k_rounding}"
     return text
 
 

@@ -17,7 +17,8 @@ A policy maps the pairs' *scores* ``|A^(i)| * |B_(i)|`` to a :class:`Selection`
   ``1 / q_i``; the number kept varies around ``k``.
 
 ``nps`` and ``uniform`` take ``replacement`` and ``scale`` switches; ``scale`` applies
-``1 / (k p_i)``. Which estimators are unbiased (and tested as such):
+``1 / (k p_i)``. At ``k = n`` every policy keeps every pair once, unscaled: the exact
+product (with replacement too). Which estimators are unbiased (and tested as such):
 ``nps``/``uniform`` with replacement and scaling, ``uniform`` without replacement with
 scaling (``1/(k p_i) = n/k`` is the inverse inclusion probability) and ``bernoulli``.
 ``nps`` *without* replacement but *with* scaling follows the paper's formula and is
@@ -39,6 +40,14 @@ from torch import Tensor
 
 POLICIES = ("exact", "topk", "nps", "uniform", "bernoulli")
 RANDOM_POLICIES = ("nps", "uniform", "bernoulli")
+# How k = ratio * n becomes an integer: ``nearest`` rounds half up; ``floor`` is the
+# authors' code (github adelmanm/approx: ``int(float(n) * sample_ratio)``).
+K_ROUNDINGS = ("nearest", "floor")
+# Which products ``ratio`` samples: ``forward`` -- the forward product (the paper's CRS;
+# both backward products flow through its samples); ``backward`` -- the forward product
+# is exact and the input-gradient and weight-gradient products each keep ``ratio`` of
+# their pairs (the thesis's backward-only sampling).
+MODES = ("forward", "backward")
 
 # Norm-proportional probabilities are floored at this fraction of the mean
 # probability: it keeps every pair possible (multinomial without replacement needs
@@ -82,6 +91,11 @@ class SamplingConfig:
             shapes); 1 = no rounding.
         fixed_k: the exact number of forward pairs kept (at most ``n``), in place of
             ``ratio``; set per layer by the adaptive controller (:mod:`approxtrain.schedule`).
+        k_rounding: ``nearest`` (``ratio * n`` rounded half up) or ``floor`` (the
+            authors' ``int(n * ratio)``).
+        mode: ``forward`` (``ratio`` samples the forward product) or ``backward``
+            (forward exact; ``ratio`` samples both backward products; ``bwd_ratio`` and
+            ``wu_ratio`` stay 1).
     """
 
     policy: str = "topk"
@@ -95,6 +109,8 @@ class SamplingConfig:
     wu_min_k: int = 1
     align_k: int = 1
     fixed_k: int | None = None
+    k_rounding: str = "nearest"
+    mode: str = "forward"
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -109,6 +125,13 @@ class SamplingConfig:
         for name in ("replacement", "scale"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: true, false")
+        for name, allowed in (("k_rounding", K_ROUNDINGS), ("mode", MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: {', '.join(allowed)}")
+        for name in ("bwd_ratio", "wu_ratio"):
+            if self.mode == "backward" and getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name):g} is invalid with mode=backward (ratio samples both "
+                                 "backward products); allowed: 1.0")
         if self.replacement and self.policy in ("topk", "bernoulli"):
             raise ValueError(f"replacement=true is invalid for policy {self.policy!r}; allowed with: nps, uniform")
 
@@ -129,27 +152,41 @@ class SamplingConfig:
         return self.policy in RANDOM_POLICIES
 
     @property
+    def input_grad_ratio(self) -> float:
+        """The extra sampling ratio of the input-gradient product (1.0: none)."""
+        return self.ratio if self.mode == "backward" else self.bwd_ratio
+
+    @property
+    def weight_grad_ratio(self) -> float:
+        """The extra sampling ratio of the weight-gradient product (1.0: none)."""
+        return self.ratio if self.mode == "backward" else self.wu_ratio
+
+    @property
     def samples_backward(self) -> bool:
-        return self.policy != "exact" and (self.bwd_ratio < 1.0 or self.wu_ratio < 1.0)
+        return self.policy != "exact" and (self.input_grad_ratio < 1.0 or self.weight_grad_ratio < 1.0)
 
     def k(self, n: int) -> int:
-        """Forward pairs kept out of ``n``: ``clamp(round(ratio n), min_k, n)``, aligned (``fixed_k``: ``min(fixed_k, n)``)."""
-        if self.fixed_k is not None and self.policy != "exact":
+        """Forward pairs kept out of ``n``: ``clamp(round(ratio n), min_k, n)``, aligned (``mode=backward``: n;
+        ``fixed_k``: ``min(fixed_k, n)``)."""
+        if self.policy == "exact" or self.mode == "backward":
+            return n
+        if self.fixed_k is not None:
             return min(self.fixed_k, n)
-        return num_kept(n, self.ratio, self.min_k, self.align_k) if self.policy != "exact" else n
+        return num_kept(n, self.ratio, self.min_k, self.align_k, self.k_rounding)
 
     def bwd_k(self, n: int) -> int:
         """Pairs kept by the input-gradient product out of its ``n`` (output features)."""
-        return num_kept(n, self.bwd_ratio, self.bwd_min_k, self.align_k)
+        return num_kept(n, self.input_grad_ratio, self.bwd_min_k, self.align_k, self.k_rounding)
 
     def wu_k(self, n: int) -> int:
         """Pairs kept by the weight-gradient product out of its ``n`` (batch rows)."""
-        return num_kept(n, self.wu_ratio, self.wu_min_k, self.align_k)
+        return num_kept(n, self.weight_grad_ratio, self.wu_min_k, self.align_k, self.k_rounding)
 
 
-def num_kept(n: int, ratio: float, min_k: int = 1, align_k: int = 1) -> int:
-    """``k = clamp(round(ratio * n), min_k, n)``, rounded half up, then up to a multiple of ``align_k``."""
-    k = math.floor(ratio * n + 0.5)
+def num_kept(n: int, ratio: float, min_k: int = 1, align_k: int = 1, rounding: str = "nearest") -> int:
+    """``k = clamp(ratio * n, min_k, n)``, ``ratio * n`` rounded half up (``nearest``) or as the
+    authors' code does, ``int(float(n) * ratio)`` (``floor``), then up to a multiple of ``align_k``."""
+    k = int(float(n) * ratio) if rounding == "floor" else math.floor(ratio * n + 0.5)
     k = max(min_k, k)
     if align_k > 1:
         k = -(-k // align_k) * align_k
@@ -222,8 +259,8 @@ def _bernoulli_select(scores: Tensor, k: int, scale: bool, generator: torch.Gene
     q = bernoulli_probabilities(scores, k)
     draw = torch.rand(scores.numel(), device=scores.device, generator=generator)
     keep = torch.nonzero(draw < q).squeeze(1)
-    if keep.numel() == 0:  # keep at least one pair, the likeliest, with its weight
-        keep = torch.argmax(q).reshape(1)
+    if keep.numel() == 0:  # the empty sum, a zero product: one pair with scale 0 keeps every shape non-empty
+        return Selection(torch.zeros(1, dtype=keep.dtype, device=keep.device), torch.zeros(1, device=q.device), True)
     return Selection(keep, q[keep].reciprocal() if scale else None, True)
 
 
@@ -247,7 +284,7 @@ def select(
     """
     n = scores.numel()
     device = scores.device
-    if config.policy == "exact" or k >= n and config.policy != "bernoulli" and not config.replacement:
+    if config.policy == "exact" or k >= n:  # every pair once: the exact product, whatever the policy
         return Selection(torch.arange(n, device=device), None, True)
     if config.policy == "topk":
         # ascending indices make the gathers and scatters walk memory in order

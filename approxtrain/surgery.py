@@ -230,6 +230,8 @@ def _swap_layer(model: nn.Module, name: str, module: nn.Module, index: int | Non
     k = sampling.k(n) if sampling is not None else n
     if sampling is not None and sampling.align_k > 1:
         note = f"k rounded up to a multiple of {sampling.align_k} (align_k)"
+    if sampling is not None and sampling.mode == "backward":
+        note = f"backward-only: forward exact, gradient products at ratio {sampling.ratio:g}"
     policy = sampling.policy if sampling is not None else "exact"
     return PlanRow(name, _layer_type(module), n, k, k / n, policy, index, note)  # type: ignore[arg-type]
 

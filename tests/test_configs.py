@@ -48,6 +48,20 @@ PRESETS = {
         "trainer.optimizer.weight_decay": 1e-4, "dataset.batch_size": 256, "trainer.epochs": 90,
         "trainer.scheduler.name": "multistep", "trainer.scheduler.milestones": [30, 60], "trainer.scheduler.interval": "epoch",
     }),
+    # the paper's accuracy figures as sweeps (their sweeps in hydra.sweeper.params), k floored as the authors' code
+    "fig1c_mlp": ("mlp", "mnist", {
+        "trainer.optimizer.name": "adam", "dataset.batch_size": 50, "trainer.epochs": 20, "sampler.k_rounding": "floor",
+        "hydra.sweeper.params.sampler": "topk,nps,nps_unscaled,uniform,uniform_replacement,uniform_unscaled",
+        "hydra.sweeper.params.ratio": "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0", "hydra.sweeper.params.seed": "0,1,2",
+    }),
+    "table2_mlp": ("mlp", "mnist", {
+        "trainer.epochs": 20, "ratio": 0.4, "sampler.bwd_ratio": 0.05, "sampler.wu_ratio": 0.05, "sampler.bwd_min_k": 10,
+        "sampler.wu_min_k": 10, "sampler.k_rounding": "floor", "hydra.sweeper.params.sampler": "exact,topk",
+    }),
+    "table2_cnn": ("cnn", "mnist", {
+        "trainer.max_steps": 20000, "ratio": 0.4, "sampler.bwd_ratio": 0.2, "sampler.wu_ratio": 0.2, "sampler.bwd_min_k": 10,
+        "sampler.wu_min_k": 10, "sampler.k_rounding": "floor", "hydra.sweeper.params.sampler": "exact,topk",
+    }),
 }
 
 # The paper's dataset and layer choice (layers=paper) of each of its models.
@@ -65,6 +79,11 @@ SAMPLER_DIFFERENCES = {
     "nps": {"replacement": True},
     "uniform": {},
     "bernoulli": {},
+    # presets of a policy: the paper's other Fig. 1 variants and backward-only top-k
+    "nps_unscaled": {"name": "nps", "scale": False},
+    "uniform_replacement": {"name": "uniform", "replacement": True},
+    "uniform_unscaled": {"name": "uniform", "scale": False},
+    "topk_backward": {"name": "topk", "scale": False, "mode": "backward"},
 }
 
 
@@ -181,7 +200,7 @@ def test_options_are_overridden_without_plus(overrides, key, value, compose_cfg)
 @pytest.mark.parametrize("sampler", list(SAMPLER_DIFFERENCES))
 def test_sampler_configs_state_only_what_differs_from_the_defaults(sampler, compose_cfg):
     resolved = to_run_config(compose_cfg(f"sampler={sampler}"))["sampler"]
-    assert resolved == {**sampler_defaults(), **SAMPLER_DIFFERENCES[sampler], "name": sampler}
+    assert resolved == {**sampler_defaults(), "name": sampler, **SAMPLER_DIFFERENCES[sampler]}
 
 
 def test_sampler_defaults_are_sampling_configs_less_policy_and_ratio():
@@ -258,7 +277,7 @@ def test_validate_rejects_bad_values_in_one_line(overrides, message, compose_cfg
         (["-m", "sampler=exact,topk,nps", "ratio=0.3,0.5"], None),
         (["experiment=lstm_ptb", "layers=gates", "logger=none", "dataset=synthetic"], None),
         (["model=wrn", "model/paper_dataset=cifar10"], None),
-        (["sampler=nope"], "sampler=nope is unknown; allowed: bernoulli, exact, nps, topk, uniform"),
+        (["sampler=nope"], "sampler=nope is unknown; allowed: bernoulli, exact, nps, nps_unscaled, topk, topk_backward, uniform, uniform_replacement, uniform_unscaled"),
         (["-m", "sampler=topk,nope"], "sampler=nope is unknown"),
         (["model=nope"], "model=nope is unknown; allowed: cnn, custom, lstm, mlp, resnet50, torchvision, transformer, wrn"),
         (["experiment=nope"], "experiment=nope is unknown"),
@@ -283,6 +302,8 @@ def test_help_lists_the_groups(monkeypatch, capsys):
     assert text.startswith("approxtrain: train neural networks")
     for group in GROUPS:
         assert f"\n{group}: " in text, f"--help does not list group {group}"
-    assert "experiment: cnn_mnist, lstm_ptb, mlp_mnist, resnet50_imagenet, wrn_cifar10, wrn_cifar100" in text
-    assert "sampler: bernoulli, exact, nps, topk, uniform" in text
+    assert ("experiment: cnn_mnist, fig1c_mlp, lstm_ptb, mlp_mnist, resnet50_imagenet, table2_cnn, table2_mlp, "
+            "wrn_cifar10, wrn_cifar100") in text
+    assert ("sampler: bernoulli, exact, nps, nps_unscaled, topk, topk_backward, uniform, uniform_replacement, "
+            "uniform_unscaled") in text
     assert "model: cnn, custom, lstm, mlp, resnet50, torchvision, transformer, wrn" in text

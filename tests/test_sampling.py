@@ -281,9 +281,10 @@ def test_bernoulli_number_kept_varies_around_k(one_thread):
 
 def test_bernoulli_selection_scales_by_inverse_probability():
     scores = torch.rand(40, generator=torch.Generator().manual_seed(0)) + 0.01
-    selection = select(scores, 10, SamplingConfig("bernoulli"), torch.Generator().manual_seed(0))
+    # (the draw's seed differs from the scores': with the same one every draw lies above its q)
+    selection = select(scores, 10, SamplingConfig("bernoulli"), torch.Generator().manual_seed(1))
     q = bernoulli_probabilities(scores, 10)
-    assert selection.unique and selection.keep.unique().numel() == selection.keep.numel()
+    assert selection.keep.numel() > 1 and selection.unique and selection.keep.unique().numel() == selection.keep.numel()
     assert torch.allclose(selection.scale, 1 / q[selection.keep])
 
 
