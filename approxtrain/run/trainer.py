@@ -326,7 +326,8 @@ class Trainer:
             input = input.contiguous(memory_format=torch.channels_last)
         probe = self.telemetry.watch() if self.telemetry is not None and self.telemetry.due(self.state.step) else None
         carried = getattr(self.model, "state", None)  # a recurrent model's state this batch starts from
-        loss, reported = self._loss(self.step_model if probe is None else self.model, input, target)
+        # a compiled model would recompile for the probe's hooks: a measured step runs eagerly
+        loss, reported = self._loss(self.model if probe is not None and trainer["compile"] else self.step_model, input, target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if probe is not None:
