@@ -4,7 +4,11 @@
 :class:`LayerRule`, swaps every matching layer in place for its approximate twin
 (sharing the same parameters) and returns a :class:`Plan`: one row per
 Linear/Conv2d (and cuDNN LSTM, whose gate products are counted but stay exact)
-with its n, k, ratio, policy and MACs. :func:`attach_meter` wires a
+with its n, k, ratio, policy and MACs, and one row per module whose products it leaves
+exact for another reason, saying why (attention's activation products, an embedding,
+a weight of another kind). Each ``nn.MultiheadAttention`` becomes a
+:class:`~approxtrain.attention.ProjectedMultiheadAttention` first, so its four projections
+are Linear layers like any other. :func:`attach_meter` wires a
 :class:`~approxtrain.accounting.ComputeMeter` so training counts what really ran.
 """
 
@@ -21,8 +25,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from approxtrain.attention import ProjectedMultiheadAttention, unsupported
 from approxtrain.accounting import ComputeMeter, LayerShape, ProductMACs, compute_reduction, lstm_stack_macs, sampled_macs
+from approxtrain.attention import ProjectedMultiheadAttention, unsupported
 from approxtrain.modules import ApproxConv2d, ApproxLinear, _rebind
 from approxtrain.sampling import SamplingConfig
 
@@ -236,8 +240,8 @@ def _swap_layer(model: nn.Module, name: str, module: nn.Module, index: int | Non
     return PlanRow(name, _layer_type(module), n, k, k / n, policy, index, note)  # type: ignore[arg-type]
 
 
-def _exact_products_row(name: str, module: nn.Module) -> list[PlanRow]:
-    """A row for a module that is no Linear/Conv2d/LSTM layer but holds products surgery leaves exact:
+def _exact_products_rows(name: str, module: nn.Module) -> list[PlanRow]:
+    """The row of a module that is no Linear/Conv2d/LSTM layer but holds products surgery leaves exact:
     attention's activation products, an unsupported ``nn.MultiheadAttention``, or a weight of
     another kind (Embedding, Conv1d, GRU, a raw Parameter); none for one without (ReLU, norms)."""
     if isinstance(module, ProjectedMultiheadAttention):
@@ -250,7 +254,8 @@ def _exact_products_row(name: str, module: nn.Module) -> list[PlanRow]:
     if not weights:
         return []
     kind = type(module).__name__
-    reason = "a lookup, no product" if isinstance(module, nn.Embedding) else "not a Linear/Conv2d/LSTM weight, its products exact; not in the MACs"
+    reason = ("a lookup, no product" if isinstance(module, nn.Embedding)
+              else "not a Linear/Conv2d/LSTM weight, its products exact; not in the MACs")
     return [PlanRow(name or "(model)", kind, 0, 0, 1.0, "exact", None, f"{', '.join(weights)}: {reason}")]
 
 
@@ -265,7 +270,11 @@ def approximate_(
     """Swap ``model``'s Linear/Conv2d layers for approximate ones, in place, by ``rules``.
 
     Each layer takes the first rule that matches it; layers no rule matches stay
-    exact. Grouped convolutions stay exact (said in the plan's note).
+    exact. Grouped convolutions stay exact (said in the plan's note). Every supported
+    ``nn.MultiheadAttention`` is first replaced by a
+    :class:`~approxtrain.attention.ProjectedMultiheadAttention` (its input projection in new
+    Parameters: build the optimizer afterwards). With ``example_input``, a layer the
+    forward never calls as a module is made exact (its row says so).
 
     Args:
         model: any module; changed in place.
@@ -289,7 +298,7 @@ def approximate_(
     rows: list[PlanRow] = []
     for name, module in modules:
         if _layer_type(module) is None:
-            rows.extend(_exact_products_row(name, module))
+            rows.extend(_exact_products_rows(name, module))
             continue
         if isinstance(module, nn.LSTM):
             rows.append(PlanRow(name, "LSTM", _pairs(module), _pairs(module), 1.0, "exact", None,

@@ -135,7 +135,7 @@ def test_a_custom_model_that_cannot_be_built_is_one_line(model, message):
 def test_custom_model_config_errors_are_one_line(run_cfg):
     with pytest.raises(ConfigError, match=r"^model._target_='\?\?\?' is invalid; allowed: the dotted path of a class"):
         validate(run_cfg("model=custom"))
-    with pytest.raises(ValueError, match=r"dataset_info:classes\} is not a dataset fact; allowed: in_channels, image_size, num_classes, vocab_size"):
+    with pytest.raises(ValueError, match=r"dataset_info:classes\} is not a dataset fact; allowed: in_channels, image_size, num_classes"):
         dataset_fact("classes")
     line = composition_error(["model=custom", "model._target_=byo_nets.SmallConvNet", "+model.num_classes=${dataset.num_classes}"])
     assert line is not None and "\n" not in line
