@@ -115,7 +115,7 @@ def test_a_chosen_k_is_exact_in_layer_plan_and_meter():
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("schedule.budget=1.5", "schedule.budget=1.5 is invalid; allowed: a number in [0, 1)"),
+    ("schedule.budget=1.5", "schedule.budget=1.5 is invalid; allowed: a number in [0, 1), e.g. 0.1"),
     ("schedule.interval=week", "schedule.interval='week' is invalid; allowed: epoch, step"),
     ("+schedule.anneal=3", "schedule.anneal is not a field of schedule=adaptive; allowed: name, budget, every, interval"),
 ])
