@@ -157,6 +157,13 @@ class RatioControl:
         """Each sampled layer's forward ``k`` now."""
         return {name: module.sampling.k(layer_pairs(module)) for name, module in self.layers.items()}
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue exactly (a schedule recomputes its ratios: nothing)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s ``state``."""
+
 
 class ScheduledRatios(RatioControl):
     """Applies a :class:`RatioSchedule`: sets every sampled layer's ratios when the weight changes."""
@@ -224,6 +231,18 @@ class AdaptiveRatios(RatioControl):
         self.layers[name].sampling = replace(base, fixed_k=k)
         self._ratio = None
         return k
+
+    def state_dict(self) -> dict[str, Any]:
+        """The decisions taken so far and each layer's decided ``k`` (a resumed run keeps them until
+        its next decision is due, as the uninterrupted run would)."""
+        return {"decisions": self.decisions,
+                "fixed_k": {name: module.sampling.fixed_k for name, module in self.layers.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.decisions = state["decisions"]
+        for name, k in state["fixed_k"].items():
+            self.layers[name].sampling = replace(self.base[name], fixed_k=k)
+        self._ratio = None
 
     @property
     def ratio(self) -> float:

@@ -123,3 +123,16 @@ def test_bad_schedule_values_are_one_line(run_cfg, override, message):
     with pytest.raises(ConfigError) as error:
         validate(run_cfg("schedule=adaptive", override))
     assert str(error.value) == message
+
+
+def test_resumed_adaptive_run_keeps_its_decided_k(run_cfg, tmp_path):
+    """Decisions every 5 steps (digits at batch 200: 8 steps an epoch): the run stopped after epoch 1
+    resumes inside a decision period, with the k decided at step 5, as the uninterrupted run did."""
+    common = (*DIGITS, "sampler=topk", "schedule=adaptive", "schedule.budget=0.2", "schedule.interval=step",
+              "schedule.every=5")
+    whole = Trainer(run_cfg(*common, "trainer.epochs=2"), tmp_path / "whole").fit()
+    Trainer(run_cfg(*common, "trainer.epochs=1"), tmp_path / "split").fit()
+    resumed = Trainer(run_cfg(*common, "trainer.epochs=2", f"resume={tmp_path / 'split'}"), tmp_path / "split").fit()
+    assert [e["train_loss"] for e in resumed.epochs] == [e["train_loss"] for e in whole.epochs]
+    assert [e["layer_k"] for e in resumed.epochs] == [e["layer_k"] for e in whole.epochs]
+    assert resumed.compute_reduction == whole.compute_reduction

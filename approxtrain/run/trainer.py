@@ -220,6 +220,8 @@ class Trainer:
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
         self.state = TrainState.from_dict(checkpoint["state"])
+        if self.ratio_control is not None:
+            self.ratio_control.load_state_dict(checkpoint.get("ratio_control") or self.ratio_control.state_dict())
         self.owns_run_dir = True
 
     # ------------------------------------------------------------------------------------------ the run
@@ -418,6 +420,7 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state(self.device) if cuda else None,
                     "numpy": np.random.get_state(), "python": random.getstate()},
             "state": asdict(self.state),
+            "ratio_control": self.ratio_control.state_dict() if self.ratio_control is not None else None,
             "config": dict(self.cfg),
         }
 
