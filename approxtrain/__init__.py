@@ -15,6 +15,7 @@ loop::
 """
 
 from approxtrain.accounting import ComputeMeter, LayerCompute, ProductMACs, compute_reduction
+from approxtrain.attention import ProjectedMultiheadAttention
 from approxtrain.functional import approx_conv2d, approx_linear
 from approxtrain.modules import ApproxConv2d, ApproxLinear
 from approxtrain.sampling import POLICIES, SamplingConfig, Selection, num_kept, select
@@ -30,6 +31,7 @@ __all__ = [
     "Plan",
     "PlanRow",
     "ProductMACs",
+    "ProjectedMultiheadAttention",
     "SamplingConfig",
     "Selection",
     "approx_conv2d",

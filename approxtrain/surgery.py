@@ -5,8 +5,8 @@
 (sharing the same parameters) and returns a :class:`Plan`: one row per
 Linear/Conv2d (and cuDNN LSTM, whose gate products are counted but stay exact)
 with its n, k, ratio, policy and MACs, and one row per module whose products it leaves
-exact for another reason, saying why (attention's activation products, an embedding,
-a weight of another kind). Each ``nn.MultiheadAttention`` becomes a
+exact for another reason, saying why (attention's activation products, a weight of
+another kind). Each ``nn.MultiheadAttention`` becomes a
 :class:`~approxtrain.attention.ProjectedMultiheadAttention` first, so its four projections
 are Linear layers like any other. :func:`attach_meter` wires a
 :class:`~approxtrain.accounting.ComputeMeter` so training counts what really ran.
@@ -243,7 +243,7 @@ def _swap_layer(model: nn.Module, name: str, module: nn.Module, index: int | Non
 def _exact_products_rows(name: str, module: nn.Module) -> list[PlanRow]:
     """The row of a module that is no Linear/Conv2d/LSTM layer but holds products surgery leaves exact:
     attention's activation products, an unsupported ``nn.MultiheadAttention``, or a weight of
-    another kind (Embedding, Conv1d, GRU, a raw Parameter); none for one without (ReLU, norms)."""
+    another kind (Conv1d, GRU, a raw Parameter); none for one without (ReLU, norms, an embedding's lookup)."""
     if isinstance(module, ProjectedMultiheadAttention):
         return [PlanRow(name, "Attention", module.head_dim, module.head_dim, 1.0, "exact", None,
                         "Q·Kᵀ and weights·V: activation products (no weight), exact; not in the MACs")]
@@ -251,12 +251,10 @@ def _exact_products_rows(name: str, module: nn.Module) -> list[PlanRow]:
         return [PlanRow(name, "MultiheadAttention", module.embed_dim, module.embed_dim, 1.0, "exact", None,
                         f"{unsupported(module)}: torch's kernel, all its products exact; not in the MACs")]
     weights = [key for key, parameter in module.named_parameters(recurse=False) if parameter.dim() >= 2]
-    if not weights:
+    if not weights or isinstance(module, nn.Embedding):  # an embedding is a lookup: no product
         return []
-    kind = type(module).__name__
-    reason = ("a lookup, no product" if isinstance(module, nn.Embedding)
-              else "not a Linear/Conv2d/LSTM weight, its products exact; not in the MACs")
-    return [PlanRow(name or "(model)", kind, 0, 0, 1.0, "exact", None, f"{', '.join(weights)}: {reason}")]
+    return [PlanRow(name or "(model)", type(module).__name__, 0, 0, 1.0, "exact", None,
+                    f"{', '.join(weights)}: not a Linear/Conv2d/LSTM weight, its products exact; not in the MACs")]
 
 
 def approximate_(
