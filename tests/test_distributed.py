@@ -163,7 +163,6 @@ def test_sampled_allreduce_is_refused_with_local_selection(run_cfg, run_dir):
 # ---------------------------------------------------------------------------------------------- two ranks
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["exact", "topk"])
 def test_two_ranks_train_as_one_process_on_the_global_batch(run_cfg, tmp_path, sampler):
     two = train(run_cfg(*DIGITS, f"sampler={sampler}", "trainer.devices=2", "dataset.batch_size=100"), tmp_path / "two")
@@ -197,7 +196,6 @@ def test_weights_selection_equals_one_process_scoring_by_weights(run_cfg, tmp_pa
     assert not torch.allclose(one["fc1.weight"], by_inputs["fc1.weight"])  # the scores did change the run
 
 
-@pytest.mark.slow
 def test_sampled_allreduce_equals_full_and_sends_what_the_ratio_predicts(run_cfg, tmp_path):
     common = (*DIGITS, "sampler=topk", "ratio=0.25", "trainer.devices=2", "dataset.batch_size=100")
     sampled = train(run_cfg(*common), tmp_path / "sampled")
@@ -230,7 +228,6 @@ CLI_RUN = ("trainer.devices=2", "trainer.device=cpu", "model=mlp", "dataset=digi
            "logger=none", "trainer.num_workers=0")
 
 
-@pytest.mark.slow
 def test_cli_two_devices_writes_one_results_json(cli, tmp_path):
     done = cli(*CLI_RUN, "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}", timeout=RUN_TIMEOUT_S)
     assert done.returncode == 0, done.stderr
@@ -257,7 +254,6 @@ def _children(pid: int) -> list[int]:
             for child in (task / "children").read_text().split()]
 
 
-@pytest.mark.slow
 def test_a_killed_rank_fails_the_run_within_the_timeout(tmp_path):
     run_dir = tmp_path / "run"
     process = subprocess.Popen([*approxtrain_command(), *CLI_RUN, "trainer.epochs=200", "trainer.distributed.timeout_s=20",
