@@ -136,9 +136,12 @@ class Telemetry:
         probe.rng = _rng_state()
         return probe
 
-    def measure(self, probe: Probe, exact_loss: Callable[[], Tensor], *, step: int, epoch: int | None = None) -> list[LayerTelemetry]:
+    def measure(self, probe: Probe, exact_loss: Callable[[], Tensor], *, step: int, epoch: int | None = None,
+                average: Callable[[Tensor], Tensor] | None = None) -> list[LayerTelemetry]:
         """Call after the training backward (the weights' ``.grad`` hold the sampled step's gradients):
-        ``exact_loss()`` recomputes the loss of the same batch, run here with exact layers."""
+        ``exact_loss()`` recomputes the loss of the same batch, run here with exact layers. Under
+        data-parallel training the ``.grad`` are averaged over the processes: ``average`` (e.g. an
+        all-reduce mean) does the same to each exact gradient, so both sides are the global batch's."""
         for handle in probe.handles:
             handle.remove()
         rows = {name: self._forward_row(name, *probe.calls[name], step, epoch) for name in self.layers if name in probe.calls}
@@ -152,6 +155,8 @@ class Telemetry:
                     exact = torch.autograd.grad(exact_loss(), [self.layers[name].weight for name in trained], allow_unused=True)
             finally:
                 _set_rng_state(after)
+            if average is not None:
+                exact = tuple(average(grad) if grad is not None else None for grad in exact)
             for name, grad in zip(trained, exact):
                 rows[name].grad_cosine = _cosine(approx[name], grad) if grad is not None else None
         return list(rows.values())

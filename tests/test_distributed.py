@@ -186,6 +186,20 @@ def test_adaptive_ratios_decide_alike_on_every_rank(run_cfg, tmp_path):
     assert read_results(tmp_path / "two")["epochs"][-1]["layer_k"] == read_results(tmp_path / "one")["epochs"][-1]["layer_k"]
 
 
+def test_telemetry_of_two_ranks_is_the_global_batch_s(run_cfg, tmp_path):
+    """Telemetry under DDP: the discarded share (global scores) and the gradient cosine (both
+    gradients averaged over the ranks) are those of one process on the global batch."""
+    common = (*DIGITS, "sampler=topk", "ratio=0.3", "trainer.telemetry_every=1")
+    train(run_cfg(*common, "trainer.devices=2", "dataset.batch_size=100"), tmp_path / "two")
+    train(run_cfg(*common, "dataset.batch_size=200"), tmp_path / "one")
+    two, one = (read_results(tmp_path / name)["telemetry"] for name in ("two", "one"))
+    assert len(two) == len(one) == 3 * 3  # 3 steps x 3 sampled layers
+    for row_two, row_one in zip(two, one):
+        assert (row_two["step"], row_two["layer"], row_two["k"]) == (row_one["step"], row_one["layer"], row_one["k"])
+        assert row_two["discarded_share"] == pytest.approx(row_one["discarded_share"], rel=1e-4)
+        assert row_two["grad_cosine"] == pytest.approx(row_one["grad_cosine"], abs=1e-4)
+
+
 @pytest.mark.slow
 def test_weights_selection_equals_one_process_scoring_by_weights(run_cfg, tmp_path):
     common = (*DIGITS, "sampler=topk", "trainer.distributed.selection=weights")

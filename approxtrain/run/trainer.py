@@ -366,7 +366,8 @@ class Trainer:
                     self.model.state = after
 
         with self.meter.paused():
-            rows = self.telemetry.measure(probe, exact_loss, step=self.state.step, epoch=epoch)
+            rows = self.telemetry.measure(probe, exact_loss, step=self.state.step, epoch=epoch,
+                                          average=self.dist.mean if self.dist.world_size > 1 else None)
         self.state.telemetry.extend(telemetry_rows(rows))
 
     @torch.no_grad()
