@@ -150,6 +150,31 @@ def test_refused_changes_name_the_group_option():
                                                "trainer.optimizer.lr: 0.1 -> 1.0"]
 
 
+def test_refused_changes_take_keys_a_newer_version_added_at_their_current_value():
+    saved = {"sampler": {"name": "topk"}}  # written before sampler.k_rounding existed
+    current = {"sampler": {"name": "topk", "k_rounding": "nearest"}}
+    assert refused_changes(saved, current, current) == []
+    moved = {"sampler": {"name": "topk", "k_rounding": "floor"}}
+    assert refused_changes(saved, moved, current) == ["sampler.k_rounding: 'nearest' -> 'floor'"]
+
+
+def test_a_run_from_an_older_version_resumes(run_copy):
+    """Its saved config lacks the keys added since (schedule, sampler.k_rounding, ...): they come at
+    the values this version gives the run's own overrides, so resuming it is not refused."""
+    config = OmegaConf.load(run_copy / ".hydra" / "config.yaml")
+    for key in ("schedule", "objective", "search"):
+        config.pop(key, None)
+    for key in ("k_rounding", "mode", "fixed_k"):
+        config.sampler.pop(key, None)
+    (run_copy / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    args = settle_run_dir(["--config-name", "train", f"resume={run_copy}", "trainer.epochs=3", "trainer.max_steps=null"])
+    release(run_copy)
+    assert f"resume={run_copy}" in args
+    with pytest.raises(ValueError, match="sampler.k_rounding: 'nearest' -> 'floor'"):
+        settle_run_dir(["--config-name", "train", f"resume={run_copy}", "trainer.epochs=3", "trainer.max_steps=null",
+                        "sampler.k_rounding=floor"])
+
+
 def test_resume_runs_the_runs_own_command_line_in_its_dir(run_copy):
     args = settle_run_dir(["--config-name", "train", f"resume={run_copy}", "trainer.epochs=3", "trainer.max_steps=null"])
     try:

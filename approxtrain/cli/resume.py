@@ -70,12 +70,15 @@ def can_change_on_resume(key: str) -> bool:
     return key in ADJUSTABLE or is_bookkeeping_key(key)
 
 
-def refused_changes(saved: dict[str, Any], resumed: dict[str, Any]) -> list[str]:
+def refused_changes(saved: dict[str, Any], resumed: dict[str, Any], current: dict[str, Any] | None = None) -> list[str]:
     """``key: old -> new`` for the keys of the run's config a resume may not change, one entry
-    per top-level group (``sampler.name: 'nps' -> 'exact' (+2 more sampler.* keys)``)."""
+    per top-level group (``sampler.name: 'nps' -> 'exact' (+2 more sampler.* keys)``). ``current``:
+    the run's own overrides composed by this version; a key the run's saved config lacks (one a newer
+    version added) counts as having this value, so only a command line that moves it is refused."""
     from approxtrain.compare.matching import flatten
 
     before, after = flatten(saved), flatten(resumed)
+    before = {**{key: value for key, value in flatten(current or {}).items() if key not in before}, **before}
     changed = [key for key in sorted(before.keys() | after.keys())
                if before.get(key, UNSET) != after.get(key, UNSET) and not can_change_on_resume(key)]
     groups: dict[str, list[str]] = {}
@@ -119,16 +122,19 @@ def resume_overrides(resume: Override, given: Sequence[Override], compose: Calla
     ``ValueError`` with the reason in one line when the run cannot be continued so; reads only."""
     run_dir = Path(str(resume.value()))
     check_run_dir(run_dir)
-    merged = merge_overrides(OmegaConf.load(run_dir / HYDRA_DIR / "overrides.yaml"), given)
+    own = OmegaConf.load(run_dir / HYDRA_DIR / "overrides.yaml")
+    merged = merge_overrides(own, given)
     try:
         cfg = compose([*merged, resume.input_line])
+        current = OmegaConf.to_container(compose([*merge_overrides(own, []), resume.input_line]), resolve=False)
     except Exception as error:  # noqa: BLE001 - e.g. a group option the project no longer has
         raise ValueError(f"its config no longer composes: {str(error).strip().splitlines()[0]}") from None
     resumed = OmegaConf.to_container(cfg, resolve=False)
     saved = OmegaConf.to_container(OmegaConf.load(run_dir / HYDRA_DIR / "config.yaml"), resolve=False)
-    assert isinstance(resumed, dict) and isinstance(saved, dict)
-    resumed.pop("hydra", None)
-    refused = refused_changes(saved, resumed)
+    assert isinstance(resumed, dict) and isinstance(saved, dict) and isinstance(current, dict)
+    for config in (resumed, current):
+        config.pop("hydra", None)
+    refused = refused_changes(saved, resumed, current)
     if refused:
         raise ValueError(f"would change what the checkpoint means: {'; '.join(refused)}; {ALLOWED_LINE}")
     finished = finished_line(run_dir, cfg)
