@@ -286,7 +286,9 @@ class Trainer:
                 self._report_step(epoch, progress.batches, reported, loss_sum, window)
             if last:
                 break
-            if self.dist.any(bool(self.stop_requests)):
+            # several ranks agree on a stop at logging steps only: the vote is a collective (and a host sync)
+            logging_step = self.state.step % trainer["log_every_n_steps"] == 0
+            if (self.dist.world_size == 1 or logging_step) and self.dist.any(bool(self.stop_requests)):
                 self._pause(epoch, progress, loss_sum, epoch_started)
         if self.scheduler is not None and not self.scheduler_per_step:
             self.scheduler.step()
