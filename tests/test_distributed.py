@@ -26,7 +26,8 @@ from approxtrain.data.order import EpochShuffle
 from approxtrain.data.text import TokenBatches
 from approxtrain.functional import PairScoring, approx_linear
 from approxtrain.modules import ApproxLinear
-from approxtrain.run.distributed import Distributed, GradientAllReduce, Launch, _comm_hook, launched, lead
+from approxtrain.run.distributed import Distributed, GradientAllReduce, _comm_hook
+from approxtrain.run.launch import Launch, launched, lead
 from approxtrain.run.rundir import checkpoint_path, load_checkpoint
 from approxtrain.run.schema import read_results
 from approxtrain.run.trainer import Trainer

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from approxtrain.run.callbacks import Callback
+from approxtrain.run.errors import RunInterrupted, TrainingDiverged
 from approxtrain.run.rundir import checkpoint_path, load_checkpoint
 from approxtrain.run.schema import improves, read_results
-from approxtrain.run.trainer import RunInterrupted, Trainer, TrainingDiverged
+from approxtrain.run.trainer import Trainer
 from conftest import approxtrain_command
 
 # digits: 1437 training images, batch 50 -> 29 steps per epoch

@@ -40,7 +40,7 @@ import approxtrain.cli.config_store  # noqa: F401  (stores the config nodes made
 from approxtrain.cli.allocator import retain_freed_memory
 from approxtrain.cli.resume import RESUME_KEY, RecordResume, last_value, parse_overrides, requeued_run, resume_overrides
 from approxtrain.models.custom import dataset_fact_hint
-from approxtrain.run.distributed import follow, launched, lead
+from approxtrain.run.launch import follow, launched, lead
 from approxtrain.run.rundir import checkpoint_path, claim_new_dir, hold, holder, recorded_run, release
 from approxtrain.run.schema import FINISHED, read_results
 
@@ -295,8 +295,8 @@ def _app(cfg: DictConfig) -> float | list[float] | None:
     """One job: train, recording a failure in the run's ``results.json`` (and W&B) as one line."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    if launched().rank > 0:  # a SLURM task other than the first: rank 0 sends it the job
-        if (code := follow()) != 0:
+    if (launch := launched()).follows:  # a SLURM task other than the first: rank 0 sends it the job
+        if (code := follow(launch)) != 0:
             raise SystemExit(code)
         return None
     try:  # a single run's dir is held already (by main or unique_dir); a sweep's job holds its own
@@ -320,7 +320,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | list[float] | None:
 
     from approxtrain.cli.console import ConsoleCallback, print_config
     from approxtrain.cli.objective import objective_value
-    from approxtrain.run.trainer import RunInterrupted, Trainer
+    from approxtrain.run.errors import RunInterrupted
+    from approxtrain.run.trainer import Trainer
 
     hydra_cfg = HydraConfig.get()
     container = OmegaConf.to_container(cfg, resolve=True)
@@ -329,18 +330,20 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | list[float] | None:
     if hydra_cfg.mode == RunMode.MULTIRUN and not container["resume"] and requeued_run(run_dir, container):
         log.info("job %s was requeued: continuing its run from %s", hydra_cfg.job.num, checkpoint_path(run_dir))
         container["resume"] = str(run_dir)
-    trainer = Trainer(container, run_dir, [ConsoleCallback(console)])
+    callbacks: list[Any] = [ConsoleCallback(console)]
+    trainer = None
     try:
         if container["resume"]:  # the run's record is rewritten once its checkpoint is restored
-            trainer.callbacks.insert(0, RecordResume(cfg, hydra_cfg.overrides.task, lambda: print_config(console, container, run_dir)))
+            callbacks.insert(0, RecordResume(cfg, hydra_cfg.overrides.task, lambda: print_config(console, container, run_dir)))
         else:
             print_config(console, container, run_dir)
         if container["logger"]["name"] == "wandb":
             from approxtrain.cli.wandb_logger import wandb_callback
 
             if (logger := wandb_callback(container, run_dir, _run_group() or container["experiment_name"])) is not None:
-                trainer.callbacks.append(logger)
-        with lead(container, run_dir) as trainer.dist:  # one process, or rank 0 of several
+                callbacks.append(logger)
+        with lead(container, run_dir) as distributed:  # one process, or rank 0 of several
+            trainer = Trainer(container, run_dir, callbacks, dist=distributed)
             results = trainer.fit()
     except RunInterrupted as interrupt:  # checkpointed and recorded: say how to continue, exit as the signal asks
         print(f"approxtrain: {interrupt}", file=sys.stderr)
@@ -349,6 +352,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | list[float] | None:
         print(f"approxtrain: stopped at once by a second SIGINT; {run_dir} keeps its last completed epoch", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
     except Exception as error:  # recorded (fit records its own failures), then reported as one line
+        if trainer is None:  # the ranks could not be started: the run is recorded as failed all the same
+            trainer = Trainer(container, run_dir, callbacks)
         message = trainer.results.error if trainer.results.error is not None else trainer.record_failure(error)
         log.debug("run failed", exc_info=True)
         if hydra_cfg.mode == RunMode.MULTIRUN:
@@ -410,8 +415,8 @@ def main() -> None:
     ``HYDRA_FULL_ERROR=1`` skips the composition check, so Hydra shows its full trace.
     """
     args = sys.argv[1:]
-    if launched().launcher in ("torchrun", "env") and launched().rank > 0:  # rank 0 runs Hydra and sends the jobs
-        raise SystemExit(follow())
+    if (launch := launched()).follows_from_the_start:  # rank 0 runs Hydra and sends the jobs
+        raise SystemExit(follow(launch))
     error = check_group_overrides(args)
     if error is None and os.environ.get("HYDRA_FULL_ERROR") != "1":
         error = composition_error(args)

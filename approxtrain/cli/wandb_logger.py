@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from approxtrain.config import check_logger
 from approxtrain.run.callbacks import Callback, StepReport
+from approxtrain.run.errors import failure_message
 from approxtrain.run.rundir import BEST_CHECKPOINT, checkpoint_path
 from approxtrain.run.schema import INTERRUPTED, higher_is_better, summary_of, test_metric_key
-from approxtrain.run.trainer import failure_message
 from approxtrain.telemetry import telemetry_scalars
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""Where a run computes: device choice, step timing and peak memory."""
+"""Where a run computes: device choice (per rank), step timing and peak memory."""
 
 from __future__ import annotations
 
@@ -15,6 +15,15 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("trainer.device='cuda' but no CUDA device is available; allowed here: auto, cpu")
     return torch.device(name)
+
+
+def training_device(name: str, world_size: int = 1, local_rank: int = 0) -> torch.device:
+    """This rank's device: ``trainer.device`` (``name``), with CUDA's index the rank's on its node."""
+    device = resolve_device(name)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    return device
 
 
 class StepTimer:

@@ -1,19 +1,7 @@
-"""Data-parallel runs on ``torch.distributed``: the ranks, their process groups and what they exchange.
+"""What the ranks of a data-parallel run do together on ``torch.distributed``, step by step.
 
-One run, ``world_size`` processes (ranks), each training on its shard of every global batch
-(``dataset.batch_size`` per rank). Rank 0 -- the process Hydra runs the job in -- *leads*:
-it sends each job (the resolved config and the run dir) to the other ranks, which *follow*
-(:func:`follow`), and it alone writes ``results.json``, checkpoints, W&B and the console.
-The ranks come from one of:
-
-* ``trainer.devices=N``: the job spawns ranks 1..N-1 on this node (:func:`lead`);
-* ``torchrun``: ranks > 0 follow from the command line, one job after another (a sweep);
-* SLURM through Hydra's submitit launcher (``tasks_per_node``): every task runs the job;
-  tasks > 0 follow.
-
-Two groups: a ``gloo`` *control* group (jobs are sent on it; waits up to
-:data:`HANDSHAKE_TIMEOUT`) and, per job, the *training* group (``trainer.distributed.backend``,
-``trainer.distributed.timeout_s``: a dead or stuck rank fails the run within it).
+Starting the ranks and sending them their jobs is :mod:`approxtrain.run.launch`'s; a
+:class:`Distributed` is this rank's place in one run.
 
 Per step (:class:`Distributed`): with ``selection=global`` each approximated layer's input
 norms are all-reduced before its pairs are selected (every rank keeps the same pairs; the
@@ -26,18 +14,9 @@ and counts the bytes sent.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import logging
 import math
-import os
-import socket
-import subprocess
-import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,182 +28,12 @@ from approxtrain.config import lookup
 from approxtrain.functional import PairScoring
 from approxtrain.modules import ApproxConv2d, ApproxLinear
 
-log = logging.getLogger("approxtrain")
-
-ALLREDUCES = ("full", "sampled", "bf16")  # full: DDP's own all-reduce; bf16: torch's bf16_compress_hook
-# How long the ranks wait for each other outside training: for a job to be sent, for the others to join.
-HANDSHAKE_TIMEOUT = timedelta(minutes=30)
-_JOIN_TIMEOUT_S = 30.0  # spawned ranks: how long the leader waits for them to exit after a run
-
-
-# ---------------------------------------------------------------------------------------------- ranks
-
-
-@dataclass(frozen=True)
-class Launch:
-    """Where this process sits among the ranks a launcher started (``world_size`` 1: none did)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    launcher: str = "none"  # none | torchrun | slurm | spawn
-
-    @property
-    def persistent(self) -> bool:
-        """Whether the ranks outlive one job (torchrun: rank 0 may run a sweep's jobs one by one)."""
-        return self.launcher in ("torchrun", "env")
-
-
-def launched() -> Launch:
-    """The ranks ``torchrun`` (its ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` env), a ``trainer.devices``
-    spawn, or a submitit SLURM job with several tasks put this process in."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        launcher = env.get("APPROXTRAIN_LAUNCHER", "torchrun" if "TORCHELASTIC_RUN_ID" in env else "env")
-        return Launch(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), launcher)
-    if env.get("SUBMITIT_EXECUTOR") == "slurm" and int(env.get("SLURM_NTASKS", "1")) > 1:
-        from submitit.helpers import TorchDistributedEnvironment
-
-        slurm = TorchDistributedEnvironment().export()  # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for env://
-        os.environ["APPROXTRAIN_LAUNCHER"] = "slurm"  # (what the next call finds, with RANK and WORLD_SIZE)
-        return Launch(slurm.rank, slurm.world_size, slurm.local_rank, "slurm")
-    return Launch()
-
-
-def _start_control_group(launch: Launch, timeout: timedelta = HANDSHAKE_TIMEOUT) -> None:
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method="env://", rank=launch.rank, world_size=launch.world_size, timeout=timeout)
-
 
 def resolve_backend(name: str, device: torch.device) -> str:
     """``auto``: ``nccl`` for CUDA, ``gloo`` otherwise."""
     if name == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
     return name
-
-
-def training_device(trainer: Mapping[str, Any], launch: Launch | Distributed) -> torch.device:
-    """This rank's device: ``trainer.device``, with CUDA's index the rank's on its node."""
-    from approxtrain.run.device import resolve_device
-
-    device = resolve_device(trainer["device"])
-    if device.type == "cuda" and launch.world_size > 1:
-        device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    return device
-
-
-def _training_group(cfg: Mapping[str, Any], launch: Launch) -> Any:
-    trainer = cfg["trainer"]
-    backend = resolve_backend(lookup(trainer, "distributed.backend"), training_device(trainer, launch))
-    return dist.new_group(backend=backend, timeout=timedelta(seconds=lookup(trainer, "distributed.timeout_s")))
-
-
-def _send(job: tuple[dict[str, Any], str] | None) -> tuple[dict[str, Any], str] | None:
-    message = [job]
-    dist.broadcast_object_list(message, src=0)
-    return message[0]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _spawn(world_size: int) -> list[subprocess.Popen]:
-    """Start ranks 1..world_size-1 on this node as followers (fresh interpreters: under any launcher,
-    whatever its multiprocessing setup); this process becomes rank 0."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    return [subprocess.Popen([sys.executable, "-c", _FOLLOWER],
-                             env={**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                                  "APPROXTRAIN_LAUNCHER": "spawn"})
-            for rank in range(1, world_size)]
-
-
-_FOLLOWER = "import sys; from approxtrain.run.distributed import follow; sys.exit(follow())"
-
-
-def _stop(ranks: list[subprocess.Popen], failed: bool) -> None:
-    for process in ranks:
-        if failed:
-            process.terminate()
-        try:
-            process.wait(_JOIN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-@contextlib.contextmanager
-def lead(cfg: Mapping[str, Any], run_dir: Path | str) -> Iterator[Distributed]:
-    """Rank 0's side of one job: start (``trainer.devices > 1``) or join the other ranks, send them
-    the job, and yield the :class:`Distributed` to train with; one process: no group at all."""
-    launch, devices = launched(), lookup(cfg, "trainer.devices", 1)
-    if launch.world_size > 1 and devices != 1:
-        raise ValueError(f"trainer.devices={devices} is invalid under {launch.launcher} (its {launch.world_size} ranks "
-                         "are the devices); allowed: trainer.devices=1")
-    ranks: list[subprocess.Popen] = []
-    if isinstance(devices, int) and devices > 1:  # (a bad value is left to the trainer's validation)
-        gpus = torch.cuda.device_count()
-        if lookup(cfg, "trainer.device") != "cpu" and 0 < gpus < devices:
-            raise ValueError(f"trainer.devices={devices} is invalid: this node has {gpus} GPU(s); allowed: 1 to {gpus}, "
-                             "or trainer.device=cpu")
-        ranks = _spawn(devices)
-        launch = Launch(0, devices, 0, "spawn")
-    if launch.world_size == 1:
-        yield Distributed.of(cfg, launch)
-        return
-    failed = True
-    try:
-        _start_control_group(launch, timedelta(seconds=lookup(cfg, "trainer.distributed.timeout_s")))  # the others join
-        _send((dict(cfg), str(run_dir)))
-        yield Distributed.of(cfg, launch, _training_group(cfg, launch))
-        failed = False
-    finally:
-        _end_job(launch, failed)
-        _stop(ranks, failed)
-
-
-def _end_job(launch: Launch, failed: bool) -> None:
-    """After a job: a failed one tears the groups down (the followers' next collective fails at once);
-    a finished one tells the followers there is no other job, unless the ranks outlive it (torchrun)."""
-    if failed:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    elif launch.persistent:
-        atexit.register(_release_followers)
-    else:
-        _release_followers()
-
-
-def _release_followers() -> None:
-    if dist.is_initialized():
-        _send(None)
-        dist.destroy_process_group()
-
-
-def follow(launch: Launch | None = None) -> int:
-    """A rank > 0: run the jobs rank 0 sends until it says there are no more; returns the exit code
-    (1 after a failed job, which also ends the ranks' group)."""
-    from approxtrain.run.trainer import RunInterrupted, Trainer, failure_message
-
-    launch = launch or launched()
-    _start_control_group(launch)
-    try:
-        while (job := _send(None)) is not None:
-            cfg, run_dir = job
-            distributed = Distributed.of(cfg, launch, _training_group(cfg, launch))
-            Trainer(cfg, run_dir, dist=distributed).fit()
-    except RunInterrupted as interrupt:  # every rank stopped at the same step; rank 0 says so
-        return 128 + interrupt.signal_number
-    except Exception as error:  # noqa: BLE001 - rank 0 records the run's failure; here one line
-        print(f"approxtrain rank {launch.rank}: error: {failure_message(error)}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------- a run's ranks
@@ -247,12 +56,13 @@ class Distributed:
     device: torch.device = torch.device("cpu")  # where the reductions' tensors live (set by :meth:`wrap`)
 
     @classmethod
-    def of(cls, cfg: Mapping[str, Any], launch: Launch = Launch(), group: Any = None) -> Distributed:
+    def of(cls, cfg: Mapping[str, Any], rank: int = 0, world_size: int = 1, local_rank: int = 0, group: Any = None) -> Distributed:
+        """Rank ``rank`` of ``world_size`` in the training ``group``, with the run's ``trainer.distributed`` settings."""
         settings = lookup(cfg, "trainer.distributed") or {}
         selection = settings.get("selection", "global")
         sampled = settings.get("sampled_allreduce", "auto")
         sampled = selection != "local" if sampled == "auto" else sampled
-        return cls(launch.rank, launch.world_size, launch.local_rank, group, selection, "sampled" if sampled else "full")
+        return cls(rank, world_size, local_rank, group, selection, "sampled" if sampled else "full")
 
     @property
     def is_main(self) -> bool:

@@ -39,8 +39,9 @@ from approxtrain.data import DatasetInfo, build_loaders
 from approxtrain.data.order import shutdown_workers
 from approxtrain.models import build_model
 from approxtrain.run.callbacks import Callback, StepReport
-from approxtrain.run.device import StepTimer, peak_memory_bytes
-from approxtrain.run.distributed import Communication, Distributed, training_device
+from approxtrain.run.device import StepTimer, peak_memory_bytes, training_device
+from approxtrain.run.distributed import Communication, Distributed
+from approxtrain.run.errors import RunInterrupted, TrainingDiverged, failure_message
 from approxtrain.run.optim import build_optimizer, build_scheduler
 from approxtrain.run.rundir import BEST_CHECKPOINT, checkpoint_path, load_checkpoint, save_checkpoint, write_results
 from approxtrain.run.schema import FAILED, FINISHED, INTERRUPTED, PERPLEXITY, EpochRecord, Results, improves
@@ -88,36 +89,12 @@ class TrainState:
         return cls(**{**values, "progress": EpochProgress(**progress) if progress else None})
 
 
-class RunError(Exception):
-    """A run that cannot go on; the message is one line that stands on its own."""
-
-
-class TrainingDiverged(RunError):
-    """The training loss became NaN or infinite."""
-
-
-class RunInterrupted(RunError):
-    """SIGINT or SIGTERM stopped the run at a step boundary, after it saved a checkpoint."""
-
-    def __init__(self, message: str, signal_number: int) -> None:
-        super().__init__(message)
-        self.signal_number = signal_number
-
-
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     torch.backends.cudnn.benchmark = not deterministic
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
-
-
-def failure_message(error: BaseException) -> str:
-    """One line for a failed run: a ``ValueError``'s (ours name the bad value and the allowed ones) or a
-    :class:`RunError`'s message as is; anything else prefixed with its type."""
-    lines = str(error).strip().splitlines()
-    message = lines[0] if lines else type(error).__name__
-    return message if isinstance(error, (ValueError, RunError)) else f"{type(error).__name__}: {message}"
 
 
 def text_loss(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -164,7 +141,7 @@ class Trainer:
         validate(cfg)
         trainer, dataset = cfg["trainer"], cfg["dataset"]
         seed_everything(cfg["seed"], trainer["deterministic"])
-        self.device = device = training_device(trainer, self.dist)
+        self.device = device = training_device(trainer["device"], self.dist.world_size, self.dist.local_rank)
         use_amp = trainer["amp"] == "bf16" or trainer["amp"] == "auto" and device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if use_amp else None
         self.train_loader, self.test_loader, self.info = build_loaders(
