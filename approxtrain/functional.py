@@ -74,12 +74,46 @@ class PairScoring:
     kept: list[Tensor] | None = field(default=None, repr=False)
 
 
+@dataclass(eq=False)
+class KeptPairs:
+    """A layer's last forward selection, reused while ``config.reselect_every`` allows.
+
+    ``selection``: what the forward kept, for ``k`` pairs out of ``n``; ``uses``: the calls
+    that have run on it. A new ``k`` or ``n`` (a schedule's step, another input) selects afresh.
+    Not part of a checkpoint: the first step after a resume selects afresh.
+    """
+
+    selection: Selection | None = None
+    k: int = 0
+    n: int = 0
+    uses: int = 0
+
+    def reusable(self, k: int, n: int, every: int) -> Selection | None:
+        """The kept selection if it may serve one more call (counted), else None."""
+        if self.selection is None or self.k != k or self.n != n or self.uses >= every:
+            return None
+        self.uses += 1
+        return self.selection
+
+    def remember(self, selection: Selection, k: int, n: int) -> None:
+        self.selection, self.k, self.n, self.uses = selection, k, n, 1
+
+
 def _select_pairs(a: Tensor, a_dim: int, b: Tensor, b_dim: int, k: int, config: SamplingConfig,
-                  generator: torch.Generator | None, scoring: PairScoring | None = None) -> Selection:
+                  generator: torch.Generator | None, scoring: PairScoring | None = None,
+                  reuse: KeptPairs | None = None) -> Selection:
     """``k`` of the pairs (slice ``i`` of ``a`` along ``a_dim``, of ``b`` along ``b_dim``), scored
-    ``|a_i| |b_i|`` (or as ``scoring`` says)."""
-    with torch.no_grad():
-        selection = select(pair_scores(a, a_dim, b, b_dim, scoring), k, config, generator)
+    ``|a_i| |b_i|`` (or as ``scoring`` says); ``reuse``: the layer's kept selection, reused for
+    ``config.reselect_every`` calls (not scored again on those)."""
+    n = b.shape[b_dim]
+    selection = None
+    if reuse is not None and config.reselect_every > 1:
+        selection = reuse.reusable(k, n, config.reselect_every)
+    if selection is None:
+        with torch.no_grad():
+            selection = select(pair_scores(a, a_dim, b, b_dim, scoring), k, config, generator)
+        if reuse is not None and config.reselect_every > 1:
+            reuse.remember(selection, k, n)
     if scoring is not None and scoring.kept is not None:
         scoring.kept.append(selection.keep)
     return selection
@@ -221,6 +255,7 @@ def approx_linear(
     generator: torch.Generator | None = None,
     compute: LayerCompute | None = None,
     scoring: PairScoring | None = None,
+    reuse: KeptPairs | None = None,
 ) -> Tensor:
     """Column-row sampled ``F.linear``.
 
@@ -228,7 +263,8 @@ def approx_linear(
     column over all leading dimensions times the norm of the matching weight column.
 
     Shapes: ``input (*, n)``, ``weight (out, n)``, ``bias (out,)``; returns ``(*, out)``.
-    At ``k = n`` (or policy ``exact``) this is ``F.linear`` itself. ``scoring``: see :class:`PairScoring`.
+    At ``k = n`` (or policy ``exact``) this is ``F.linear`` itself. ``scoring``: see :class:`PairScoring`;
+    ``reuse``: the layer's :class:`KeptPairs` (``config.reselect_every``).
     """
     out_features, n = weight.shape
     k = config.k(n)
@@ -242,7 +278,7 @@ def approx_linear(
     x2, weight, bias = _autocast(x2, weight, bias)
     save_input = save_input and x2.data_ptr() == input.data_ptr() and x2.dtype == input.dtype
     with profiler_range(SELECT_RANGE):
-        selection = _select_pairs(x2, 1, weight, 1, k, config, generator, scoring)
+        selection = _select_pairs(x2, 1, weight, 1, k, config, generator, scoring, reuse)
     if compute is not None:
         record_call(compute, shape, x2.requires_grad, weight.requires_grad, config, selection.keep.numel())
     output, _ = LinearCRS.apply(x2, weight, bias, *selection, save_input, config, generator, compute)
@@ -322,6 +358,7 @@ def approx_conv2d(
     generator: torch.Generator | None = None,
     compute: LayerCompute | None = None,
     scoring: PairScoring | None = None,
+    reuse: KeptPairs | None = None,
 ) -> Tensor:
     """Column-row sampled ``F.conv2d`` (groups = 1, numeric zero padding).
 
@@ -329,7 +366,7 @@ def approx_conv2d(
 
     Shapes: ``input (N, C, H, W)``, ``weight (O, C, kh, kw)``, ``bias (O,)``;
     returns ``(N, O, H_out, W_out)``. At ``k = C`` (or policy ``exact``) this is
-    ``F.conv2d`` itself. ``scoring``: see :class:`PairScoring`.
+    ``F.conv2d`` itself. ``scoring``: see :class:`PairScoring`; ``reuse``: see :func:`approx_linear`.
     """
     if input.dim() != 4:
         raise ValueError(f"approx_conv2d input has shape {tuple(input.shape)}; allowed: (N, C, H, W)")
@@ -345,7 +382,7 @@ def approx_conv2d(
     input, weight, bias = _autocast(input, weight, bias)
     save_input = input is original and kept_by_producer(input)
     with profiler_range(SELECT_RANGE):
-        selection = _select_pairs(input, 1, weight, 1, k, config, generator, scoring)
+        selection = _select_pairs(input, 1, weight, 1, k, config, generator, scoring, reuse)
     output, _ = Conv2dCRS.apply(input, weight, bias, *selection, save_input, config, generator, compute, geometry)
     if compute is not None:
         record_call(compute, _conv_shape(output, weight), input.requires_grad, weight.requires_grad, config,

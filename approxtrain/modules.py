@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from approxtrain.accounting import LayerCompute
-from approxtrain.functional import PairScoring, approx_conv2d, approx_linear
+from approxtrain.functional import KeptPairs, PairScoring, approx_conv2d, approx_linear
 from approxtrain.sampling import SamplingConfig
 
 
@@ -29,6 +29,8 @@ def _describe(sampling: SamplingConfig, n: int) -> str:
         text += ", mode=backward (forward exact, ratio samples the gradient products)"
     if sampling.k_rounding != "nearest":
         text += f", k_rounding={sampling.k_rounding}"
+    if sampling.reselect_every > 1:
+        text += f", reselect_every={sampling.reselect_every}"
     return text
 
 
@@ -77,6 +79,7 @@ class ApproxLinear(nn.Linear):
         self.generator = generator
         self.compute: LayerCompute | None = None
         self.scoring: PairScoring | None = None  # set by data-parallel training
+        self.kept_pairs = KeptPairs()  # the selection sampling.reselect_every reuses
         if column_major_weight:
             _store_column_major_(self.weight)
 
@@ -87,6 +90,7 @@ class ApproxLinear(nn.Linear):
         objects; the weight's storage is re-laid out column-major unless told not to)."""
         new = _rebind(cls, module)
         new.sampling, new.generator, new.compute, new.scoring = sampling, generator, None, None
+        new.kept_pairs = KeptPairs()
         if column_major_weight:
             _store_column_major_(new.weight)
         return new
@@ -94,7 +98,8 @@ class ApproxLinear(nn.Linear):
     def forward(self, input: Tensor) -> Tensor:
         if not self.training:
             return F.linear(input, self.weight, self.bias)
-        return approx_linear(input, self.weight, self.bias, self.sampling, self.generator, self.compute, self.scoring)
+        return approx_linear(input, self.weight, self.bias, self.sampling, self.generator, self.compute, self.scoring,
+                             self.kept_pairs)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {_describe(self.sampling, self.in_features)}"
@@ -118,6 +123,7 @@ class ApproxConv2d(nn.Conv2d):
         self.generator = generator
         self.compute: LayerCompute | None = None
         self.scoring: PairScoring | None = None  # set by data-parallel training
+        self.kept_pairs = KeptPairs()  # the selection sampling.reselect_every reuses
 
     @classmethod
     def from_conv2d(cls, module: nn.Conv2d, sampling: SamplingConfig, generator: torch.Generator | None = None) -> ApproxConv2d:
@@ -126,6 +132,7 @@ class ApproxConv2d(nn.Conv2d):
             raise ValueError(f"conv groups={module.groups} cannot be sampled; allowed: groups=1 (grouped convolutions stay exact)")
         new = _rebind(cls, module)
         new.sampling, new.generator, new.compute, new.scoring = sampling, generator, None, None
+        new.kept_pairs = KeptPairs()
         return new
 
     def _padded(self, input: Tensor) -> tuple[Tensor, tuple[int, int] | str]:
@@ -143,7 +150,7 @@ class ApproxConv2d(nn.Conv2d):
             return self._conv_forward(input, self.weight, self.bias)
         input, padding = self._padded(input)
         return approx_conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation,
-                             self.sampling, self.generator, self.compute, self.scoring)
+                             self.sampling, self.generator, self.compute, self.scoring, self.kept_pairs)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {_describe(self.sampling, self.in_channels)}"

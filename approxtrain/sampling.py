@@ -96,6 +96,9 @@ class SamplingConfig:
         mode: ``forward`` (``ratio`` samples the forward product) or ``backward``
             (forward exact; ``ratio`` samples both backward products; ``bwd_ratio`` and
             ``wu_ratio`` stay 1).
+        reselect_every: a layer's forward selection is reused for this many training
+            calls before it is scored and chosen again (1 = every call, the paper's
+            estimator); the pair scores are not computed on the calls that reuse it.
     """
 
     policy: str = "topk"
@@ -111,6 +114,7 @@ class SamplingConfig:
     fixed_k: int | None = None
     k_rounding: str = "nearest"
     mode: str = "forward"
+    reselect_every: int = 1
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -118,7 +122,7 @@ class SamplingConfig:
         object.__setattr__(self, "ratio", _check_ratio("ratio", self.ratio))
         object.__setattr__(self, "bwd_ratio", _check_ratio("bwd_ratio", self.bwd_ratio))
         object.__setattr__(self, "wu_ratio", _check_ratio("wu_ratio", self.wu_ratio))
-        for name in ("min_k", "bwd_min_k", "wu_min_k", "align_k"):
+        for name in ("min_k", "bwd_min_k", "wu_min_k", "align_k", "reselect_every"):
             _check_count(name, getattr(self, name))
         if self.fixed_k is not None:
             _check_count("fixed_k", self.fixed_k)
