@@ -256,3 +256,36 @@ def test_runs_started_together_keep_their_own_dirs(tmp_path):
     assert len(new) == 2 and all(path.name.rsplit("_", 1)[-1].isdigit() for path in new), new
     assert sorted(read_results(path)["seed"] for path in new) == [0, 1]
     assert all(read_results(path)["status"] == "finished" for path in new)
+
+
+# ---------------------------------------------------------------------------------------------- resolved dirs (${...})
+
+
+@pytest.mark.parametrize("case, args", [
+    ("run dir through oc.env", ["hydra.run.dir=${oc.env:RUN_PARENT}/run", *TINY]),
+    ("run dir through hydra:runtime.cwd", ["hydra.run.dir=${hydra:runtime.cwd}/run", *TINY]),
+    ("sweep dir through oc.env", ["-m", "hydra.sweep.dir=${oc.env:RUN_PARENT}", *TINY, "seed=0,1"]),
+])
+def test_an_interpolated_dir_is_refused_when_it_resolves_to_a_run(case, args, run_copy, tmp_path, monkeypatch, capsys):
+    """The decision is taken on the dir Hydra resolves (in the Hydra callback every launcher passes
+    through), before Hydra writes its .hydra files or train.log there."""
+    monkeypatch.setenv("RUN_PARENT", str(tmp_path))
+    before = snapshot(tmp_path)
+    line = refusal(monkeypatch, capsys, *args)
+    key = "hydra.sweep.dir" if "-m" in args else "hydra.run.dir"
+    assert line.startswith(f"approxtrain: error: {key}={tmp_path}") and "already holds a run" in line, line
+    assert snapshot(tmp_path) == before, "a refused command line wrote into the run dir"
+
+
+def test_an_interpolated_dir_a_live_run_holds_is_refused(run_copy, tmp_path, monkeypatch, capsys):
+    empty = tmp_path / "empty"
+    monkeypatch.setenv("RUN_PARENT", str(tmp_path))
+    process = subprocess.Popen([sys.executable, "-c", "import sys; from approxtrain.run.rundir import hold; hold(sys.argv[1]); "
+                                "print('held', flush=True); sys.stdin.read()", str(empty)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "held"
+        line = refusal(monkeypatch, capsys, "hydra.run.dir=${oc.env:RUN_PARENT}/empty", *TINY)
+        assert f"hydra.run.dir={empty}: the dir is held by a live run (pid {process.pid})" in line
+    finally:
+        process.communicate(timeout=30)

@@ -327,9 +327,13 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | list[float] | None:
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
     console = Console()
-    if hydra_cfg.mode == RunMode.MULTIRUN and not container["resume"] and requeued_run(run_dir, container):
-        log.info("job %s was requeued: continuing its run from %s", hydra_cfg.job.num, checkpoint_path(run_dir))
-        container["resume"] = str(run_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN and not container["resume"]:
+        if requeued_run(run_dir, container):
+            log.info("job %s was requeued: continuing its run from %s", hydra_cfg.job.num, checkpoint_path(run_dir))
+            container["resume"] = str(run_dir)
+        elif (found := recorded_run(run_dir)) is not None:  # e.g. a hydra.sweep.subdir that names another job's dir
+            log.error("job %s not run: %s already holds a run (%s)", hydra_cfg.job.num, run_dir, found)
+            return None
     callbacks: list[Any] = [ConsoleCallback(console)]
     trainer = None
     try:

@@ -128,6 +128,20 @@ def recorded_run(run_dir: Path | str) -> Path | None:
     return None
 
 
+def claim(run_dir: Path | str, key: str, *, continues: bool = False) -> None:
+    """Hold the resolved dir ``run_dir`` (the value of ``key``) for this process, refusing in one line
+    (``ValueError``, nothing written) a dir another live run holds or one that holds a run -- unless
+    ``continues`` (this run's own ``resume=``, a requeued job) or this process claimed it already."""
+    path = Path(run_dir).resolve()
+    pid = holder(path)
+    if pid is not None and pid != str(os.getpid()):
+        raise RunDirHeld(f"{key}={path}: the dir is held by a live run (pid {pid}); allowed: a dir no live run holds")
+    if pid is None and not continues and (found := recorded_run(path)) is not None:
+        raise ValueError(f"{key}={path}: the dir already holds a run ({found}); allowed: a new or empty dir, "
+                         "or resume=<run dir> to continue a run")
+    hold(path)
+
+
 def checkpoint_path(run_dir: Path | str, name: str = LAST_CHECKPOINT) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / name
 
