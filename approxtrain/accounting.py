@@ -37,7 +37,14 @@ PRODUCTS = ("forward", "input_grad", "weight_grad")
 
 @dataclass
 class ProductMACs:
-    """MACs of one layer's three products."""
+    """MACs of one layer's three products.
+
+    Examples::
+
+        >>> macs = ProductMACs(forward=1, input_grad=2, weight_grad=3) + ProductMACs(10, 20, 30)
+        >>> macs, macs.total
+        (ProductMACs(forward=11, input_grad=22, weight_grad=33), 66)
+    """
 
     forward: int = 0
     input_grad: int = 0
@@ -133,6 +140,16 @@ class LayerShape(NamedTuple):
         forward      Y   = X_S W_S^T         batch * k   * out
         input_grad   dX_S = dY_B W_{B,S}     batch * k   * k_b
         weight_grad  dW_S = dY_R^T X_{R,S}   k_w   * k   * out
+
+    Examples::
+
+        >>> shape = LayerShape.linear(rows=50, in_features=784, out_features=500)
+        >>> shape.macs()  # exact
+        ProductMACs(forward=19600000, input_grad=19600000, weight_grad=19600000)
+        >>> shape.macs(k=314).total, shape.macs(input_grad=False).total  # 314 of 784 pairs; a first layer
+        (23550000, 39200000)
+        >>> LayerShape.conv2d(64, 256, 256, kernel_size=(3, 3), output_size=(32, 32)).forward_macs()
+        38654705664
     """
 
     batch: int
@@ -170,7 +187,18 @@ def sampled_macs(shape: LayerShape, config: SamplingConfig, k: int | None = None
                  weight_grad: bool = True) -> tuple[ProductMACs, ProductMACs]:
     """Exact and sampled MACs of one call of a layer sampled by ``config``: forward keeps
     ``k`` pairs (default ``config.k(pairs)``; the number really kept when known), the
-    backward products ``config.bwd_k(out)`` outputs and ``config.wu_k(batch)`` rows."""
+    backward products ``config.bwd_k(out)`` outputs and ``config.wu_k(batch)`` rows.
+
+    Examples::
+
+        >>> from approxtrain.sampling import SamplingConfig
+        >>> config = SamplingConfig("topk", ratio=0.4, bwd_ratio=0.05, wu_ratio=0.05, bwd_min_k=10, wu_min_k=10)
+        >>> exact, sampled = sampled_macs(LayerShape.linear(50, 784, 500), config)  # Table 2's MLP layer
+        >>> sampled
+        ProductMACs(forward=7850000, input_grad=392500, weight_grad=1570000)
+        >>> round(compute_reduction(exact.total, sampled.total), 3)
+        0.833
+    """
     k = config.k(shape.pairs) if k is None else k
     exact = shape.macs(input_grad=input_grad, weight_grad=weight_grad)
     return exact, shape.macs(k, config.bwd_k(shape.out), config.wu_k(shape.batch), input_grad=input_grad,
@@ -214,7 +242,13 @@ def record_backward_product(compute: LayerCompute | None, shape: LayerShape, con
 
 
 def lstm_macs(rows: int, input_size: int, hidden_size: int) -> int:
-    """MACs of one LSTM layer's gate product ``[x, h] @ W1^T``, ``W1`` of shape (4h, in + h), over ``rows`` steps."""
+    """MACs of one LSTM layer's gate product ``[x, h] @ W1^T``, ``W1`` of shape (4h, in + h), over ``rows`` steps.
+
+    Examples::
+
+        >>> lstm_macs(rows=20, input_size=650, hidden_size=650)  # one time step of the PTB LSTM's first layer
+        67600000
+    """
     return LayerShape.linear(rows, input_size + hidden_size, 4 * hidden_size).forward_macs()
 
 
@@ -233,7 +267,13 @@ def lstm_stack_macs(rows: int, input_size: int, hidden_size: int, num_layers: in
 
 
 def compute_reduction(exact: int, actual: int) -> float:
-    """Share of the exact MACs saved: ``(exact - actual) / exact`` (0 when nothing was counted)."""
+    """Share of the exact MACs saved: ``(exact - actual) / exact`` (0 when nothing was counted).
+
+    Examples::
+
+        >>> compute_reduction(exact=100, actual=40), compute_reduction(0, 0)
+        (0.6, 0.0)
+    """
     return (exact - actual) / exact if exact else 0.0
 
 
@@ -243,6 +283,15 @@ class ComputeMeter:
     ``entries`` maps qualified layer names to :class:`LayerCompute`. Approximate
     layers record into their own entry; :func:`approxtrain.surgery.attach_meter`
     wires entries and counting hooks for exact layers.
+
+    Examples::
+
+        >>> meter = ComputeMeter()
+        >>> meter.entry("fc").record(LayerShape.linear(50, 784, 500).macs(), LayerShape.linear(50, 784, 500).macs(k=392))
+        >>> meter.exact.total, meter.actual.total, meter.compute_reduction
+        (58800000, 29400000, 0.5)
+        >>> meter.summary()["fc"]["actual_forward"]
+        9800000
     """
 
     def __init__(self) -> None:

@@ -265,6 +265,18 @@ def approx_linear(
     Shapes: ``input (*, n)``, ``weight (out, n)``, ``bias (out,)``; returns ``(*, out)``.
     At ``k = n`` (or policy ``exact``) this is ``F.linear`` itself. ``scoring``: see :class:`PairScoring`;
     ``reuse``: the layer's :class:`KeptPairs` (``config.reselect_every``).
+
+    Examples::
+
+        >>> x, weight = torch.randn(8, 16, requires_grad=True), torch.randn(4, 16, requires_grad=True)
+        >>> y = approx_linear(x, weight, config=SamplingConfig("topk", ratio=0.5))  # 8 of the 16 features
+        >>> y.shape
+        torch.Size([8, 4])
+        >>> y.sum().backward()
+        >>> int((x.grad.abs().sum(0) > 0).sum())  # the input gradient is zero outside the kept features
+        8
+        >>> torch.allclose(approx_linear(x, weight, config=SamplingConfig("topk", ratio=1.0)), x @ weight.T)
+        True
     """
     out_features, n = weight.shape
     k = config.k(n)
@@ -367,6 +379,12 @@ def approx_conv2d(
     Shapes: ``input (N, C, H, W)``, ``weight (O, C, kh, kw)``, ``bias (O,)``;
     returns ``(N, O, H_out, W_out)``. At ``k = C`` (or policy ``exact``) this is
     ``F.conv2d`` itself. ``scoring``: see :class:`PairScoring`; ``reuse``: see :func:`approx_linear`.
+
+    Examples::
+
+        >>> images, kernel = torch.randn(2, 8, 5, 5), torch.randn(3, 8, 3, 3)
+        >>> approx_conv2d(images, kernel, padding=1, config=SamplingConfig("topk", ratio=0.25)).shape  # 2 of 8 channels
+        torch.Size([2, 3, 5, 5])
     """
     if input.dim() != 4:
         raise ValueError(f"approx_conv2d input has shape {tuple(input.shape)}; allowed: (N, C, H, W)")

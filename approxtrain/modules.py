@@ -69,6 +69,21 @@ class ApproxLinear(nn.Linear):
     values and ``state_dict`` are unchanged, ``weight.stride() == (1, out_features)``, and
     its gradient comes in the same layout. Code that needs ``weight.view(...)`` should use
     ``weight.reshape(...)`` or pass ``column_major_weight=False``.
+
+    Examples::
+
+        >>> layer = ApproxLinear(16, 4, sampling=SamplingConfig("topk", ratio=0.25))
+        >>> layer
+        ApproxLinear(in_features=16, out_features=4, bias=True, sampler=topk, ratio=0.25, k=4/16)
+        >>> layer(torch.randn(2, 16)).shape  # training mode: 4 of the 16 input features
+        torch.Size([2, 4])
+        >>> exact = nn.Linear(16, 4)
+        >>> approximate = ApproxLinear.from_linear(exact, SamplingConfig("topk", ratio=0.25))
+        >>> approximate.weight is exact.weight, approximate.weight.stride()  # shared, column-major
+        (True, (1, 4))
+        >>> x = torch.randn(2, 16)
+        >>> torch.allclose(approximate.eval()(x), exact(x))  # evaluation is exact
+        True
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, sampling: SamplingConfig = SamplingConfig(),
@@ -110,6 +125,14 @@ class ApproxConv2d(nn.Conv2d):
 
     Shapes: input ``(N, C_in, H, W)``, output ``(N, C_out, H_out, W_out)``.
     String padding and non-zero padding modes pad explicitly before the product.
+
+    Examples::
+
+        >>> conv = ApproxConv2d.from_conv2d(nn.Conv2d(8, 4, 3), SamplingConfig("nps", ratio=0.5, replacement=True))
+        >>> conv
+        ApproxConv2d(8, 4, kernel_size=(3, 3), stride=(1, 1), sampler=nps, ratio=0.5, k=4/8, replacement=True, scale=True)
+        >>> conv(torch.randn(2, 8, 6, 6)).shape
+        torch.Size([2, 4, 4, 4])
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] = 1,

@@ -99,6 +99,16 @@ class SamplingConfig:
         reselect_every: a layer's forward selection is reused for this many training
             calls before it is scored and chosen again (1 = every call, the paper's
             estimator); the pair scores are not computed on the calls that reuse it.
+
+    Examples::
+
+        >>> config = SamplingConfig("topk", ratio=0.4)
+        >>> config.k(784), SamplingConfig("topk", ratio=0.4, k_rounding="floor").k(784)
+        (314, 313)
+        >>> SamplingConfig("topk", ratio=1.5)
+        Traceback (most recent call last):
+            ...
+        ValueError: ratio=1.5 is invalid; allowed: a number in (0, 1]
     """
 
     policy: str = "topk"
@@ -189,7 +199,15 @@ class SamplingConfig:
 
 def num_kept(n: int, ratio: float, min_k: int = 1, align_k: int = 1, rounding: str = "nearest") -> int:
     """``k = clamp(ratio * n, min_k, n)``, ``ratio * n`` rounded half up (``nearest``) or as the
-    authors' code does, ``int(float(n) * ratio)`` (``floor``), then up to a multiple of ``align_k``."""
+    authors' code does, ``int(float(n) * ratio)`` (``floor``), then up to a multiple of ``align_k``.
+
+    Examples::
+
+        >>> num_kept(32, 0.3), num_kept(32, 0.3, rounding="floor")
+        (10, 9)
+        >>> num_kept(100, 0.5, align_k=8), num_kept(10, 0.01, min_k=3)
+        (56, 3)
+    """
     k = int(float(n) * ratio) if rounding == "floor" else math.floor(ratio * n + 0.5)
     k = max(min_k, k)
     if align_k > 1:
@@ -222,6 +240,11 @@ def norm_probabilities(scores: Tensor) -> Tensor:
     """Norm-proportional probabilities (Eq. 3), floored so every pair stays possible.
 
     scores: (n,) non-negative. Returns (n,) float32 summing to 1 (uniform if all zero).
+
+    Examples::
+
+        >>> norm_probabilities(torch.tensor([1.0, 3.0]))
+        tensor([0.2500, 0.7500])
     """
     s = scores.float()
     n = s.numel()
@@ -239,6 +262,11 @@ def bernoulli_probabilities(scores: Tensor, k: int) -> Tensor:
     smallest ``c`` that keeps every ``q <= 1``. Computed without host synchronisation.
 
     scores: (n,) non-negative. Returns (n,) float32 in [0, 1].
+
+    Examples::
+
+        >>> bernoulli_probabilities(torch.tensor([8.0, 1.0, 1.0]), k=2)  # the first pair's mass is capped at 1
+        tensor([1.0000, 0.5000, 0.5000])
     """
     p = norm_probabilities(scores)
     n = p.numel()
@@ -285,6 +313,15 @@ def select(
     Returns:
         A :class:`Selection`. ``bernoulli`` returns a data-dependent number of
         indices (one host synchronisation); the other policies return exactly ``k``.
+
+    Examples::
+
+        >>> scores = torch.tensor([0.1, 3.0, 0.5, 2.0])
+        >>> select(scores, 2, SamplingConfig("topk"))
+        Selection(keep=tensor([1, 3]), scale=None, unique=True)
+        >>> selection = select(scores, 2, SamplingConfig("uniform"), torch.Generator().manual_seed(0))
+        >>> selection.keep.numel(), selection.scale  # scaled by n / k: unbiased
+        (2, tensor([2., 2.]))
     """
     n = scores.numel()
     device = scores.device

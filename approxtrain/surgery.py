@@ -47,6 +47,14 @@ class LayerRule:
         sampling: the matched layers' sampling (ignored when ``exact``).
         position: ``first`` or ``last``: only the model's first (last) Linear/Conv2d layer,
             in module order (``named_modules()``); None = any layer.
+
+    Examples::
+
+        >>> rule = LayerRule(match="block2.*", type="Conv2d", sampling=SamplingConfig("topk", ratio=0.3))
+        >>> rule.matches("block2.0.conv1", nn.Conv2d(1, 1, 1)), rule.matches("block3.0.conv1", nn.Conv2d(1, 1, 1))
+        (True, False)
+        >>> rule.describe()
+        "match='block2.*' type='Conv2d' sampler=topk ratio=0.3"
     """
 
     match: str | None = None
@@ -105,7 +113,14 @@ class LayerRule:
 
 
 def rules_from_dicts(items: Iterable[Mapping[str, Any]], default: SamplingConfig) -> list[LayerRule]:
-    """:meth:`LayerRule.from_dict` over a sequence, in order."""
+    """:meth:`LayerRule.from_dict` over a sequence, in order.
+
+    Examples::
+
+        >>> rules = rules_from_dicts([{"match": "fc1", "exact": True}, {"ratio": 0.3}], SamplingConfig("topk", ratio=0.5))
+        >>> [rule.describe() for rule in rules]
+        ["match='fc1' exact", 'sampler=topk ratio=0.3']
+    """
     return [LayerRule.from_dict(item, default) for item in items]
 
 
@@ -118,16 +133,17 @@ class PlanRow:
     step at the plan's batch size (zero when no example input was given).
     """
 
-    name: str
-    type: str
-    n: int
-    k: int
-    ratio: float
-    policy: str
-    rule: int | None
-    note: str = ""
+    name: str  # the layer's qualified name in the model (``block1.0.conv1``)
+    type: str  # ``Linear``, ``Conv2d``, ``LSTM``, ...
+    n: int  # column-row pairs of its forward product: input features (Linear) or input channels (Conv2d)
+    k: int  # pairs kept (the expected number for ``bernoulli``; n for an exact layer)
+    ratio: float  # the forward ratio its rule set
+    policy: str  # its sampler policy, or ``exact``
+    rule: int | None  # the index of the layer rule it took; null when none matched (it stays exact)
+    note: str = ""  # why a layer stays exact or how it is sampled (``grouped conv``, ``backward-only``, ...)
+    # exact training's MACs of one step at the plan's batch size, per product (zero without an example input)
     exact_macs: ProductMACs = field(default_factory=ProductMACs)
-    approx_macs: ProductMACs = field(default_factory=ProductMACs)
+    approx_macs: ProductMACs = field(default_factory=ProductMACs)  # this plan's MACs of that step, likewise
 
     def to_dict(self) -> dict[str, Any]:
         row = asdict(self)
@@ -285,6 +301,20 @@ def approximate_(
 
     Returns:
         The :class:`Plan`.
+
+    Examples::
+
+        >>> model = nn.Sequential(nn.Linear(784, 500), nn.ReLU(), nn.Linear(500, 500), nn.ReLU(), nn.Linear(500, 10))
+        >>> plan = approximate_(model, [LayerRule(sampling=SamplingConfig("topk", ratio=0.4))],
+        ...                     example_input=torch.zeros(2, 784), batch_size=50)
+        >>> print(plan)
+        layer                        type         n      k policy         MACs/step  note
+        0                            Linear     784    314 topk          39,200,000
+        2                            Linear     500    200 topk          37,500,000
+        4                            Linear     500    200 topk             750,000
+        compute reduction: 60.0%
+        >>> model[0]
+        ApproxLinear(in_features=784, out_features=500, bias=True, sampler=topk, ratio=0.4, k=314/784)
     """
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.MultiheadAttention) and unsupported(module) is None:
@@ -416,6 +446,18 @@ def attach_meter(model: nn.Module, meter: ComputeMeter) -> list[RemovableHandle]
     counted by forward hooks. Only training-mode calls are counted. Call it after
     :func:`approximate_` (surgery makes new layer objects). Returns the hook handles
     (``handle.remove()`` detaches).
+
+    Examples::
+
+        >>> model = nn.Sequential(nn.Linear(784, 500), nn.ReLU(), nn.Linear(500, 10))
+        >>> plan = approximate_(model, [LayerRule(match="0", sampling=SamplingConfig("topk", ratio=0.5))])
+        >>> meter = ComputeMeter()
+        >>> handles = attach_meter(model, meter)
+        >>> model(torch.randn(50, 784)).sum().backward()  # one training step's products
+        >>> meter.exact.forward, meter.actual.forward  # layer 0 ran 392 of its 784 pairs
+        (19850000, 10050000)
+        >>> round(meter.compute_reduction, 3)
+        0.491
     """
     handles: list[RemovableHandle] = []
     for name, module in model.named_modules():

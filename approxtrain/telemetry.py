@@ -45,14 +45,18 @@ from approxtrain.schedule import discarded_share, layer_pairs, pair_scores, samp
 class LayerTelemetry:
     """One sampled layer at one telemetry step (a row of ``results.json``'s ``telemetry``)."""
 
-    step: int
-    epoch: int | None
-    layer: str
-    k: int
-    n: int
-    forward_error: float
+    step: int  # the optimizer step it was measured at
+    epoch: int | None  # the epoch of that step
+    layer: str  # the layer's qualified name
+    k: int  # pairs the layer kept at that step
+    n: int  # pairs of its forward product
+    forward_error: float  # relative error of the forward product that ran, |Y_sampled - XW^T| / |XW^T| (bias left out)
+    # the score mass outside the k largest pairs: for topk what was dropped; for random samplers
+    # the share the best k would drop
     discarded_share: float
-    grad_cosine: float | None  # None when the weight takes no gradient
+    # cosine of the step's weight gradient with the exact one (one extra exact forward and backward on
+    # that batch); None when the weight takes no gradient
+    grad_cosine: float | None
 
 
 @dataclass

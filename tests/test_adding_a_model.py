@@ -1,4 +1,4 @@
-"""README's "Adding a model", done as written: a model file and its YAML, registered through
+"""docs/models.md's "Adding a model", done as written: a model file and its YAML, registered through
 the registry alone, trained through the CLI; and the registry's checks on a spec."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from approxtrain.data import DatasetInfo
 from approxtrain.models import POSITIVE_INT, build_model, list_models, model_spec, registry, register_model
 from approxtrain.run.schema import read_results
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+MODELS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 DIGITS = DatasetInfo("digits", "image", in_channels=1, image_size=(8, 8), num_classes=10)
 TEXT = DatasetInfo("synthetic", "text", vocab_size=50, metric="perplexity")
 # A shrunk run, as the other CLI tests: one epoch of a few steps on the CPU, no loader workers.
@@ -26,7 +26,7 @@ SHRINK = ("trainer.epochs=1", "trainer.max_steps=3", "trainer.num_workers=0", "t
 
 def readme_section() -> tuple[dict[str, str], str]:
     """The files (path from each block's first-line comment -> text) and the command of the section."""
-    section = README.read_text().split("## Adding a model\n", 1)[1].split("\n## ", 1)[0]
+    section = MODELS_PAGE.read_text().split("## Adding a model\n", 1)[1].split("\n## ", 1)[0]
     files, commands = {}, []
     for language, body in re.findall(r"```(\w+)\n(.*?)```", section, flags=re.DOTALL):
         if language == "bash":

@@ -1,4 +1,4 @@
-"""Bringing your own model: a torchvision model by name, any nn.Module by ``_target_`` (README's
+"""Bringing your own model: a torchvision model by name, any nn.Module by ``_target_`` (docs/models.md's
 example, run as written), the default layer rules (first and last layer exact), and transformers
 (nn.MultiheadAttention's products reachable by surgery; the plan's approximated and skipped products)."""
 
@@ -27,7 +27,7 @@ from approxtrain.sampling import SamplingConfig
 from approxtrain.surgery import approximate_, rules_from_dicts
 from conftest import CUSTOM_MODEL
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+MODELS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 MNIST = DatasetInfo("mnist", "image", in_channels=1, image_size=(28, 28), num_classes=10)
 DIGITS = DatasetInfo("digits", "image", in_channels=1, image_size=(8, 8), num_classes=10)
 TEXT = DatasetInfo("synthetic", "text", vocab_size=50, metric="perplexity")
@@ -82,7 +82,7 @@ def test_an_unknown_torchvision_arch_is_one_line(run_cfg):
 
 def readme_section() -> tuple[dict[str, str], str]:
     """The file (path from the block's first-line comment -> text) and the command of the section."""
-    section = README.read_text().split("## Bringing your own model\n", 1)[1].split("\n## ", 1)[0]
+    section = MODELS_PAGE.read_text().split("## A torchvision model, or any nn.Module\n", 1)[1].split("\n## ", 1)[0]
     files, commands = {}, []
     for language, body in re.findall(r"```(\w+)\n(.*?)```", section, flags=re.DOTALL):
         if language == "bash":

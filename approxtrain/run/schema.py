@@ -49,12 +49,12 @@ def improves(metric_name: str, value: float, best: float | None) -> bool:
 class EpochRecord:
     """One entry of ``results.json``'s ``epochs``: what an epoch did."""
 
-    epoch: int
+    epoch: int  # its number, from 1
     step: int  # optimizer steps done at its end
-    train_loss: float
-    test_metric: float
+    train_loss: float  # mean training loss over the epoch's steps
+    test_metric: float  # the exact test metric at its end (``metric_name``)
     compute_reduction: float  # measured over this epoch's training steps
-    time_s: float
+    time_s: float  # wall time of its training and evaluation
     step_time_s: float | None  # median training step
     lr: float  # the learning rate it trained with
     # the forward ratio in effect, averaged over its steps: the top-level ratio as the schedule set it
@@ -62,35 +62,40 @@ class EpochRecord:
     ratio: float | None = None
     layer_k: dict[str, int] | None = None  # each sampled layer's k at its end (when a schedule sets them)
 
-
 @dataclass
 class Results:
-    """Everything ``results.json`` holds; see the README's table."""
+    """Everything ``results.json`` holds (docs/results.md is generated from these fields and comments)."""
 
-    model: str
-    dataset: str
-    sampler: str
-    ratio: float
-    seed: int
-    layers_rule_set: str
-    metric_name: str = ACCURACY
+    model: str  # the model's name (``model.name``)
+    dataset: str  # the dataset's name (``dataset.name``)
+    sampler: str  # the sampler's name (``sampler.name``; ``exact`` for the baseline)
+    ratio: float  # the top-level ``ratio``
+    seed: int  # the run's ``seed``
+    layers_rule_set: str  # the layer rules' name (``layers.name``)
+    metric_name: str = ACCURACY  # ``accuracy`` (a fraction) or ``perplexity``
+    # running, finished, failed (``error`` says why, in one line) or interrupted (by SIGINT/SIGTERM/SIGUSR2 at
+    # a step boundary, with a checkpoint to continue from; ``error`` says which signal at which step)
     status: str = RUNNING
-    best_metric: float | None = None
-    final_metric: float | None = None
-    compute_reduction: float | None = None  # counted from what really ran
-    planned_compute_reduction: float | None = None
-    epochs: list[dict[str, Any]] = field(default_factory=list)  # EpochRecord dicts
-    layers: list[dict[str, Any]] = field(default_factory=list)  # the plan's rows
+    best_metric: float | None = None  # the best exact test metric over the epochs, in the metric's direction
+    final_metric: float | None = None  # the last epoch's exact test metric
+    # the share of the Linear/Conv2d (and LSTM gate) MACs, forward and backward, saved against exact
+    # training, counted from what really ran
+    compute_reduction: float | None = None
+    planned_compute_reduction: float | None = None  # what the plan expects (bernoulli varies around it)
+    epochs: list[dict[str, Any]] = field(default_factory=list)  # one entry per epoch, below
+    layers: list[dict[str, Any]] = field(default_factory=list)  # the plan: one row per layer, below
     # trainer.telemetry_every > 0: per sampled layer, every N steps (approxtrain.telemetry.LayerTelemetry rows)
     telemetry: list[dict[str, Any]] = field(default_factory=list)
-    wall_time_s: float = 0.0
-    step_time_s: float | None = None
-    steps: int = 0
-    device: str | None = None
-    peak_memory_bytes: int | None = None
+    wall_time_s: float = 0.0  # the run's wall time so far
+    step_time_s: float | None = None  # median training step over the run
+    steps: int = 0  # optimizer steps done
+    device: str | None = None  # what it trained on: ``cpu``, ``cuda``, ``cuda:1``
+    peak_memory_bytes: int | None = None  # CUDA: the most memory allocated; CPU: the process's peak RSS
     world_size: int = 1  # processes (ranks) trained on; dataset.batch_size is per process
     global_batch_size: int | None = None  # batch_size * world_size
-    communication: dict[str, Any] | None = None  # data-parallel runs: gradient exact_bytes, actual_bytes, reduction
+    # data-parallel runs: the gradient bytes one rank all-reduced, {exact_bytes (DDP's full all-reduce),
+    # actual_bytes (sent), reduction (the share saved)}
+    communication: dict[str, Any] | None = None
     error: str | None = None  # one line, when failed (or interrupted: which signal, at which step)
 
     def to_dict(self) -> dict[str, Any]:
