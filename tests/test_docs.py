@@ -23,7 +23,8 @@ def _gen_docs():
 def test_generated_pages_are_current() -> None:
     """docs/configuration.md and docs/results.md are what scripts/gen_docs.py makes of the configs and
     the results schema now: a changed default, key or comment needs `python scripts/gen_docs.py`."""
-    assert _gen_docs().stale_pages() == []
+    stale = _gen_docs().stale_pages()
+    assert stale == [], f"{', '.join(stale)} out of date: run python scripts/gen_docs.py and commit the pages"
 
 
 def test_stale_page_is_detected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
