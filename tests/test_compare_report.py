@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from test_compare import PNG_SIGNATURE, row_for, run_cli, write_run
 
 from approxtrain.compare import build_rows, collect_runs, to_markdown
+from approxtrain.compare.formatting import COLUMNS
 from approxtrain.compare.plots import FIGURES, curve_stats
 from approxtrain.compare.style import EXACT_COLOR, sampler_color
 from approxtrain.compare.table import Table
@@ -73,7 +74,7 @@ def test_one_seed_run_twice_shows_no_zero_spread(tmp_path: Path, capsys: pytest.
     code, out, _ = run_cli([str(tmp_path), "--format", "md"], capsys)
     assert code == 0
     (line,) = [line for line in out.splitlines() if line.startswith("| exact")]
-    assert "±" not in line and line.split("|")[11].strip() == "1"  # the n column
+    assert "±" not in line and line.split("|")[COLUMNS.index("n") + 1].strip() == "1"
 
 
 @pytest.mark.parametrize(
@@ -153,7 +154,7 @@ def test_every_policy_has_its_own_fixed_colour() -> None:
     assert to_hex(sampler_color("my_sampler")) not in colors
 
 
-def test_seed_spread_is_drawn_for_runs_and_baseline(tmp_path: Path) -> None:
+def test_pareto_bars_are_the_intervals_and_curves_the_seed_spread(tmp_path: Path) -> None:
     for seed, (exact, topk) in enumerate(((0.95, 0.90), (0.93, 0.86))):
         write_run(tmp_path / f"e{seed}", sampler="exact", seed=seed, best=exact)
         write_run(tmp_path / f"t{seed}", sampler="topk", seed=seed, best=topk)
@@ -167,9 +168,12 @@ def test_seed_spread_is_drawn_for_runs_and_baseline(tmp_path: Path) -> None:
     FIGURES["pareto"](pareto, table)
     FIGURES["curves"](curves, table)
     bars = {label.split()[0]: handle for handle, label in zip(*pareto.get_legend_handles_labels())}
-    assert bars["exact"].has_yerr and bars["topk"].has_yerr
-    assert len(pareto.patches) == 1  # the baseline's +-1 std band
-    assert len(curves.collections) == 2  # one band per row
+    assert not bars["exact"].has_yerr and bars["topk"].has_yerr  # exact's spread is inside the rows' intervals
+    # 2 seeds a side: the bootstrap interval [min - max, max - min] = [0.86 - 0.95, 0.90 - 0.93] from exact's 0.94
+    (segment,) = bars["topk"].lines[2][-1].get_segments()
+    assert [y for _, y in segment] == pytest.approx([0.94 - 0.09, 0.94 - 0.03])
+    assert len(pareto.patches) == 0
+    assert len(curves.collections) == 2  # one +-1 std band per row
 
 
 # --------------------------------------------------------------------------- step-time noise
@@ -201,7 +205,7 @@ def test_noisy_step_times_mark_the_speedup_unreliable(
     assert row_for(table, "exact").speedup_reliable is (noisy == "row")
     code, out, _ = run_cli([str(tmp_path), "--format", "md"], capsys)
     (line,) = [line for line in out.splitlines() if line.startswith("| topk")]
-    assert line.split("|")[8].strip().endswith("x?")
+    assert line.split("|")[COLUMNS.index("speedup") + 1].strip().endswith("x?")
     assert "the speedup is unreliable (marked ?)" in out
 
 

@@ -23,7 +23,7 @@ from approxtrain.compare.selection import (
     check_sort_key,
     parse_filter,
 )
-from approxtrain.compare.table import SORT_KEYS, Table, build_rows, sort_tables
+from approxtrain.compare.table import DEFAULT_MIN_SEEDS, SORT_KEYS, Table, build_rows, sort_tables
 from approxtrain.compare.wandb_source import WandbSourceError, fetch_wandb_runs
 from approxtrain.run.schema import RESULTS_FILE
 
@@ -63,7 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reverse", action="store_true", help="sort descending")
     parser.add_argument("--filter", dest="filters", action="append", default=[], metavar="KEY=VALUE",
                         help="keep runs whose field or dotted config key equals VALUE (a,b: either); repeatable")
+    parser.add_argument("--min-seeds", type=_min_seeds, default=DEFAULT_MIN_SEEDS, metavar="N",
+                        help=f"warn about rows with fewer than N seeds (default {DEFAULT_MIN_SEEDS}): their "
+                        "intervals are a bootstrap (2 seeds) or absent (1)")
     return parser
+
+
+def _min_seeds(text: str) -> int:
+    """``--min-seeds``: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: an integer >= 1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,8 +102,12 @@ def _run(args: argparse.Namespace) -> int:
     runs, problems = _load(args)
     if runs:
         check_filter_keys(filters, runs)
-    tables = sort_tables(build_rows(runs, apply_filters(runs, filters)), args.sort, args.reverse)
+    tables = sort_tables(build_rows(runs, apply_filters(runs, filters), args.min_seeds), args.sort, args.reverse)
     _print(tables, problems, args.format)
+    if args.format in ("json", "csv"):  # the table and report.md show them with the rows
+        for table in tables:
+            for warning in table.warnings:
+                print(f"warning: {table.model}/{table.dataset}: {warning}", file=sys.stderr)
     out_dir = _report_dir(args)
     if out_dir is not None:
         paths = write_report(tables, problems, out_dir, figure_formats)

@@ -2,7 +2,8 @@
 
 ``collect_runs(paths)`` loads run dirs (recursively) into runs and problems,
 ``build_rows(runs)`` compares them with their exact baselines and aggregates seeds
-into one table per model/dataset (flagging speedups from noisy step times),
+into one table per model/dataset (95 % intervals and verdicts of the differences,
+:mod:`~approxtrain.compare.stats`; flagging speedups from noisy step times),
 ``print_tables``/``print_sweep_table`` render them with rich, and ``write_report``
 writes ``report.md``, ``runs.csv`` and the figures ``pareto``/``curves`` (PNG, plus
 PDF/SVG on request; fixed colours per sampler). ``fetch_wandb_runs`` reads the same

@@ -17,8 +17,16 @@ from rich.console import Console
 from rich.table import Table as RichTable
 from rich.text import Text
 
-from approxtrain.compare.formatting import COLUMNS, delta_is_better, metric_digits, row_cells, row_notes
+from approxtrain.compare.formatting import (
+    COLUMNS,
+    INTERVAL_NOTE,
+    delta_is_better,
+    metric_digits,
+    row_cells,
+    row_notes,
+)
 from approxtrain.compare.runs import INCOMPLETE, Problem, collect_runs
+from approxtrain.compare.stats import BETTER, WORSE
 from approxtrain.compare.table import Table, build_rows
 from approxtrain.run.schema import FAILED, FINISHED, INTERRUPTED, RUNNING
 
@@ -26,8 +34,10 @@ STATUS_STYLES = {FINISHED: "green", FAILED: "red", RUNNING: "yellow", INTERRUPTE
 WIDE_CONSOLE = 160
 NARROW_CONSOLE = 120
 _HEADERS = {"compute red.": "compute\nred.", "best metric": "best\nmetric", "Δ vs exact": "Δ vs\nexact",
+            "95 % interval": "95 %\ninterval",
             "step time": "step\ntime (ms)", "speedup": "speed-\nup", "overrides": "#"}
-_NUMERIC = {"ratio", "compute red.", "best metric", "Δ vs exact", "step time", "speedup", "epochs", "n"}
+_NUMERIC = {"ratio", "compute red.", "best metric", "Δ vs exact", "95 % interval", "step time", "speedup", "epochs", "n"}
+VERDICT_STYLES = {BETTER: "green", WORSE: "red"}
 
 
 def rich_table(table: Table, width: int = WIDE_CONSOLE) -> RichTable:
@@ -43,6 +53,7 @@ def rich_table(table: Table, width: int = WIDE_CONSOLE) -> RichTable:
     for number, row in enumerate(table.rows, start=1):
         cells: dict[str, str | Text] = dict(zip(COLUMNS, row_cells(row, digits, separator="\n" if stacked else " ")))
         cells["Δ vs exact"] = Text(str(cells["Δ vs exact"]), style=_delta_style(delta_is_better(row)))
+        cells["verdict"] = Text(str(cells["verdict"]), style=VERDICT_STYLES.get(row.verdict or "", ""))
         cells["status"] = Text(str(cells["status"]), style=STATUS_STYLES.get(row.first.status, ""))
         cells["speedup"] = Text(str(cells["speedup"]), style="yellow" if row.speedup_reliable is False else "")
         if stacked:
@@ -73,8 +84,12 @@ def print_tables(tables: Sequence[Table], problems: Sequence[Problem], console: 
             for number, row in enumerate(table.rows, start=1):
                 line = f"  #{number} (n={row.n}): {row.overrides or '-'}"
                 console.print(line, highlight=False, markup=False, soft_wrap=True)
+        if any(row.interval is not None for row in table.rows):
+            console.print(Text(f"  {INTERVAL_NOTE}", style="dim"), highlight=False, soft_wrap=True)
         for note in row_notes(table):
             console.print(Text.assemble(("  note: ", "dim"), note), highlight=False, soft_wrap=True)
+        for warning in table.warnings:
+            console.print(Text.assemble(("  warning: ", "yellow"), warning), highlight=False, soft_wrap=True)
         console.print()
     print_problems(problems, console)
 

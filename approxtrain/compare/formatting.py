@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from approxtrain.compare.stats import BOOTSTRAP
 from approxtrain.compare.table import Row, Stat, Table
 from approxtrain.compare.timing import UNRELIABLE_MARK
 
@@ -12,6 +13,8 @@ COLUMNS = (
     "compute red.",
     "best metric",
     "Δ vs exact",
+    "95 % interval",
+    "verdict",
     "step time",
     "speedup",
     "epochs",
@@ -47,6 +50,25 @@ def format_delta(row: Row, digits: int) -> str:
     return f"{row.delta:+.{digits}f}"
 
 
+def format_interval(row: Row, digits: int) -> str:
+    """``[-0.0120, -0.0010]`` (Welch's t), ``... bootstrap`` (2 seeds a side); ``-`` without one."""
+    interval = row.interval
+    if interval is None:
+        return "-"
+    text = f"[{interval.low:+.{digits}f}, {interval.high:+.{digits}f}]"
+    return f"{text} {BOOTSTRAP}" if interval.method == BOOTSTRAP else text
+
+
+def format_verdict(row: Row) -> str:
+    """``better | worse | within noise``; ``-`` for exact rows and rows without an interval."""
+    return row.verdict or "-"
+
+
+INTERVAL_NOTE = ("95 % interval: of Δ vs exact, Welch's t over the seeds of the row and of its "
+                 "baseline; 'bootstrap' where a side has 2 seeds (too narrow to trust), none with 1; verdict: "
+                 "better or worse when the interval excludes 0, in the metric's direction")
+
+
 def delta_is_better(row: Row) -> bool | None:
     """Whether the row beats its baseline in the metric's direction; ``None`` when undecidable or exact."""
     if row.is_exact or row.delta is None or row.delta == 0:
@@ -76,6 +98,8 @@ def row_cells(row: Row, digits: int, separator: str = " ") -> list[str]:
         format_stat(row.compute_reduction, 1, scale=100, unit="%", separator=separator),
         format_stat(row.best_metric, digits, separator=separator),
         format_delta(row, digits),
+        format_interval(row, digits),
+        format_verdict(row),
         format_stat(row.step_time_s, 1, scale=1000, unit=" ms", separator=separator),
         format_speedup(row.speedup, row.speedup_reliable),
         row.epochs,

@@ -2,11 +2,13 @@
 
 ``pareto``: best metric against compute reduction, one series per sampler in its
 fixed colour (:mod:`approxtrain.compare.style`), hollow markers for rows that have not
-finished, error bars of +-1 sample std over seeds on both axes and each point's ratio
-beside it; the exact baseline is a black star with its own error bar, a dotted line
-and a grey +-1 std band; the dashed grey line is the Pareto front of the finished rows
--- more reduction and a better metric in its own direction (higher accuracy, lower
-perplexity).
+finished and each point's ratio beside it. A row's vertical bar is the 95 % interval of its
+difference to exact (:mod:`approxtrain.compare.stats`) drawn from the exact mean, so a bar
+that crosses the exact row's dotted line is ``within noise``; rows without an interval (one
+seed, no baseline) have none. Horizontal bars: +-1 sample std of the compute reduction. The
+exact baseline is a black star on its dotted line; the dashed grey line is the Pareto front
+of the finished rows -- more reduction and a better metric in its own direction (higher
+accuracy, lower perplexity).
 ``curves``: mean test metric per epoch of every row with a +-1 std band over seeds;
 the sampler gives the colour, the rest of the row (ratio, other overrides) the line
 style, exact is thick black.
@@ -45,7 +47,8 @@ LEGEND_LINE_CHARS = 95  # characters of legend text that fit across the figure
 LEGEND_HANDLE_CHARS = 7  # a handle and the gap after it, in characters
 LEGEND_ROW_IN = 0.2
 PARETO_LABEL = "Pareto front"
-SPREAD = "error bars and bands: ±1 std over seeds"
+PARETO_BARS = "bars: 95 % interval of Δ vs exact, around the exact mean (Welch's t; 2 seeds: bootstrap)"
+SPREAD = "bands: ±1 std over seeds"
 
 
 def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool) -> list[int]:
@@ -90,7 +93,7 @@ def _figure(tables: Sequence[Table], draw: Callable[[Axes, Table], int]) -> Figu
     return figure
 
 
-def _legend(axes: Axes) -> int:
+def _legend(axes: Axes, title: str = SPREAD) -> int:
     """The legend under the panel (it never covers a point); returns its number of rows."""
     entries = sorted(zip(*axes.get_legend_handles_labels()), key=lambda entry: entry[1] == PARETO_LABEL)
     if not entries:
@@ -99,7 +102,7 @@ def _legend(axes: Axes) -> int:
     longest = max(len(label) for label in labels) + LEGEND_HANDLE_CHARS
     columns = max(1, min(LEGEND_COLUMNS, len(handles), LEGEND_LINE_CHARS // longest))
     axes.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=columns,
-                title=SPREAD, title_fontsize="small", frameon=False)
+                title=title, title_fontsize="small", frameon=False)
     return -(-len(handles) // columns) + 1
 
 
@@ -126,19 +129,24 @@ def _draw_pareto(axes: Axes, table: Table) -> int:
     axes.set(title=table.title, xlabel="compute reduction (MACs saved)", ylabel=f"best {table.metric_name}")
     axes.xaxis.set_major_formatter(PercentFormatter(xmax=1.0))
     axes.grid(alpha=0.3)
-    return _legend(axes)
+    return _legend(axes, PARETO_BARS)
 
 
 def _draw_baseline(axes: Axes, row: Row) -> None:
-    """The exact row: a star with its error bars, a dotted line at its mean and a +-1 std band."""
-    metric = row.best_metric
-    axes.errorbar([row.compute_reduction.mean], [metric.mean], xerr=[row.compute_reduction.std or 0],
-                  yerr=[metric.std or 0], fmt="*", markersize=14, color=EXACT_COLOR, capsize=4, zorder=5,
+    """The exact row: a star on a dotted line at its mean (its spread is in the other rows' intervals)."""
+    axes.errorbar([row.compute_reduction.mean], [row.best_metric.mean], xerr=[row.compute_reduction.std or 0],
+                  fmt="*", markersize=14, color=EXACT_COLOR, capsize=4, zorder=5,
                   label=f"{row_label(row)} [{row.first.status}] n={row.n}")
-    axes.axhline(metric.mean, color=EXACT_COLOR, linestyle=":", linewidth=1)
-    if metric.std:
-        axes.axhspan(metric.mean - metric.std, metric.mean + metric.std, color=EXACT_COLOR, alpha=BAND_ALPHA / 2,
-                     linewidth=0, zorder=0)
+    axes.axhline(row.best_metric.mean, color=EXACT_COLOR, linestyle=":", linewidth=1)
+
+
+def interval_bar(row: Row) -> tuple[float, float]:
+    """How far the row's bar reaches below and above its mean: its interval of Δ vs exact placed
+    at the exact mean (``baseline + low`` to ``baseline + high``); ``(0, 0)`` without an interval."""
+    interval, mean, baseline = row.interval, row.best_metric.mean, row.baseline.metric
+    if interval is None or mean is None or baseline is None:
+        return 0.0, 0.0
+    return max(mean - (baseline + interval.low), 0.0), max(baseline + interval.high - mean, 0.0)
 
 
 def _draw_series(axes: Axes, rows: list[Row], sampler: str) -> None:
@@ -151,7 +159,7 @@ def _draw_series(axes: Axes, rows: list[Row], sampler: str) -> None:
             [r.compute_reduction.mean for r in chosen],
             [r.best_metric.mean for r in chosen],
             xerr=[r.compute_reduction.std or 0 for r in chosen],
-            yerr=[r.best_metric.std or 0 for r in chosen],
+            yerr=[list(bar) for bar in zip(*(interval_bar(r) for r in chosen))],
             fmt="o", markersize=6, color=color, mfc=color if status_finished else "none", capsize=3,
             label=sampler if status_finished else f"{sampler} (not finished)",
         )

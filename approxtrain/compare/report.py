@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from approxtrain.compare.formatting import COLUMNS, metric_digits, row_cells, row_notes
+from approxtrain.compare.formatting import COLUMNS, INTERVAL_NOTE, metric_digits, row_cells, row_notes
 from approxtrain.compare.runs import Problem
 from approxtrain.compare.table import RUN_RECORD_FIELDS, Table
 
@@ -90,9 +90,13 @@ def _markdown_table(table: Table) -> list[str]:
     digits = metric_digits(table)
     lines = [f"## {table.title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_escape(cell) for cell in row_cells(row, digits)) + " |" for row in table.rows]
+    if any(row.interval is not None for row in table.rows):
+        lines += ["", _escape(INTERVAL_NOTE)]
     notes = row_notes(table)
     if notes:
         lines += ["", "Notes:", ""] + [f"- {_escape(note)}" for note in notes]
+    if table.warnings:
+        lines += ["", "Warnings:", ""] + [f"- {_escape(warning)}" for warning in table.warnings]
     return lines + [""]
 
 

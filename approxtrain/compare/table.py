@@ -11,9 +11,11 @@ replicates are its *seeds*: runs that share a seed too (an exact sweep over ``ra
 which exact ignores, or a config run twice) are one experiment, averaged into that
 seed's value and noted, never counted as extra seeds. A row's mean, sample standard
 deviation and n are over its seeds' values. Its ``delta`` is the mean metric minus the
-mean baseline metric over the seeds that have a baseline; its speedup the mean baseline
-step time over those seeds divided by the mean step time, marked unreliable when either
-step time is noisy (:mod:`approxtrain.compare.timing`).
+mean baseline metric over the seeds that have a baseline, with a 95 % interval and a
+verdict (``better | worse | within noise``, :mod:`approxtrain.compare.stats`); its speedup the
+mean baseline step time over those seeds divided by the mean step time, marked unreliable
+when either step time is noisy (:mod:`approxtrain.compare.timing`). A row with fewer than
+``min_seeds`` seeds (default 3) is named in its table's ``warnings``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from approxtrain.compare.matching import (
@@ -31,10 +34,12 @@ from approxtrain.compare.matching import (
     varying_keys,
 )
 from approxtrain.compare.runs import Run
+from approxtrain.compare.stats import MIN_SEEDS_FOR_T, Interval, difference_interval, verdict
 from approxtrain.compare.timing import is_noisy, noise_note, step_time_samples, variation
 from approxtrain.run.schema import FINISHED
 
 BaselineIndex = dict[tuple[Any, ...], list[Run]]
+DEFAULT_MIN_SEEDS = MIN_SEEDS_FOR_T  # fewer seeds in a row: a warning (``--min-seeds``)
 RUN_RECORD_FIELDS = (
     "path", "status", "model", "dataset", "metric_name", "higher_is_better", "sampler", "ratio", "layers",
     "seed", "n", "compute_reduction", "best_metric", "final_metric", "baseline_metric", "delta",
@@ -74,6 +79,7 @@ class Baseline:
 
     metric: float | None = None
     metric_std: float | None = None  # over the baseline's seeds
+    values: list[float] = field(default_factory=list)  # its metric per seed (repeats averaged)
     step_time_s: float | None = None
     paths: list[str] = field(default_factory=list)
     seeds: list[int | None] = field(default_factory=list)
@@ -205,6 +211,22 @@ class Row:
         return _difference(self.best_metric.mean, self.baseline.metric)
 
     @property
+    def metric_values(self) -> list[float]:
+        """The row's metric per seed (runs repeated under one seed averaged), seeds without one left out."""
+        means = (Stat.of(run.best_metric for run in runs).mean for runs in self.by_seed.values())
+        return [value for value in means if value is not None]
+
+    @cached_property
+    def interval(self) -> Interval | None:
+        """95 % interval of ``delta`` (:func:`~approxtrain.compare.stats.difference_interval`); None for exact rows."""
+        return None if self.is_exact else difference_interval(self.metric_values, self.baseline.values)
+
+    @property
+    def verdict(self) -> str | None:
+        """``better | worse | within noise`` against the baseline, in the metric's direction; None without an interval."""
+        return verdict(self.interval, self.first.higher_is_better)
+
+    @property
     def speedup(self) -> float | None:
         return _ratio(self.baseline.step_time_s, self.step_time_s.mean)
 
@@ -252,6 +274,10 @@ class Row:
             "baseline_metric_std": self.baseline.metric_std,
             "baseline_seeds": self.baseline.seeds,
             "delta": self.delta,
+            "delta_low": None if self.interval is None else self.interval.low,
+            "delta_high": None if self.interval is None else self.interval.high,
+            "interval_method": None if self.interval is None else self.interval.method,
+            "verdict": self.verdict,
             "step_time_s": step.mean,
             "step_time_s_std": step.std,
             "baseline_step_time_s": self.baseline.step_time_s,
@@ -277,6 +303,12 @@ class Table:
     higher_is_better: bool
     rows: list[Row]
     run_rows: list[RunRow]
+    min_seeds: int = DEFAULT_MIN_SEEDS
+
+    @property
+    def warnings(self) -> list[str]:
+        """One line per row with fewer than ``min_seeds`` seeds: a difference it shows may be noise."""
+        return [_few_seeds_warning(row, self.min_seeds) for row in self.rows if row.n < self.min_seeds]
 
     @property
     def title(self) -> str:
@@ -290,6 +322,7 @@ class Table:
             "metric_name": self.metric_name,
             "higher_is_better": self.higher_is_better,
             "rows": [row.as_record() for row in self.rows],
+            "warnings": self.warnings,
         }
 
 
@@ -300,6 +333,7 @@ SORT_KEYS: dict[str, str] = {
     "compute_reduction": "compute_reduction",
     "best_metric": "best_metric",
     "delta": "delta",
+    "verdict": "verdict",
     "step_time": "step_time_s",
     "speedup": "speedup",
     "epochs": "epochs_done",
@@ -309,9 +343,11 @@ SORT_KEYS: dict[str, str] = {
 }
 
 
-def build_rows(runs: Sequence[Run], selected: Sequence[Run] | None = None) -> list[Table]:
+def build_rows(runs: Sequence[Run], selected: Sequence[Run] | None = None,
+               min_seeds: int = DEFAULT_MIN_SEEDS) -> list[Table]:
     """Compare ``selected`` runs (default: all) with baselines found among all ``runs``;
-    one :class:`Table` per model, dataset and metric, rows in the default order."""
+    one :class:`Table` per model, dataset and metric, rows in the default order; rows with
+    fewer than ``min_seeds`` seeds are named in the table's warnings."""
     baselines = index_baselines(runs)
     chosen = list(runs if selected is None else selected)
     tables = []
@@ -323,7 +359,8 @@ def build_rows(runs: Sequence[Run], selected: Sequence[Run] | None = None) -> li
         ]
         rows = [_aggregate(group, baselines, keys) for group in _partition(run_rows, _group_key).values()]
         tables.append(
-            Table(model, dataset, metric_name, members[0].higher_is_better, sort_rows(rows), sort_rows(run_rows))
+            Table(model, dataset, metric_name, members[0].higher_is_better, sort_rows(rows), sort_rows(run_rows),
+                  min_seeds)
         )
     return sorted(tables, key=lambda t: (t.model, t.dataset, t.metric_name))
 
@@ -358,11 +395,13 @@ def baseline_for(run: Run, seeds: Iterable[int | None], index: BaselineIndex) ->
             per_seed.append((seed, finished or candidates))
     if not per_seed:
         return Baseline()
-    metric = seed_stat([[b.best_metric for b in group] for _, group in per_seed])
+    values = [Stat.of(b.best_metric for b in group).mean for _, group in per_seed]
+    metric = Stat.of(values)
     baselines = [b for _, group in per_seed for b in group]
     return Baseline(
         metric=metric.mean,
         metric_std=metric.std,
+        values=[value for value in values if value is not None],
         step_time_s=seed_stat([[b.step_time_s for b in group] for _, group in per_seed]).mean,
         paths=[b.path for b in baselines],
         seeds=[seed for seed, _ in per_seed],
@@ -435,6 +474,17 @@ def _baseline_notes(baseline: Baseline, is_exact: bool, n_seeds: int = 1) -> lis
     if baseline.partial:
         notes.append("baseline not finished")
     return notes
+
+
+def _few_seeds_warning(row: Row, min_seeds: int) -> str:
+    if row.n < 2:
+        consequence = "no interval or verdict"
+    elif row.n < MIN_SEEDS_FOR_T:
+        consequence = "its interval is a bootstrap over 2 seeds, too narrow to trust"
+    else:
+        consequence = "its interval is wide"
+    label = row.overrides or row.first.sampler
+    return f"{label} [{row.first.status}]: {row.n} seed{'s' if row.n != 1 else ''}, fewer than {min_seeds}: {consequence}"
 
 
 def _repeat_note(seed: int | None, runs: list[Run]) -> str:
