@@ -52,7 +52,7 @@ PRESETS = {
     "fig1c_mlp": ("mlp", "mnist", {
         "trainer.optimizer.name": "adam", "dataset.batch_size": 50, "trainer.epochs": 20, "sampler.k_rounding": "floor",
         "hydra.sweeper.params.sampler": "topk,nps,nps_unscaled,uniform,uniform_replacement,uniform_unscaled",
-        "hydra.sweeper.params.ratio": "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0", "hydra.sweeper.params.seed": "0,1,2",
+        "hydra.sweeper.params.ratio": "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0", "hydra.sweeper.params.seed": "0,1,2,3,4",
     }),
     "table2_mlp": ("mlp", "mnist", {
         "trainer.epochs": 20, "ratio": 0.4, "sampler.bwd_ratio": 0.05, "sampler.wu_ratio": 0.05, "sampler.bwd_min_k": 10,
