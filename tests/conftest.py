@@ -21,6 +21,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 
 import approxtrain.cli.train  # noqa: F401  (registers the `resume_dir` resolver used by hydra.run.dir)
+from approxtrain.extras import EXTRAS, installed
 from approxtrain.run.rundir import write_results
 from approxtrain.run.schema import EPOCH_KEYS, RESULT_KEYS, Results  # noqa: F401  (the results contract, for the tests)
 
@@ -33,6 +34,16 @@ PLAN_ROW_KEYS = ("name", "type", "n", "k", "ratio", "policy", "exact_macs", "app
 # What choosing a model needs beyond ``model=<name>``: model=custom has no default _target_.
 CUSTOM_MODEL = ("model._target_=byo_nets.SmallConvNet", "+model.in_channels=${dataset_info:in_channels}",
                 "+model.num_classes=${dataset_info:num_classes}")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.extra("slurm")``: the test needs that optional extra; without it, it is skipped
+    with a reason that says how to install it (CI runs them after installing the extras: ``-m extra``)."""
+    for mark in item.iter_markers("extra"):
+        (name,) = mark.args
+        assert name in EXTRAS, f"extra({name!r}): allowed: {', '.join(EXTRAS)}"
+        if not installed(name):
+            pytest.skip(f"needs the {name} extra: pip install -e .[{name}]")
 
 
 def model_overrides(model: str) -> tuple[str, ...]:

@@ -24,6 +24,7 @@ from torch import nn
 
 from approxtrain.data.order import EpochShuffle
 from approxtrain.data.text import TokenBatches
+from approxtrain.extras import MissingExtra
 from approxtrain.functional import PairScoring, approx_linear
 from approxtrain.modules import ApproxLinear
 from approxtrain.run.distributed import Distributed, GradientAllReduce, _comm_hook
@@ -107,7 +108,9 @@ def test_pair_scoring_seam():
     assert torch.equal(doubled.kept[0], by_weights.kept[0])
 
 
-def test_ranks_come_from_torchrun_or_a_submitit_slurm_job(monkeypatch):
+@pytest.fixture
+def slurm_task(monkeypatch):
+    """This process as task 3 of a 4-task SLURM job submitted by submitit (no torchrun variables)."""
     names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES",
              "TORCHELASTIC_RUN_ID", "APPROXTRAIN_LAUNCHER", "SUBMITIT_EXECUTOR")
     for name in names:  # (set, then removed: each is restored as it was after the test)
@@ -118,6 +121,17 @@ def test_ranks_come_from_torchrun_or_a_submitit_slurm_job(monkeypatch):
     for name, value in dict(SLURM_NTASKS="4", SLURM_PROCID="3", SLURM_LOCALID="1", SLURM_JOB_ID="4242",
                             SLURM_JOB_NODELIST="node[1-2]", SLURM_NNODES="2", SLURM_NODEID="1").items():
         monkeypatch.setenv(name, value)
+
+
+def test_a_slurm_job_without_the_slurm_extra_is_one_line(slurm_task, monkeypatch):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # not installed
+    with pytest.raises(MissingExtra) as raised:
+        launched()
+    assert str(raised.value) == 'a SLURM job with several tasks needs the slurm extra: pip install "approxtrain[slurm]"'
+
+
+@pytest.mark.extra("slurm")
+def test_ranks_come_from_torchrun_or_a_submitit_slurm_job(slurm_task, monkeypatch):
     slurm = Launch(rank=3, world_size=4, local_rank=1, launcher="slurm")
     assert launched() == slurm and os.environ["MASTER_ADDR"] == "node1" and launched() == slurm
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")

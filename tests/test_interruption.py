@@ -147,11 +147,11 @@ def _pids_running(*texts: str) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.extra("slurm")
 def test_submitit_requeue_after_preemption_continues_the_job(cli, tmp_path):
     """The README's SLURM recipe, on submitit's local executor: SIGUSR2 (the preemption warning)
     checkpoints the job mid-epoch, submitit requeues it, and the requeued job continues its run
     to the numbers of an uninterrupted one."""
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     common = ("model=mlp", "dataset=digits", "dataset.batch_size=10", "trainer.epochs=3", "logger=none",
               "trainer.num_workers=0", "sampler=nps", "trainer.device=cpu")
     assert cli(*common, f"hydra.run.dir={tmp_path / 'uninterrupted'}").returncode == 0

@@ -1,21 +1,32 @@
-"""Sweeps under Hydra's parallel launchers, end to end in subprocesses: jobs run in worker
-processes (joblib) or separate submitit jobs, yet every job records its results.json, the
-launching process prints the comparison table, and a failed job fails the sweep's exit code."""
+"""Sweeps under every Hydra launcher (basic, joblib, submitit_local), end to end in subprocesses with
+the default ``trainer.num_workers`` (loader worker processes inside the launcher's jobs): jobs run in
+this process (basic), in worker processes (joblib) or as separate submitit jobs, yet every job records
+its results.json, the launching process prints the comparison table, and a failed job fails the
+sweep's exit code."""
 
 from __future__ import annotations
 
-import pytest
+import multiprocessing
 
+import pytest
+import torch
+from joblib import Parallel, delayed
+from torch.utils.data import TensorDataset
+
+from approxtrain.data.order import ShuffledLoader
 from approxtrain.run.schema import read_results
 
-pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-
-TINY = ("model=mlp", "dataset=digits", "logger=none", "trainer.max_steps=2", "trainer.num_workers=0", "trainer.device=cpu")
+TINY = ("model=mlp", "dataset=digits", "logger=none", "trainer.max_steps=2", "trainer.device=cpu")  # num_workers: the default
 LAUNCHERS = {
+    "basic": (),
     "joblib": ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2"),
     "submitit_local": ("hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"),
 }
+EXTRA = {"joblib": "joblib", "submitit_local": "slurm"}  # the extra that brings each launcher
+
+
+def each_launcher() -> list:
+    return [pytest.param(name, marks=[pytest.mark.extra(EXTRA[name])] if name in EXTRA else []) for name in LAUNCHERS]
 
 
 def run_sweep(cli, tmp_path, launcher: str, *overrides: str):
@@ -25,18 +36,38 @@ def run_sweep(cli, tmp_path, launcher: str, *overrides: str):
     return process, sweep_dir
 
 
-@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def _load_in_a_job(num_workers: int) -> tuple[str | None, list[list[int]]]:
+    loader = ShuffledLoader(TensorDataset(torch.arange(6)), batch_size=3, seed=0, num_workers=num_workers, pin_memory=False)
+    loader.set_epoch(1)
+    return multiprocessing.get_start_method(allow_none=True), [batch.tolist() for (batch,) in loader]
+
+
+def test_loader_workers_start_inside_a_joblib_job():
+    """joblib's loky workers run a job with the start method ``loky``, which starts only loky's own
+    processes (a plain one fails with "'Process' object has no attribute 'env'"): the workers fork."""
+    (method, in_job), = Parallel(n_jobs=2, backend="loky")(delayed(_load_in_a_job)(2) for _ in range(1))
+    assert method == "loky" and in_job == _load_in_a_job(0)[1]
+    from approxtrain.data.order import worker_context
+
+    assert worker_context() is None  # here: the process's own start method, torch's default
+
+
+def test_the_default_loads_with_worker_processes(compose_cfg):
+    assert compose_cfg("model=mlp").trainer.num_workers > 0  # (else the sweeps below would not test them)
+
+
+@pytest.mark.parametrize("launcher", each_launcher())
 def test_sweep_under_launcher_completes_with_table(launcher, cli, tmp_path):
     process, sweep_dir = run_sweep(cli, tmp_path, launcher, "sampler=exact,topk")
     assert process.returncode == 0, process.stderr[-3000:]
     results = [read_results(sweep_dir / job) for job in ("0", "1")]
-    assert [r["status"] for r in results] == ["finished", "finished"]
+    assert [r["status"] for r in results] == ["finished", "finished"], [r.get("error") for r in results]
     assert {r["sampler"] for r in results} == {"exact", "topk"}
     table = process.stdout[process.stdout.rfind("mlp / digits"):]
     assert "exact" in table and "topk" in table and "baseline" in table, process.stdout[-3000:]
 
 
-@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+@pytest.mark.parametrize("launcher", [param for param in each_launcher() if param.values[0] != "basic"])
 def test_sweep_under_launcher_with_a_failed_job_exits_nonzero(launcher, cli, tmp_path):
     process, sweep_dir = run_sweep(cli, tmp_path, launcher, "ratio=0.5,1.5")
     assert process.returncode == 1, process.stderr[-3000:]

@@ -21,10 +21,6 @@ def finished(best: float | None = 0.9, metric: str = "accuracy", reduction: floa
                    status=FINISHED, best_metric=best, final_metric=best, compute_reduction=reduction)
 
 
-def needs_optuna():
-    return pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="hydra-optuna-sweeper is not installed")
-
-
 # ---------------------------------------------------------------------------------------------- objective
 
 
@@ -76,15 +72,15 @@ def test_a_bad_objective_is_refused_before_anything_runs():
 # ---------------------------------------------------------------------------------------------- Optuna presets
 
 
+@pytest.mark.extra("optuna")
 def test_smallest_ratio_without_a_baseline_is_refused_before_the_search():
-    needs_optuna()
     error = composition_error(["-m", "search=smallest_ratio", *TINY])
     assert error.startswith("search.baseline='???' is invalid; allowed: exact training's best metric")
 
 
+@pytest.mark.extra("optuna")
 def test_a_two_trial_pareto_search_returns_two_objectives(cli, tmp_path):
     """Each trial returns [best_metric, compute_reduction]; the Pareto front holds them."""
-    needs_optuna()
     sweep_dir = tmp_path / "sweep"
     process = cli("-m", "search=pareto", "hydra.sweeper.n_trials=2", *TINY, f"hydra.sweep.dir={sweep_dir}", timeout=300)
     assert process.returncode == 0, process.stderr[-3000:]
@@ -97,8 +93,8 @@ def test_a_two_trial_pareto_search_returns_two_objectives(cli, tmp_path):
     assert all(set(solution["params"]) == {"ratio", "sampler"} for solution in solutions)
 
 
+@pytest.mark.extra("optuna")
 def test_a_failed_trial_fails_the_search_in_one_line(cli, tmp_path):
-    needs_optuna()
     process = cli("-m", "search=pareto", "hydra.sweeper.n_trials=2", *TINY, "ratio=1.5", f"hydra.sweep.dir={tmp_path / 'sweep'}",
                   timeout=300)
     assert process.returncode == 1

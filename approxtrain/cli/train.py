@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 import approxtrain.cli.config_store  # noqa: F401  (stores the config nodes made from code before anything is composed)
 from approxtrain.cli.allocator import retain_freed_memory
 from approxtrain.cli.resume import RESUME_KEY, RecordResume, last_value, parse_overrides, requeued_run, resume_overrides
+from approxtrain.extras import missing_option_line
 from approxtrain.models.custom import dataset_fact_hint
 from approxtrain.run.launch import follow, launched, lead
 from approxtrain.run.rundir import checkpoint_path, claim_new_dir, hold, holder, recorded_run, release
@@ -159,7 +160,7 @@ def composition_error(args: list[str]) -> str | None:
         cfg = compose(parsed, _first_of_each_sweep(parsed.overrides) if parsed.multirun else parsed.overrides)
         OmegaConf.to_container(cfg.model, resolve=True)  # a model argument's ${...} (model=custom) fails here, not in the job
     except Exception as error:  # noqa: BLE001 - every composition error becomes one line
-        return composition_error_line(str(error), args) + dataset_fact_hint(str(error))
+        return missing_option_line(str(error)) or composition_error_line(str(error), args) + dataset_fact_hint(str(error))
     return objective_error(cfg)
 
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision import datasets, transforms
 
 from approxtrain.data.info import DatasetInfo, not_found
-from approxtrain.data.order import ShuffledLoader, ignore_stop_signals
+from approxtrain.data.order import ShuffledLoader, worker_options
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -60,9 +60,8 @@ def make_loaders(
     and in-order test loader, both ``drop_last=False``; ``shard``: this rank's share of training, ``(rank, world_size)``."""
     train_loader = ShuffledLoader(train_set, batch_size=batch_size, seed=seed, num_workers=num_workers, pin_memory=pin_memory,
                                   shard=shard)
-    test_loader = DataLoader(test_set, batch_size=eval_batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
-                             pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                             worker_init_fn=ignore_stop_signals if num_workers else None)
+    test_loader = DataLoader(test_set, batch_size=eval_batch_size, shuffle=False, drop_last=False, pin_memory=pin_memory,
+                             **worker_options(num_workers))
     return train_loader, test_loader
 
 

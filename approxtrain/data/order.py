@@ -12,8 +12,10 @@ continues with exactly the batches it had left.
 
 from __future__ import annotations
 
+import multiprocessing
 import signal
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -79,6 +81,26 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def worker_context() -> multiprocessing.context.BaseContext | None:
+    """How loader workers are started: the process's own start method (None: torch's default), unless
+    a launcher forced one of its own -- joblib runs each job in a loky worker whose start method is
+    ``loky``: its ``Popen`` takes only loky's own processes (torch's worker ``Process`` has no ``env``)
+    and a ``spawn``/``forkserver`` child cannot find a context of that name. ``fork`` starts them there."""
+    method = multiprocessing.get_start_method(allow_none=True)
+    if method is None or method in multiprocessing.get_all_start_methods():
+        return None
+    return multiprocessing.get_context("fork")
+
+
+def worker_options(num_workers: int) -> dict[str, Any]:
+    """A ``DataLoader``'s worker arguments: ``num_workers`` processes, kept across epochs, that leave stop
+    signals to the training process, started by :func:`worker_context`."""
+    if num_workers == 0:
+        return {"num_workers": 0}
+    return {"num_workers": num_workers, "persistent_workers": True, "worker_init_fn": ignore_stop_signals,
+            "multiprocessing_context": worker_context()}
+
+
 class ShuffledLoader(DataLoader):
     """The training loader: :class:`EpochShuffle` order over :class:`SeededItems` (``shard``: this
     rank's share, ``(rank, world_size)``); ``len()`` is a whole epoch's batches. Call :meth:`set_epoch` before iterating an epoch."""
@@ -86,8 +108,7 @@ class ShuffledLoader(DataLoader):
     def __init__(self, dataset: Dataset, *, batch_size: int, seed: int, num_workers: int, pin_memory: bool,
                  shard: tuple[int, int] = (0, 1)) -> None:
         super().__init__(SeededItems(dataset, seed), batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed, *shard),
-                         drop_last=False, num_workers=num_workers, pin_memory=pin_memory,
-                         persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals if num_workers else None)
+                         drop_last=False, pin_memory=pin_memory, **worker_options(num_workers))
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Iterate epoch ``epoch`` (1-based) from its batch ``start_batch`` on."""

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from approxtrain.config import lookup
+from approxtrain.extras import require
 from approxtrain.run.device import training_device
 from approxtrain.run.distributed import Distributed, resolve_backend
 from approxtrain.run.errors import RunInterrupted, failure_message
@@ -80,6 +81,7 @@ def launched() -> Launch:
         launcher = env.get("APPROXTRAIN_LAUNCHER", "torchrun" if "TORCHELASTIC_RUN_ID" in env else "env")
         return Launch(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), launcher)
     if env.get("SUBMITIT_EXECUTOR") == "slurm" and int(env.get("SLURM_NTASKS", "1")) > 1:
+        require("slurm", "a SLURM job with several tasks")
         from submitit.helpers import TorchDistributedEnvironment
 
         slurm = TorchDistributedEnvironment().export()  # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for env://
