@@ -6,6 +6,10 @@ fastest for the tensor's layout (the values are those of the plain ops).
 * :func:`spread` -- zeros holding ``values`` at ``keep`` along ``dim`` (repeats sum up);
 * :func:`matmul_into` -- ``a @ b`` spread along ``dim``, written once where it can be;
 * :func:`norms` -- the Euclidean norm of each slice along ``dim``.
+
+With the ``triton`` kernel backend (:mod:`approxtrain.kernels`) the row-major / NHWC cases run as
+one fused kernel each on the GPU: the norms in one fp32 pass, the column gathers and spreads
+reading the kept list once per tile (no full-size int64 index), each element written once.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from approxtrain import kernels
 from approxtrain.profiling import SCATTER_RANGE, profiler_range
 from approxtrain.sampling import Selection
 
@@ -38,11 +43,27 @@ def take(t: Tensor, dim: int, keep: Tensor) -> Tensor:
     """
     if dim == 1 and is_column_major(t):
         return t.t().index_select(0, keep).t()
+    rows = _row_major_columns(t, dim)
+    if rows is not None:
+        taken = kernels.take_columns(rows, keep)
+        return taken if t.dim() == 2 else taken.view(*t.shape[:1], *t.shape[2:], -1).permute(0, 3, 1, 2)
     if dim == t.dim() - 1:
         return _take_last(t, keep)
     if dim == 1 and is_channels_last(t):
         return _take_last(t.permute(0, 2, 3, 1), keep).permute(0, 3, 1, 2)
     return t.index_select(dim, keep)
+
+
+def _row_major_columns(t: Tensor, dim: int) -> Tensor | None:
+    """``t`` as the row-major ``(M, n)`` matrix whose columns are its slices along ``dim`` (a 2-D
+    row-major matrix's columns, an NHWC tensor's channels) when the Triton kernels serve it, else None."""
+    if not kernels.enabled(t) or t.dtype not in (torch.float32, torch.bfloat16, torch.float16) or dim != 1:
+        return None
+    if t.dim() == 2 and t.stride(1) == 1 and t.stride(0) == t.shape[1]:
+        return t
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+    return None
 
 
 def _take_last(t: Tensor, keep: Tensor) -> Tensor:
@@ -59,6 +80,10 @@ def spread(values: Tensor, dim: int, n: int, selection: Selection, channels_last
     planes) ``index_copy_`` is about twice as fast as ``scatter_``.
     """
     with profiler_range(SCATTER_RANGE):
+        rows = _row_major_columns(values, dim) if selection.unique and (channels_last or values.dim() == 2) else None
+        if rows is not None:
+            out = kernels.spread_columns(rows, selection.keep, n)
+            return out if values.dim() == 2 else out.view(*values.shape[:1], *values.shape[2:], n).permute(0, 3, 1, 2)
         shape = list(values.shape)
         shape[dim] = n
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -139,6 +164,9 @@ def norms(t: Tensor, dim: int) -> Tensor:
     """
     if dim == 0:
         return _norm(t, tuple(range(1, t.dim())))
+    rows = _row_major_columns(t, dim)
+    if rows is not None:
+        return kernels.column_sq_sums(rows).sqrt()
     if t.dim() == 2:
         return _column_norms(t)
     return _channel_norms(t)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from approxtrain import kernels
 from approxtrain._layout import is_channels_last, is_column_major, matmul_into, norms, spread, take
 from approxtrain.accounting import LayerCompute, LayerShape, record_backward_product, record_call
 from approxtrain.profiling import GATHER_RANGE, SELECT_RANGE, profiler_range
@@ -111,12 +112,20 @@ def _select_pairs(a: Tensor, a_dim: int, b: Tensor, b_dim: int, k: int, config: 
         selection = reuse.reusable(k, n, config.reselect_every)
     if selection is None:
         with torch.no_grad():
-            selection = select(pair_scores(a, a_dim, b, b_dim, scoring), k, config, generator)
+            selection = _choose(pair_scores(a, a_dim, b, b_dim, scoring), k, config, generator)
         if reuse is not None and config.reselect_every > 1:
             reuse.remember(selection, k, n)
     if scoring is not None and scoring.kept is not None:
         scoring.kept.append(selection.keep)
     return selection
+
+
+def _choose(scores: Tensor, k: int, config: SamplingConfig, generator: torch.Generator | None) -> Selection:
+    """:func:`~approxtrain.sampling.select`; top-k by the fused kernel where it serves (the same pairs,
+    ascending; ties to the lower index)."""
+    if config.policy == "topk" and k < scores.numel() <= kernels.TOPK_MAX_N and kernels.enabled(scores):
+        return Selection(kernels.topk_indices(scores, k), None, True)
+    return select(scores, k, config, generator)
 
 
 def pair_scores(a: Tensor, a_dim: int, b: Tensor, b_dim: int, scoring: PairScoring | None = None) -> Tensor:
@@ -213,6 +222,9 @@ class LinearCRS(torch.autograd.Function):
                 compute: LayerCompute | None) -> tuple[Tensor, Tensor]:
         with profiler_range(GATHER_RANGE):
             x_k = take(input, 1, keep)
+            if _fused_linear(x_k, weight, unique, config):  # Y = X[:, S] (W[:, S] D)^T, W read at S in the product
+                output = kernels.gather_mm(x_k, weight.t(), keep, scale, 1, False, True, x_k.shape[0], weight.shape[0])
+                return (output if bias is None else output.add_(bias)), x_k
             w_k = _sampled_weight(weight, Selection(keep, scale, unique))
         return F.linear(x_k, w_k, bias), x_k
 
@@ -230,6 +242,11 @@ class LinearCRS(torch.autograd.Function):
         shape = LayerShape.linear(grad_output.shape[0], n, out_features)
         grad_output = grad_output.contiguous()
         grad_input = grad_weight = grad_bias = None
+        if _fused_linear(grad_output, weight, selection.unique, config) and grad_output.dtype == x_k.dtype:
+            grad_input, grad_weight = _fused_linear_backward(ctx, grad_output, x_k, weight, selection)
+            if ctx.needs_input_grad[2]:
+                grad_bias = grad_output.sum(0)
+            return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
         if ctx.needs_input_grad[0]:  # dX[:, S] = dY W[:, S] D, optionally sampled over the outputs
             with profiler_range(GATHER_RANGE):
                 w_k = _sampled_weight(weight, selection)
@@ -245,6 +262,34 @@ class LinearCRS(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_bias = grad_output.sum(0)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def _fused_linear(operand: Tensor, weight: Tensor, unique: bool, config: SamplingConfig) -> bool:
+    """Whether the linear's products run as gather-GEMM kernels (:func:`approxtrain.kernels.gather_mm`):
+    the Triton backend on this device, distinct pairs, no extra backward sampling, one dtype."""
+    return (kernels.enabled(operand) and unique and not config.samples_backward and operand.dtype == weight.dtype
+            and operand.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+def _fused_linear_backward(ctx: Any, grad_output: Tensor, x_k: Tensor, weight: Tensor,
+                           selection: Selection) -> tuple[Tensor | None, Tensor | None]:
+    """``dX`` and ``dW`` at full size, the kept columns written by the products themselves (no
+    gather of ``W[:, S]``, no scatter): ``dX[:, S] = dY W[:, S] D``, ``dW[:, S] = (dY^T X[:, S]) D``."""
+    (out_features, n), k = weight.shape, selection.keep.numel()
+    rows = grad_output.shape[0]
+    shape = LayerShape.linear(rows, n, out_features)
+    keep, scale = selection.keep, selection.scale
+    grad_input = grad_weight = None
+    if ctx.needs_input_grad[0]:
+        grad_input = kernels.gather_mm(grad_output, weight, keep, scale, 2, False, True, rows, n)
+        record_backward_product(ctx.compute, shape, ctx.config, "input_grad", k, out_features)
+    if ctx.needs_input_grad[1]:
+        if is_column_major(weight):  # dW^T (n, out) row-major: its kept rows
+            grad_weight = kernels.gather_mm(x_k.t(), grad_output, keep, scale, 0, False, False, n, out_features).t()
+        else:  # dW (out, n) row-major: its kept columns
+            grad_weight = kernels.gather_mm(grad_output.t(), x_k, keep, scale, 2, False, False, out_features, n)
+        record_backward_product(ctx.compute, shape, ctx.config, "weight_grad", k, rows)
+    return grad_input, grad_weight
 
 
 def approx_linear(
