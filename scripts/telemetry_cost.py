@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from adaptive_vs_fixed import MODELS, run_config  # noqa: E402
 
+from approxtrain.run.callbacks import Batch, TelemetryCallback  # noqa: E402
 from approxtrain.run.trainer import Trainer  # noqa: E402
 from approxtrain.telemetry import Telemetry  # noqa: E402
 
@@ -37,13 +38,16 @@ def main() -> None:
             trainer.setup()
             trainer.model.train()
             batches = [batch for _, batch in zip(range(args.batches), trainer.train_loader)]
-            telemetry, times = Telemetry(trainer.model, every=1), {False: [], True: []}
+            telemetry, times = TelemetryCallback(Telemetry(trainer.model, every=1)), {False: [], True: []}
             for _ in range(args.rounds):
                 for measured in (False, True):
-                    trainer.telemetry = telemetry if measured else None
-                    for input, target in batches:
+                    trainer.callbacks = [telemetry] if measured else []
+                    for index, (input, target) in enumerate(batches):
                         started = time.perf_counter()
-                        trainer.training_step(input, target, 1)
+                        batch = Batch(1, index, index, *trainer.to_device(input, target))
+                        for callback in trainer.callbacks:
+                            callback.on_train_batch_start(trainer, batch)
+                        trainer.training_step(batch)
                         times[measured].append(time.perf_counter() - started)
         plain, measured = statistics.median(times[False]), statistics.median(times[True])
         print(f"| {model} | {plain * 1e3:.1f} ms | {measured * 1e3:.1f} ms | {measured / plain:.2f}x |", flush=True)

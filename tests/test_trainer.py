@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from approxtrain.cli.train import failed_jobs
 from approxtrain.run.callbacks import Callback
-from approxtrain.run.rundir import write_results
+from approxtrain.run.rundir import checkpoint_path, load_checkpoint, write_results
 from approxtrain.run.schema import Results, read_results
 from approxtrain.run.trainer import Trainer
 
@@ -105,3 +105,62 @@ def test_failed_jobs_come_from_the_jobs_results(tmp_path):
         "job 3 (ratio=0.2): running",
     ]
     assert failed_jobs(tmp_path, since=2**40) == []  # jobs of an earlier sweep into the same dir do not count
+
+
+class StepCounter(Callback):
+    """A callback that takes part in training: counts the steps (its state goes into checkpoints)
+    and checks the batch hooks' order and what each sees."""
+
+    all_ranks = True
+
+    def __init__(self) -> None:
+        self.steps, self.hooks = 0, []
+
+    def on_train_batch_start(self, trainer, batch):
+        self.hooks.append(("batch_start", batch.step))
+        assert batch.input.device == trainer.device and batch.step == trainer.state.step
+
+    def on_after_backward(self, trainer, batch):
+        self.hooks.append(("after_backward", batch.step))
+        assert all(parameter.grad is not None for parameter in trainer.model.parameters())
+
+    def on_before_optimizer_step(self, trainer, batch):
+        self.hooks.append(("before_optimizer_step", batch.step))
+
+    def on_train_batch_end(self, trainer, epoch, batch):
+        self.steps += 1
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"]
+
+
+def _counter(trainer: Trainer) -> StepCounter:
+    counter, = (callback for callback in trainer.callbacks if isinstance(callback, StepCounter))
+    return counter
+
+
+def test_callbacks_from_the_config_run_every_hook_and_resume_with_their_state(run_cfg, run_dir):
+    configured = (*DIGITS, "+callbacks.counter._target_=test_trainer.StepCounter")
+    trainer = Trainer(run_cfg(*configured, "trainer.max_steps=3"), run_dir)
+    trainer.fit()
+    assert _counter(trainer).hooks == [(hook, step) for step in range(3)
+                                       for hook in ("batch_start", "after_backward", "before_optimizer_step")]
+    assert load_checkpoint(checkpoint_path(run_dir))["callbacks"]["StepCounter"] == {"steps": 3}
+    resumed = Trainer(run_cfg(*configured, "trainer.max_steps=5", f"resume={run_dir}"), run_dir)
+    resumed.fit()
+    assert _counter(resumed).steps == 5 and resumed.results.steps == 5
+
+
+def test_a_process_that_does_not_write_runs_the_training_callbacks_only(run_cfg, run_dir):
+    recorder, counter = Recorder(), StepCounter()
+    Trainer(run_cfg(*DIGITS, "trainer.max_steps=2"), run_dir, [recorder, counter], is_main=False).fit()
+    assert recorder.calls == [] and counter.steps == 2
+
+
+def test_a_configured_callback_that_is_no_callback_is_one_line(run_cfg, run_dir):
+    with pytest.raises(ValueError, match=r"^callbacks.oops._target_ builds a OrderedDict; allowed: a subclass of "):
+        Trainer(run_cfg(*DIGITS, "+callbacks.oops._target_=collections.OrderedDict"), run_dir).fit()
+    assert read_results(run_dir)["status"] == "failed"

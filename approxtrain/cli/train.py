@@ -48,7 +48,7 @@ from approxtrain.run.schema import FINISHED, read_results
 log = logging.getLogger("approxtrain")
 CONFIG_PACKAGE = "approxtrain.configs"
 CONFIG_NAME = "train"
-GROUPS = ("model", "dataset", "sampler", "layers", "logger", "experiment", "trainer", "search")
+GROUPS = ("model", "dataset", "sampler", "layers", "logger", "experiment", "trainer", "search", "callbacks")
 # Exit codes: 0 finished; RUN_FAILED a run (or a sweep's job) failed, recorded in its results.json;
 # USAGE_ERROR the command line cannot be composed (nothing ran); 128 + N stopped by signal N
 # (130 SIGINT, 143 SIGTERM) at a step boundary, with a checkpoint to continue from.
