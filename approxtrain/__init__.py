@@ -14,33 +14,33 @@ loop::
     print(plan, meter.compute_reduction)
 """
 
-from approxtrain.accounting import ComputeMeter, LayerCompute, ProductMACs, compute_reduction
-from approxtrain.attention import ProjectedMultiheadAttention
-from approxtrain.functional import approx_conv2d, approx_linear
-from approxtrain.modules import ApproxConv2d, ApproxLinear
-from approxtrain.sampling import POLICIES, SamplingConfig, Selection, num_kept, select
-from approxtrain.surgery import LayerRule, Plan, PlanRow, approximate_, attach_meter, rules_from_dicts
+import importlib
+from typing import Any
 
-__all__ = [
-    "POLICIES",
-    "ApproxConv2d",
-    "ApproxLinear",
-    "ComputeMeter",
-    "LayerCompute",
-    "LayerRule",
-    "Plan",
-    "PlanRow",
-    "ProductMACs",
-    "ProjectedMultiheadAttention",
-    "SamplingConfig",
-    "Selection",
-    "approx_conv2d",
-    "approx_linear",
-    "approximate_",
-    "attach_meter",
-    "compute_reduction",
-    "num_kept",
-    "rules_from_dicts",
-    "select",
-]
+# name -> the module that defines it; imported on first use (PEP 562), so importing a torch-free
+# part of the package (the CLI's config store, ``approxtrain --help``) does not import torch
+_EXPORTS = {
+    "approxtrain.accounting": ("ComputeMeter", "LayerCompute", "ProductMACs", "compute_reduction"),
+    "approxtrain.attention": ("ProjectedMultiheadAttention",),
+    "approxtrain.functional": ("approx_conv2d", "approx_linear"),
+    "approxtrain.modules": ("ApproxConv2d", "ApproxLinear"),
+    "approxtrain.sampling": ("POLICIES", "SamplingConfig", "Selection", "num_kept", "select"),
+    "approxtrain.surgery": ("LayerRule", "Plan", "PlanRow", "approximate_", "attach_meter", "rules_from_dicts"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'approxtrain' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value  # the next access does not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MODULE_OF})
+
+
+__all__ = sorted(_MODULE_OF)
 __version__ = "0.1.0"

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from approxtrain.models import model_options, model_spec
+from approxtrain.run.config_keys import lookup
 from approxtrain.sampling import POLICIES, SamplingConfig, num_kept
+from approxtrain.sampling_fields import sampler_defaults
 from approxtrain.schedule import INTERVALS, SCHEDULES, schedule_fields
 from approxtrain.surgery import LayerRule, Plan, rules_from_dicts
 
@@ -126,22 +128,6 @@ _CHECKS: dict[str, Check] = {
 _K_LIMITS = ("min_k", "bwd_min_k", "wu_min_k", "align_k")  # the sampling fields that can raise k to n
 _SOME_DATASETS = ("dataset.seq_len", "dataset.download")  # fields of some datasets only
 _OPTIONAL = (*_SOME_DATASETS, *(key for key in _CHECKS if key.startswith("schedule.")))  # fields of some schedules only
-
-
-def lookup(cfg: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
-    """``cfg["a"]["b"]`` for ``"a.b"`` in a plain nested mapping; ``default`` where a key is missing."""
-    node: Any = cfg
-    for key in dotted.split("."):
-        if not isinstance(node, Mapping) or key not in node:
-            return default
-        node = node[key]
-    return node
-
-
-def sampler_defaults() -> dict[str, Any]:
-    """The sampler group's fields and their defaults: :class:`SamplingConfig`'s, less
-    ``policy`` (the sampler's ``name``) and ``ratio`` (the top-level ``ratio``)."""
-    return {field.name: field.default for field in fields(SamplingConfig) if field.name not in ("policy", "ratio")}
 
 
 def default_sampling(cfg: Mapping[str, Any]) -> SamplingConfig:

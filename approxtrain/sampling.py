@@ -38,6 +38,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from approxtrain.sampling_fields import SamplingFields
+
 POLICIES = ("exact", "topk", "nps", "uniform", "bernoulli")
 RANDOM_POLICIES = ("nps", "uniform", "bernoulli")
 # How k = ratio * n becomes an integer: ``nearest`` rounds half up; ``floor`` is the
@@ -72,7 +74,7 @@ def _check_count(name: str, value: Any) -> int:
 
 
 @dataclass(frozen=True)
-class SamplingConfig:
+class SamplingConfig(SamplingFields):
     """How one layer's products are sampled.
 
     Args:
@@ -110,21 +112,6 @@ class SamplingConfig:
             ...
         ValueError: ratio=1.5 is invalid; allowed: a number in (0, 1]
     """
-
-    policy: str = "topk"
-    ratio: float = 1.0
-    min_k: int = 1
-    replacement: bool = False
-    scale: bool = True
-    bwd_ratio: float = 1.0
-    bwd_min_k: int = 1
-    wu_ratio: float = 1.0
-    wu_min_k: int = 1
-    align_k: int = 1
-    fixed_k: int | None = None
-    k_rounding: str = "nearest"
-    mode: str = "forward"
-    reselect_every: int = 1
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

@@ -1,7 +1,7 @@
 """Config nodes made from code, stored in Hydra's ConfigStore; imported wherever configs are composed.
 
 * ``sampler_fields`` (a root config, not a sampler choice): every sampler field with
-  its default, from :class:`~approxtrain.sampling.SamplingConfig`. Each
+  its default, from :class:`~approxtrain.sampling_fields.SamplingFields`. Each
   ``configs/sampler/*.yaml`` includes it (``- /sampler_fields@_here_``) and states only
   its name and what differs.
 * group ``model/paper_dataset``: one option per dataset whose shapes are known
@@ -11,6 +11,7 @@
 
 It also registers the ``dataset_info`` resolver (``${dataset_info:num_classes}``, for the
 arguments of a ``model=custom`` model: :func:`approxtrain.models.custom.dataset_fact`).
+Nothing here imports torch, so ``approxtrain --help``, ``--cfg`` and shell completion stay quick.
 """
 
 from __future__ import annotations
@@ -18,9 +19,16 @@ from __future__ import annotations
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from approxtrain.config import sampler_defaults
-from approxtrain.data.synthetic import LIKES
-from approxtrain.models.custom import dataset_fact
+from approxtrain.data.info import LIKES
+from approxtrain.sampling_fields import sampler_defaults
+
+
+def dataset_fact(key: str) -> str:
+    """The ``dataset_info`` resolver (:func:`approxtrain.models.custom.dataset_fact`), imported when a
+    config uses it: the models import torch, which composing a config does not need."""
+    from approxtrain.models.custom import dataset_fact
+
+    return dataset_fact(key)
 
 
 def store_configs() -> None:

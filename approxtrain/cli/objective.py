@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from approxtrain.config import lookup
+from approxtrain.run.config_keys import lookup
 from approxtrain.run.schema import FINISHED, Results, higher_is_better, read_results
 
 # The numbers of results.json an objective can name.

@@ -6,7 +6,8 @@ with the command line's on top, and compared with the config it saved
 anything but how long to train (``trainer.epochs``, ``trainer.max_steps``), where
 (``trainer.device``) and the bookkeeping keys that cannot change what a run computes
 (``logger.*``, ``trainer.num_workers``, ``trainer.log_every_n_steps``, ``dataset.root``, ...;
-:func:`approxtrain.compare.matching.is_bookkeeping_key`) -- is refused, naming the keys.
+:func:`approxtrain.run.config_keys.is_bookkeeping_key`, which comparing runs reads too) -- is
+refused, naming the keys.
 Everything is read and checked before anything is written; the command line Hydra then
 runs writes into the run dir and leaves its ``.hydra`` files as they are until the
 checkpoint has been restored (:class:`RecordResume`).
@@ -23,6 +24,7 @@ from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf
 
 from approxtrain.run.callbacks import Callback
+from approxtrain.run.config_keys import flatten, is_bookkeeping_key
 from approxtrain.run.rundir import atomic_write, check_checkpoint, checkpoint_path, load_checkpoint
 from approxtrain.run.schema import FINISHED, INTERRUPTED, RUNNING, read_results
 
@@ -65,8 +67,6 @@ def merge_overrides(saved: Sequence[str], given: Sequence[Override]) -> list[str
 
 
 def can_change_on_resume(key: str) -> bool:
-    from approxtrain.compare.matching import is_bookkeeping_key
-
     return key in ADJUSTABLE or is_bookkeeping_key(key)
 
 
@@ -75,8 +75,6 @@ def refused_changes(saved: dict[str, Any], resumed: dict[str, Any], current: dic
     per top-level group (``sampler.name: 'nps' -> 'exact' (+2 more sampler.* keys)``). ``current``:
     the run's own overrides composed by this version; a key the run's saved config lacks (one a newer
     version added) counts as having this value, so only a command line that moves it is refused."""
-    from approxtrain.compare.matching import flatten
-
     before, after = flatten(saved), flatten(resumed)
     before = {**{key: value for key, value in flatten(current or {}).items() if key not in before}, **before}
     changed = [key for key in sorted(before.keys() | after.keys())

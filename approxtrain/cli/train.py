@@ -40,8 +40,6 @@ import approxtrain.cli.config_store  # noqa: F401  (stores the config nodes made
 from approxtrain.cli.allocator import retain_freed_memory
 from approxtrain.cli.resume import RESUME_KEY, RecordResume, last_value, parse_overrides, requeued_run, resume_overrides
 from approxtrain.extras import missing_option_line
-from approxtrain.models.custom import dataset_fact_hint
-from approxtrain.run.launch import follow, launched, lead
 from approxtrain.run.rundir import checkpoint_path, claim_new_dir, hold, holder, recorded_run, release
 from approxtrain.run.schema import FINISHED, read_results
 
@@ -160,6 +158,8 @@ def composition_error(args: list[str]) -> str | None:
         cfg = compose(parsed, _first_of_each_sweep(parsed.overrides) if parsed.multirun else parsed.overrides)
         OmegaConf.to_container(cfg.model, resolve=True)  # a model argument's ${...} (model=custom) fails here, not in the job
     except Exception as error:  # noqa: BLE001 - every composition error becomes one line
+        from approxtrain.models.custom import dataset_fact_hint
+
         return missing_option_line(str(error)) or composition_error_line(str(error), args) + dataset_fact_hint(str(error))
     return objective_error(cfg)
 
@@ -294,6 +294,8 @@ def _search_stops_at_a_failed_job(hydra_cfg: Any) -> bool:
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name=CONFIG_NAME)
 def _app(cfg: DictConfig) -> float | list[float] | None:
     """One job: train, recording a failure in the run's ``results.json`` (and W&B) as one line."""
+    from approxtrain.run.launch import follow, launched
+
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     if (launch := launched()).follows:  # a SLURM task other than the first: rank 0 sends it the job
@@ -322,6 +324,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | list[float] | None:
     from approxtrain.cli.console import ConsoleCallback, print_config
     from approxtrain.cli.objective import objective_value
     from approxtrain.run.errors import RunInterrupted
+    from approxtrain.run.launch import lead
     from approxtrain.run.trainer import Trainer
 
     hydra_cfg = HydraConfig.get()
@@ -420,8 +423,12 @@ def main() -> None:
     ``HYDRA_FULL_ERROR=1`` skips the composition check, so Hydra shows its full trace.
     """
     args = sys.argv[1:]
-    if (launch := launched()).follows_from_the_start:  # rank 0 runs Hydra and sends the jobs
-        raise SystemExit(follow(launch))
+    parsed = parse_args(args)
+    if parsed is not None and not parsed.cfg:  # a command that trains (--help, --cfg, completion only print)
+        from approxtrain.run.launch import follow, launched
+
+        if (launch := launched()).follows_from_the_start:  # rank 0 runs Hydra and sends the jobs
+            raise SystemExit(follow(launch))
     error = check_group_overrides(args)
     if error is None and os.environ.get("HYDRA_FULL_ERROR") != "1":
         error = composition_error(args)

@@ -1,19 +1,8 @@
 """Which config keys make two runs comparable: flattening, key classes and run identity.
 
-A run's resolved ``.hydra/config.yaml`` is flattened to dotted keys
-(``trainer.epochs``, ``sampler.name``). Every key falls in one of three classes:
-
-* *approximation* keys define how a run approximates -- ``sampler.*``, ``ratio``,
-  ``layers.*``, ``schedule.*`` (the ratio over time; and W&B's flat ``layer_rules``).
-  They are what a comparison varies.
-* *bookkeeping* keys cannot change what a run computes -- ``resume``,
-  ``experiment_name``, ``objective``, ``logger.*``, ``hydra.*``, output paths,
-  ``_``-prefixed keys (W&B's own), and leaf names that only steer I/O (``num_workers``, ``root``,
-  ``download``, ``log_every_n_steps``, ``checkpoint``, ...).
-* every other key is a *setting* (``model.*``, ``dataset.*``, ``trainer.*`` --
-  ``trainer.device`` included, since step times on different devices do not
-  compare -- ``seed``, ...). A key nobody here has heard of is a setting, so a new
-  config key keeps runs that differ in it apart without any change to this module.
+A run's resolved ``.hydra/config.yaml`` is flattened to dotted keys and each key is an
+*approximation* key, a *bookkeeping* key or a *setting* (:mod:`approxtrain.run.config_keys`,
+which resuming a run reads too).
 
 A run's *identity* (:func:`run_identity`) is its settings but the seed plus its
 approximation keys; an exact run has no approximation keys but ``sampler.name`` (it
@@ -28,72 +17,16 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from approxtrain.run.config_keys import (  # noqa: F401  (flatten: re-exported for compare's modules)
+    flatten,
+    is_approximation_key,
+    is_bookkeeping_key,
+)
+
 EXACT_SAMPLER = "exact"
-APPROXIMATION_PREFIXES = ("sampler", "ratio", "layers", "layer_rules", "schedule")
-BOOKKEEPING_PREFIXES = (
-    "resume",
-    "experiment_name",
-    "objective",  # what the app returns to a sweeper (Optuna); training does not read it
-    "search",  # the sweeper preset's own keys (baseline, margin)
-    "logger",
-    "hydra",
-    "wandb",
-    "paths",
-    "output_dir",
-    "run_dir",
-    "work_dir",
-    "checkpoint_dir",
-)
-BOOKKEEPING_LEAVES = (
-    "num_workers",
-    "pin_memory",
-    "root",
-    "download",
-    "log_every",
-    "log_every_n_steps",
-    "log_interval",
-    "checkpoint",
-    "checkpoint_every",
-    "progress",
-    "telemetry_every",
-)
 SEED_KEY = "seed"
 
 ConfigKey = tuple[tuple[str, Any], ...]
-
-
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten nested mappings to dotted keys; lists become canonical JSON strings.
-
-    ``{"model": {"name": "mlp"}, "ratio": 0.3}`` -> ``{"model.name": "mlp", "ratio": 0.3}``.
-    Keys that are already dotted (W&B's flat config) pass through unchanged.
-    """
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, prefix=f"{dotted}."))
-        elif isinstance(value, (list, tuple)):
-            flat[dotted] = json.dumps(value, sort_keys=True, default=str)
-        else:
-            flat[dotted] = value
-    return flat
-
-
-def _has_prefix(key: str, prefixes: Iterable[str]) -> bool:
-    return any(key == prefix or key.startswith(f"{prefix}.") for prefix in prefixes)
-
-
-def is_approximation_key(key: str) -> bool:
-    """True for the keys that define the approximation (``sampler.*``, ``ratio``, ``layers.*``)."""
-    return _has_prefix(key, APPROXIMATION_PREFIXES)
-
-
-def is_bookkeeping_key(key: str) -> bool:
-    """True for keys that cannot change what a run computes (logging, paths, resume)."""
-    if key.startswith("_") or _has_prefix(key, BOOKKEEPING_PREFIXES):
-        return True
-    return key.rsplit(".", 1)[-1] in BOOKKEEPING_LEAVES
 
 
 def setting_key(config: Mapping[str, Any]) -> ConfigKey:

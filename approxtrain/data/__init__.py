@@ -12,8 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
 
-from approxtrain.data import images, synthetic, text
-from approxtrain.data.info import OFFLINE_CHOICES, DatasetInfo, DatasetNotFound
+from approxtrain.data.info import IMAGE_SHAPES, OFFLINE_CHOICES, DatasetInfo, DatasetNotFound
 
 __all__ = [
     "DATASETS",
@@ -23,15 +22,18 @@ __all__ = [
     "build_loaders",
 ]
 
-# Image datasets: name -> (train set, test set, info) from the dataset's config fields.
-_IMAGE_SETS: dict[str, Callable[..., tuple[Any, Any, DatasetInfo]]] = {
-    "mnist": images.mnist,
-    "cifar10": partial(images.cifar, "cifar10"),
-    "cifar100": partial(images.cifar, "cifar100"),
-    "imagenet": images.imagenet,
-    "digits": images.digits,
-}
-DATASETS = (*_IMAGE_SETS, "ptb", "synthetic")
+# The image datasets are the ones whose shapes are known; ptb is text; synthetic mimics any of them.
+DATASETS = (*IMAGE_SHAPES, "ptb", "synthetic")
+
+
+def _image_set(name: str) -> Callable[..., tuple[Any, Any, DatasetInfo]]:
+    """The builder of image dataset ``name``: (train set, test set, info) from its config fields. The
+    loaders' modules import torch, so they are imported when data is loaded, not with this package."""
+    from approxtrain.data import images
+
+    builders = {"mnist": images.mnist, "cifar10": partial(images.cifar, "cifar10"),
+                "cifar100": partial(images.cifar, "cifar100"), "imagenet": images.imagenet, "digits": images.digits}
+    return builders[name]
 _LOADER_KEYS = ("name", "batch_size", "eval_batch_size")
 
 
@@ -80,6 +82,8 @@ def build_loaders(
     if image_size is not None and not _is_positive_int(image_size):
         raise ValueError(f"dataset.image_size={image_size!r} is invalid; allowed: null or an integer >= 1")
 
+    from approxtrain.data import images, synthetic, text
+
     rank, world_size = shard
     text_batches = dict(batch_size=batch_size * world_size, eval_batch_size=eval_batch_size)  # token streams come batched
     if name == "ptb":
@@ -90,7 +94,7 @@ def build_loaders(
         if info.kind == "text":
             return train_set.shard(rank, world_size), test_set, info
     else:
-        train_set, test_set, info = _from_fields(_IMAGE_SETS[name], name, fields)
+        train_set, test_set, info = _from_fields(_image_set(name), name, fields)
     train_loader, test_loader = images.make_loaders(
         train_set, test_set, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed,
         pin_memory=pin_memory, shard=shard

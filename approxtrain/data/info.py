@@ -1,4 +1,5 @@
-"""What a model needs to know about a dataset, and the error for a missing one."""
+"""What a model needs to know about a dataset, the shapes of the known datasets, and the error for a
+missing one. No torch: the CLI's config store reads it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,20 @@ from dataclasses import dataclass
 
 # Datasets that work without a download: suggested whenever a dataset is missing.
 OFFLINE_CHOICES = ("digits", "synthetic")
+# The standard PTB vocabulary size. Models are sized for it even when only ptb.valid.txt
+# and ptb.test.txt are at hand (their union has 7,596 words; ids above that go unused).
+PTB_VOCAB_SIZE = 10_000
+# The datasets whose shapes are known without their data (a model's paper dataset, synthetic's
+# ``like``): like -> (channels, height/width, classes) for images, vocabulary size for text.
+IMAGE_SHAPES = {
+    "mnist": (1, 28, 10),
+    "cifar10": (3, 32, 10),
+    "cifar100": (3, 32, 100),
+    "imagenet": (3, 224, 1000),
+    "digits": (1, 8, 10),
+}
+TEXT_VOCABULARIES = {"ptb": PTB_VOCAB_SIZE}
+LIKES = (*IMAGE_SHAPES, *TEXT_VOCABULARIES)
 
 
 @dataclass(frozen=True)

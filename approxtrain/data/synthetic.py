@@ -11,19 +11,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from approxtrain.data.info import DatasetInfo
-from approxtrain.data.text import PTB_VOCAB_SIZE, TokenBatches
+from approxtrain.data.info import IMAGE_SHAPES, LIKES, TEXT_VOCABULARIES, DatasetInfo
+from approxtrain.data.text import TokenBatches
 
-# like -> (channels, height/width, classes) for images, vocabulary size for text.
-IMAGE_SHAPES = {
-    "mnist": (1, 28, 10),
-    "cifar10": (3, 32, 10),
-    "cifar100": (3, 32, 100),
-    "imagenet": (3, 224, 1000),
-    "digits": (1, 8, 10),
-}
-TEXT_VOCABULARIES = {"ptb": PTB_VOCAB_SIZE}
-LIKES = (*IMAGE_SHAPES, *TEXT_VOCABULARIES)
 TRAIN, TEST = 0, 1
 
 

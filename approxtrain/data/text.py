@@ -15,13 +15,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from approxtrain.data.info import DatasetInfo, not_found
+from approxtrain.data.info import PTB_VOCAB_SIZE, DatasetInfo, not_found
 
 PTB_FILES = {"train": "ptb.train.txt", "valid": "ptb.valid.txt", "test": "ptb.test.txt"}
 PTB_SUBFOLDERS = ("", "ptb", "PTB")
-# The standard PTB vocabulary size. Models are sized for it even when only ptb.valid.txt
-# and ptb.test.txt are at hand (their union has 7,596 words; ids above that go unused).
-PTB_VOCAB_SIZE = 10_000
 END_OF_SENTENCE = "<eos>"
 
 

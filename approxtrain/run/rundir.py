@@ -19,8 +19,6 @@ import zipfile
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
 from approxtrain.run.schema import RESULTS_FILE, Results, results_path, results_text
 
 CHECKPOINT_DIR = "checkpoints"
@@ -187,6 +185,8 @@ def write_results(run_dir: Path | str, results: Results | dict[str, Any]) -> Pat
 
 def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
     """``torch.save`` to ``path`` atomically."""
+    import torch  # here, not at the top: claiming and holding a run dir (the CLI, before a run) needs no torch
+
     atomic_write(Path(path), lambda handle: torch.save(checkpoint, handle))
 
 
@@ -205,6 +205,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (tensors on the CPU; the caller moves them)."""
     path = Path(path)
     check_checkpoint(path)
+    import torch
+
     try:
         # Our own file: it also holds numpy/python RNG states, which weights_only rejects.
         return torch.load(path, map_location="cpu", weights_only=False)
