@@ -33,13 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+try:
+    import approxtrain  # noqa: F401
+except ModuleNotFoundError:  # run from a checkout without installing the package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hydra import compose, initialize_config_module  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 import approxtrain.cli.config_store  # noqa: E402, F401  (the config nodes made from code)
-from approxtrain import ComputeMeter, approximate_, attach_meter  # noqa: E402
+from approxtrain import ComputeMeter, approximate_, attach_meter, kernels  # noqa: E402
 from approxtrain.cli.allocator import retain_freed_memory  # noqa: E402
 from approxtrain.config import layer_rules  # noqa: E402
 from approxtrain.data import DatasetInfo  # noqa: E402
@@ -172,21 +175,28 @@ def _measure(models: list, info, batch, device, amp, channels_last, image_size, 
     return results
 
 
-def _config_name(ratio: float) -> str:
-    return "exact" if ratio == 1.0 else f"topk {ratio:g}"
+def _config_name(ratio: float, backend: str = "torch") -> str:
+    name = "exact" if ratio == 1.0 else f"topk {ratio:g}"
+    return name if backend == "torch" else f"{name} [{backend}]"
 
 
-def _write_kernel_profile(path: Path, name: str, models: list[tuple[float, nn.Module]], info, batch, device, amp,
+def _with_kernels(model: nn.Module, backend: str) -> nn.Module:
+    """``model``, choosing the kernel backend at each forward (its backward follows in the same step)."""
+    model.register_forward_pre_hook(lambda module, args: kernels.set_backend(backend))
+    return model
+
+
+def _write_kernel_profile(path: Path, name: str, models: list[tuple[float, nn.Module, str]], info, batch, device, amp,
                           channels_last, image_size, seq_len) -> None:
     """One profiled training step of each ``(ratio, model)`` (after one unprofiled step), as tables of top kernels, to ``path``."""
     x, y = _batch(info, batch, device, channels_last, image_size, seq_len)
     sections = [f"{name}: batch {batch}, input {tuple(x.shape)}, amp {amp}, channels_last {channels_last}, {_device_name(device)}, "
                 f"torch {torch.__version__}; one training step (forward, backward, SGD step) per table\n"]
-    for ratio, model in models:
+    for ratio, model, backend in models:
         optimizer = _optimizer(model)
         step = lambda: _step(model, optimizer, x, y, info, amp, device)  # noqa: E731
         step()
-        sections.append(f"== {name}, {_config_name(ratio)} ==\n{kernel_table(step, device)}")
+        sections.append(f"== {name}, {_config_name(ratio, backend)} ==\n{kernel_table(step, device)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(sections))
     print(f"wrote {path}", flush=True)
@@ -201,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list_models(), choices=list_models())
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.3])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--batch", type=int, default=None, help="batch size for every model (default: paper batch on CUDA, a CPU-sized one on CPU)")
+    parser.add_argument("--batch", type=int, nargs="+", default=None,
+                        help="batch size(s), each run for every model (default: paper batch on CUDA, a CPU-sized one on CPU)")
+    parser.add_argument("--kernels", nargs="+", default=["torch"], choices=list(kernels.BACKENDS),
+                        help="kernel backends of the approximate configurations (default torch; triton: approxtrain.kernels)")
     parser.add_argument("--image-size", type=int, default=None, help="override H=W of image models (e.g. 64 for a quick ResNet-50)")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"], help="auto: bf16 on CUDA, off on CPU")
     parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"], help="auto: on for conv models on CUDA")
@@ -235,12 +248,12 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     print(f"device: {_device_name(device)}, torch {torch.__version__}, amp {amp}, warmup {warmup}, repeats {repeats or 'auto (~3 s, 5-200)'}")
-    header = f"{'model':<9} {'batch':>5} {'config':<10} {'step ms':>9} {'speedup':>8} {'reduction':>9} {'bound':>6} {'of bound':>8} {'select':>7} {'gath/sc':>7} {'act MB':>8} {'step MB':>8}"
+    header = f"{'model':<9} {'batch':>5} {'config':<18} {'step ms':>9} {'speedup':>8} {'reduction':>9} {'bound':>6} {'of bound':>8} {'select':>7} {'gath/sc':>7} {'act MB':>8} {'step MB':>8}"
     print(header)
-    for name in args.models:
+    for name, batch_choice in [(name, batch) for name in args.models for batch in (args.batch or [None])]:
         cfg = _run_config(name, args.align_k)
         info, seq_len = like_info(cfg["model"]["paper_dataset"]), cfg["dataset"].get("seq_len")
-        batch = args.batch or (CUDA_BATCH if device.type == "cuda" else CPU_BATCH).get(name, cfg["dataset"]["batch_size"])
+        batch = batch_choice or (CUDA_BATCH if device.type == "cuda" else CPU_BATCH).get(name, cfg["dataset"]["batch_size"])
         torch.manual_seed(0)
         base = build_model(cfg["model"], info).to(device)
         channels_last = any(isinstance(module, nn.Conv2d) for module in base.modules()) and (
@@ -248,10 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         if channels_last:
             base = base.to(memory_format=torch.channels_last)
         example = _batch(info, 2, device, channels_last, args.image_size, seq_len)[0]
-        ratios = [1.0, *args.ratios]
+        variants = [(1.0, "torch")] + [(ratio, backend) for ratio in args.ratios for backend in args.kernels]
         configs = []  # (ratio, planned reduction, meter, model as stepped)
-        for ratio in ratios:
-            model = copy.deepcopy(base)
+        for ratio, backend in variants:
+            model = _with_kernels(copy.deepcopy(base), backend)
             reduction = 0.0
             if ratio < 1.0:
                 rules = layer_rules({**cfg, "ratio": ratio})
@@ -259,38 +272,43 @@ def main(argv: list[str] | None = None) -> int:
             meter = ComputeMeter()
             attach_meter(model, meter)
             configs.append((ratio, reduction, meter, model))
-        profile = [args.profile_steps if ratio < 1.0 else 0 for ratio in ratios]
+        profile = [args.profile_steps if ratio < 1.0 else 0 for ratio, _ in variants]
         measure = (info, batch, device, amp, channels_last, args.image_size, seq_len, warmup, repeats)
         if args.compile:
             # a fresh compile per configuration, measured before the next one is compiled, as in a
             # training run: models of one class would otherwise share (and generalise) one cache entry
-            results = []
-            for (ratio, _, _, model), steps in zip(configs, profile):
+            # the sampled configurations first: a run cut short by a time limit has printed theirs
+            measured = {}
+            for i in [*range(1, len(configs)), 0]:
+                (ratio, _, _, model), (_, backend) = configs[i], variants[i]
                 torch._dynamo.reset()
                 started = time.perf_counter()
-                results += _measure([torch.compile(model, backend=args.compile_backend)], *measure, [steps])
-                print(f"{name}: {_config_name(ratio)} compiled ({args.compile_backend}) and measured in "
-                      f"{time.perf_counter() - started:.0f} s, median step {results[-1]['median_s'] * 1000:.1f} ms", flush=True)
+                measured[i] = _measure([torch.compile(model, backend=args.compile_backend)], *measure, [profile[i]])[0]
+                print(f"{name}: {_config_name(ratio, backend)} compiled ({args.compile_backend}) and measured in "
+                      f"{time.perf_counter() - started:.0f} s, median step {measured[i]['median_s'] * 1000:.1f} ms", flush=True)
+            results = [measured[i] for i in range(len(configs))]
         else:
             results = _measure([model for *_, model in configs], *measure, profile)
         exact_times = results[0]["times_s"]
-        for (ratio, reduction, meter, _), result in zip(configs, results):
+        for (ratio, reduction, meter, _), (_, backend), result in zip(configs, variants, results):
             # per-round ratios pair each step with the exact step of the same round (compiled: the plain ratio of medians)
             paired = [e / a for e, a in zip(exact_times, result["times_s"])]
             speedup = statistics.median(paired) if not args.compile else results[0]["median_s"] / result["median_s"]
             bound = 1 / (1 - reduction) if reduction < 1 else float("inf")
-            row = {"model": name, "batch": batch, "ratio": ratio, "config": _config_name(ratio),
+            row = {"model": name, "batch": batch, "ratio": ratio, "config": _config_name(ratio, backend), "kernels": backend,
                    "planned_compute_reduction": reduction, "measured_compute_reduction": meter.compute_reduction,
                    "speedup": speedup, "speedup_of_medians": results[0]["median_s"] / result["median_s"],
                    "flop_bound": bound, "fraction_of_bound": speedup / bound, **result}
             rows.append(row)
             peak = f"{result['step_peak_bytes'] / 2**20:8.0f}" if result["step_peak_bytes"] else f"{'n/a':>8}"
-            print(f"{name:<9} {batch:>5} {row['config']:<10} {result['median_s'] * 1000:9.1f} {speedup:7.2f}x {reduction:9.1%} "
+            print(f"{name:<9} {batch:>5} {row['config']:<18} {result['median_s'] * 1000:9.1f} {speedup:7.2f}x {reduction:9.1%} "
                   f"{bound:5.2f}x {row['fraction_of_bound']:8.2f} {result['select_share']:7.1%} {result['gather_scatter_share']:7.1%} "
                   f"{result['saved_activation_bytes'] / 2**20:8.1f} {peak}", flush=True)
-        if args.kernel_profile:
-            profiled = [(ratio, model) for ratio, _, _, model in configs[:2]]  # exact and the first ratio
-            _write_kernel_profile(args.kernel_profile / f"profile_{name}.txt", name, profiled, info, batch, device, amp,
+        if args.kernel_profile:  # exact and each backend's first ratio; the first batch's as profile_<model>.txt
+            profiled = [(ratio, model, backend) for (ratio, _, _, model), (_, backend) in zip(configs, variants)
+                        if ratio in (1.0, args.ratios[0])]
+            suffix = "" if args.batch is None or batch_choice == args.batch[0] else f"_b{batch}"
+            _write_kernel_profile(args.kernel_profile / f"profile_{name}{suffix}.txt", name, profiled, info, batch, device, amp,
                                   channels_last, args.image_size, seq_len)
         del configs, results
     if args.json:

@@ -1,66 +1,56 @@
 #!/usr/bin/env bash
-# One command for a CUDA machine: the CUDA tests, the op benchmark, the end-to-end step
-# benchmark (eager and torch.compile) and a kernel profile of WRN-28-10 and ResNet-50,
-# in at most 6 minutes, with every result under $OUT.
+# One command for a CUDA machine: the CUDA and kernel tests, the ceiling probe, the user's headline
+# command end to end, the step benchmark (eager) and torch.compile, in at most 6 minutes, with every
+# result under $OUT and a summary that marks each goal of issue 18 met or unmet.
 #
 #   bash scripts/gpu_check.sh            # the full check; needs CUDA
-#   bash scripts/gpu_check.sh --smoke    # every stage, shrunk (CPU: 3-4 min on 2 shared cores)
+#   bash scripts/gpu_check.sh --smoke    # every stage, shrunk, on CUDA or the CPU (a minute or two)
 #   GPU_CHECK_SMOKE=1 bash scripts/gpu_check.sh          # the same as --smoke
-#   GPU_CHECK_STAGES="train compile_wrn" bash scripts/gpu_check.sh   # only these stages
+#   GPU_CHECK_STAGES="probe e2e" bash scripts/gpu_check.sh   # only these stages
 #
-# Needs torch, torchvision and pytest, and hydra-core + omegaconf for the end-to-end stages
-# (bench_train.py composes each model's run config: the paper's layer rules live in the model
-# YAMLs); never wandb. On a machine without hydra, carry the pure-Python wheels: run
-# `bash ../shared/tools/device-prep.sh` here once (it fills .whl/), carry ".whl", and this script
-# installs them into a temp dir by itself. The project's tests/conftest.py imports hydra (and the
-# CLI) for its fixtures; tests/test_cuda.py uses none of them, so the tests stage runs pytest
-# with --noconftest, and without plugins from other packages (PYTEST_DISABLE_PLUGIN_AUTOLOAD:
-# hydra-core, where installed, registers one that imports hydra). The checkout goes first on
-# PYTHONPATH: no install of the project needed.
+# Needs torch, torchvision, triton (CUDA builds of torch ship it) and pytest, plus hydra-core and
+# omegaconf for the end-to-end stages; never wandb. On a machine without hydra, carry the pure-Python
+# wheels: run `bash ../shared/tools/device-prep.sh` here once (it fills .whl/), carry ".whl", and this
+# script installs them into a temp dir by itself. The checkout need not be installed: the script
+# lays out the package as an install would (approxtrain/ with configs/ as approxtrain.configs,
+# symlinked into a temp dir) and puts that first on PYTHONPATH. tests/conftest.py imports hydra
+# for its fixtures; the tests stage needs none of them, so it runs pytest with --noconftest and
+# without other packages' plugins (PYTEST_DISABLE_PLUGIN_AUTOLOAD).
 #
-# Stages, in order of importance; each runs under `timeout`, a failing or timed-out stage does
-# not stop the next, and the exit status is non-zero if any stage did not pass. Each stage's
-# limit is min(its cap (`caps` below), what is left of GPU_CHECK_BUDGET_S, default 340 s), so
-# the whole run ends within 6 minutes whatever happens (SIGKILL 10 s after SIGTERM; report ~1 s).
-# Estimated H200 times (from FLOP counts at ~50 % of the 790 TFLOP/s bf16 peak, ~50 TFLOP/s
-# for fp32 matmuls without TF32, plus ~8 s of Python/torch/CUDA start-up per process):
-#   tests             (est.  15 s) pytest tests/test_cuda.py: 21 tiny cases.
-#   ops_bf16          (est.  15 s) scripts/bench_ops.py, bf16, ratios 1.0/0.5/0.25,
-#                     conv in channels_last; linear 512x4096->4096 (the CPU benchmark's shape,
-#                     51 GFLOP per fwd+bwd) and 8192x4096->4096 (825 GFLOP, ~2 ms); conv2d
-#                     64 and 256 x 256->256 3x3 at 32x32 (232 / 927 GFLOP, ~0.6 / 2.4 ms);
-#                     10 warm-up + 50 rounds of 4 variants: < 2 s of steps, the rest start-up,
-#                     cuDNN autotuning and the profiled steps.
-#   ops_fp32          (est.  20 s) the same in fp32 (the big linear ~16 ms a step:
-#                     ~3 s of steps).
-#   train             (est.  60 s) scripts/bench_train.py, WRN-28-10 (batch 128, 32x32,
-#                     4.0 TFLOP a step, ~15 ms) and ResNet-50 (batch 128, 224x224, 3.2 TFLOP,
-#                     ~35 ms with its memory-bound BN/ReLU), bf16 autocast + channels_last,
-#                     exact vs topk 0.5 and 0.3, eager, rounds for ~3 s per model (~7 s of
-#                     steps); cuDNN autotuning of every new conv shape (~10-20 s); then one
-#                     profiled step of exact and of topk 0.5 per model.
-#   compile_wrn       (est.  85 s) the same with torch.compile (inductor), one
-#                     compile per configuration: ~30 s for the first from a cold cache, ~20 s
-#                     for the next (shared kernels), 3 warm-up + 20 rounds each.
-#   compile_resnet50  (est. 135 s) ResNet-50 likewise (~50 s, then ~35 s each); it
-#                     runs last and gets what is left of the budget: if cut, the compile lines
-#                     it printed so far are in gpu_check.txt.
-#   Sum of the estimates ~330 s; the compile estimates are the least certain.
-# --smoke: the same stages and flags, shrunk: linear 8x16->16 and 16x32->32, conv 2x8x6x6 and
-# 2x16x6x6, 1 round; the end-to-end stages on the small CNN and MLP (MNIST shapes) at batch 2
-# instead of WRN-28-10 and ResNet-50 (36 M and 26 M parameters: seconds a step on a CPU even
-# at 8x8 images), 1 warm-up, 1 round; compile with backend aot_eager (traces forward and
-# backward, no code generation); on CUDA if there is one, else the CPU (end to end in fp32
-# there: CPU bf16 autocast is slow); every stage capped at 300 s.
+# Stages, in order; each runs under `timeout`, a failing or timed-out stage does not stop the next,
+# and the exit status is non-zero if any stage did not pass. Each stage's limit is min(its cap
+# (`caps` below), what is left of GPU_CHECK_BUDGET_S, default 345 s), so the whole run ends within
+# 6 minutes whatever happens (SIGKILL 10 s after SIGTERM; the report ~1 s). Full run:
+#   tests     (cap  40 s) tests/test_cuda.py (no host sync in a sampled step; CUDA = CPU) and
+#             tests/test_kernels.py (every Triton kernel, compiled, = the torch path).
+#   probe     (cap  75 s) scripts/gpu_probe.py, bf16, topk 0.5: per shape (linear 8192x4096->4096
+#             and 512x4096->4096; conv 256x256->256 3x3 @32^2; the WRN-28-10 3x3 convs 160@32^2,
+#             320@16^2, 640@8^2 at batch 128; the ResNet-50 3x3 convs 64@56^2 .. 512@7^2 at batch 256)
+#             the exact fwd+bwd, the ceiling (the dense op with k input features/channels), the
+#             approximate op under each kernel backend (torch, triton), ratio 1.0, and each sampling
+#             piece alone (scores, top-k, gathers, gradient spreads) per backend.
+#   e2e       (cap  60 s) scripts/gpu_e2e.py: `approxtrain model=wrn dataset=synthetic
+#             dataset.batch_size=128 sampler=exact|topk ratio=0.5 logger=none trainer.epochs=1` (64
+#             steps), topk under both backends; the median step from each run's results.json.
+#   train     (cap  70 s) scripts/bench_train.py WRN-28-10 at batch 128 and 512, bf16 autocast +
+#             channels_last, exact vs topk 0.5 under both backends, interleaved rounds; kernel
+#             profiles of exact and topk 0.5 (profile_wrn.txt).
+#   train_resnet50 (cap 60 s) the same for ResNet-50 at batch 256, 224x224 (profile_resnet50.txt).
+#   compile_wrn (cap 80 s) bench_train.py --compile (inductor), WRN-28-10 batch 128, topk 0.5
+#             under the triton backend first (its compile seconds are the goal's), then exact.
+# --smoke: the same stages, shrunk: the probe's tiny shapes (and the Triton kernels under the
+# interpreter on a CPU), the headline command on the MLP at batch 8, bench_train on the CNN and MLP
+# at batch 2 (1 warm-up, 1 round; torch kernels on a CPU: the interpreter is far too slow for them),
+# compile with backend aot_eager; each stage capped at 150 s.
 #
-# Results ($OUT, default a new temp dir; 5 files, under the device tool's 8-file limit):
-#   gpu_check.json     environment, and per stage: status, exit code, seconds, limit, command,
-#                      and its results (pytest counts; the benchmark scripts' JSON)
-#   gpu_check.txt      the stage table, then every stage's printed tables (failing stages: the
-#                      end of their stderr)
-#   gpu_check.log      every stage's stderr in full (warnings, tracebacks)
-#   profile_wrn.txt, profile_resnet50.txt   top kernels by self device time of one step of
-#                      exact and of topk 0.5 (smoke: profile_cnn.txt, profile_mlp.txt)
+# Results ($OUT, default a new temp dir; at most 8 files, the device tool's limit):
+#   gpu_check.json     environment, per stage: status, exit code, seconds, limit, command and its
+#                      results (pytest counts; each script's JSON), and the goals, each met/unmet
+#   gpu_check.txt      the summary (goals, ratios against the measured ceiling), the stage table,
+#                      then every stage's printed output (failing stages: the end of their stderr)
+#   gpu_check.log      every stage's stderr in full
+#   profile_wrn.txt, profile_resnet50.txt   top kernels of one step of exact and of topk 0.5 per
+#                      backend (smoke: profile_cnn.txt, profile_mlp.txt)
 #
 # Other settings: PYTHON (default python3), GPU_CHECK_BUDGET_S (the run's time budget).
 set -uo pipefail
@@ -85,25 +75,27 @@ PYTHON=${PYTHON:-python3}
 declare -A caps  # each stage's cap in seconds; a stage missing here gets default_cap
 if [[ $smoke == 1 ]]; then
     budget=${GPU_CHECK_BUDGET_S:-900}
-    default_cap=300
-    models=(cnn mlp)
-    ops_sizes=(--linear "8,16,16" "16,32,32" --conv "2,8,8,3,6" "2,16,16,3,6" --warmup 0 --repeats 1)
-    train_sizes=(--batch 2 --warmup 1 --repeats 1 --profile-steps 1)
-    compile_sizes=(--batch 2 --warmup 1 --repeats 1 --compile-backend aot_eager)
+    default_cap=150
+    probe_args=(--smoke)
+    e2e_args=(--smoke)
+    train_wrn=(--models cnn --batch 2 --warmup 1 --repeats 1 --profile-steps 1)
+    train_resnet50=(--models mlp --batch 2 --warmup 1 --repeats 1 --profile-steps 1)
+    compile_args=(--models cnn --batch 2 --warmup 1 --repeats 1 --compile-backend aot_eager)
 else
-    budget=${GPU_CHECK_BUDGET_S:-340}
+    budget=${GPU_CHECK_BUDGET_S:-345}
     default_cap=60
-    caps=([tests]=60 [ops_bf16]=60 [ops_fp32]=75 [train]=120 [compile_wrn]=120 [compile_resnet50]=240)
-    models=(wrn resnet50)
-    ops_sizes=(--linear "512,4096,4096" "8192,4096,4096" --conv "64,256,256,3,32" "256,256,256,3,32")  # warm-up 10, 50 rounds
-    train_sizes=(--batch 128)  # 32x32 (WRN) and 224x224 (ResNet-50); rounds for ~3 s per model
-    compile_sizes=(--batch 128 --warmup 3 --repeats 20)
+    caps=([tests]=40 [probe]=75 [e2e]=60 [train]=70 [train_resnet50]=60 [compile_wrn]=80)
+    probe_args=()
+    e2e_args=()
+    train_wrn=(--models wrn --batch 128 512)  # rounds for ~3 s per configuration
+    train_resnet50=(--models resnet50 --batch 256)
+    compile_args=(--models wrn --batch 128 --warmup 3 --repeats 20)
 fi
 if ! [[ $budget =~ ^[0-9]+$ ]]; then
     echo "gpu_check.sh: GPU_CHECK_BUDGET_S='$budget' is invalid; allowed: a whole number of seconds" >&2
     exit 2
 fi
-stages=(tests ops_bf16 ops_fp32 train "${models[@]/#/compile_}")
+stages=(tests probe e2e train train_resnet50 compile_wrn)
 for name in ${GPU_CHECK_STAGES:-}; do
     if [[ " ${stages[*]} " != *" $name "* ]]; then
         echo "gpu_check.sh: GPU_CHECK_STAGES names '$name'; allowed: ${stages[*]}" >&2
@@ -113,8 +105,12 @@ done
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_work.XXXXXX") || exit 2
 trap 'rm -rf "$work"' EXIT
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-# hydra-core/omegaconf for bench_train.py: the carried wheels (device-prep.sh) when not installed
+# The package as an install lays it out (configs/ is approxtrain.configs), from the checkout's files
+mkdir -p "$work/src/approxtrain"
+for entry in "$root"/approxtrain/*; do ln -s "$entry" "$work/src/approxtrain/"; done
+ln -s "$root/configs" "$work/src/approxtrain/configs"
+export PYTHONPATH="$work/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+# hydra-core/omegaconf for the end-to-end stages: the carried wheels (device-prep.sh) when not installed
 if ! "$PYTHON" -c 'import hydra, omegaconf' 2>/dev/null && compgen -G "$root/.whl/*.whl" > /dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --target "$work/site" "$root"/.whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:$work/site"
@@ -131,9 +127,11 @@ fi
 if grep -q '"cuda": true' "$work/env.json"; then
     device=cuda
     amp=bf16
+    backends=(torch triton)
 elif [[ $smoke == 1 ]]; then
     device=cpu
     amp=off
+    backends=(torch)
 else
     echo "gpu_check.sh: no CUDA device (torch.cuda.is_available() is False); --smoke runs the shrunk check anywhere" >&2
     exit 2
@@ -171,19 +169,19 @@ run_stage() {
 }
 
 : >"$work/stages.tsv"
+tests=(tests/test_cuda.py tests/test_kernels.py)
+[[ $device == cpu ]] && tests+=(tests/test_kernels_interpreted.py)  # smoke on a CPU: the kernels interpreted
 run_stage tests env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 "$PYTHON" -m pytest -q --noconftest -p no:cacheprovider \
-    --junitxml="$work/tests.xml" tests/test_cuda.py
-for dtype in bf16 fp32; do
-    run_stage "ops_$dtype" "$PYTHON" scripts/bench_ops.py --device "$device" --dtype "$dtype" --channels-last \
-        --ratios 1.0,0.5,0.25 "${ops_sizes[@]}" --json "$work/ops_$dtype.json"
-done
-train=(scripts/bench_train.py --device "$device" --amp "$amp" --channels-last on --ratios 0.5 0.3)
-run_stage train "$PYTHON" "${train[@]}" --models "${models[@]}" "${train_sizes[@]}" --kernel-profile "$OUT" \
-    --json "$work/train.json"
-for model in "${models[@]}"; do
-    run_stage "compile_$model" "$PYTHON" "${train[@]}" --models "$model" --compile --profile-steps 0 "${compile_sizes[@]}" \
-        --json "$work/compile_$model.json"
-done
+    --junitxml="$work/tests.xml" "${tests[@]}"
+interpret=()
+[[ $device == cpu ]] && interpret=(env TRITON_INTERPRET=1)  # the probe's tiny shapes run the kernels interpreted
+run_stage probe "${interpret[@]}" "$PYTHON" scripts/gpu_probe.py --device "$device" "${probe_args[@]}" --json "$work/probe.json"
+run_stage e2e "$PYTHON" scripts/gpu_e2e.py "${e2e_args[@]}" --kernels "${backends[@]}" --json "$work/e2e.json"
+train=(scripts/bench_train.py --device "$device" --amp "$amp" --channels-last on --ratios 0.5 --kernels "${backends[@]}")
+run_stage train "$PYTHON" "${train[@]}" "${train_wrn[@]}" --kernel-profile "$OUT" --json "$work/train.json"
+run_stage train_resnet50 "$PYTHON" "${train[@]}" "${train_resnet50[@]}" --kernel-profile "$OUT" --json "$work/train_resnet50.json"
+run_stage compile_wrn "$PYTHON" scripts/bench_train.py --device "$device" --amp "$amp" --channels-last on --ratios 0.5 \
+    --kernels "${backends[-1]}" --compile --profile-steps 0 "${compile_args[@]}" --json "$work/compile_wrn.json"
 
 # The report: gpu_check.json, gpu_check.txt and gpu_check.log from the stages' files.
 "$PYTHON" - "$work" "$OUT" "$smoke" "$budget" <<'PY'
@@ -205,6 +203,51 @@ def stage_results(name):
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def best(rows, **match):
+    """The fastest sampled row of a bench_train JSON matching ``match`` (either backend)."""
+    rows = [r for r in rows if r["ratio"] < 1 and all(r.get(k) == v for k, v in match.items())]
+    return max(rows, key=lambda r: r["speedup"]) if rows else None
+
+
+def goals(results):
+    """Issue 18's goals from the stages' results: [(goal, measured, met: True/False/None = not measured)]."""
+    found = []
+    probe = results.get("probe") or {}
+    for row in probe.get("rows", []):
+        of = max(row["of_ceiling"].values())
+        which = max(row["of_ceiling"], key=row["of_ceiling"].get)
+        found.append((f"op {row['shape']}: approx >= 0.85 of the ceiling",
+                      f"{of:.2f} ({which}; ceiling {row['ceiling_speedup']:.2f}x exact, approx {row['speedup']:.2f}x)", of >= 0.85))
+        found.append((f"op {row['shape']}: sampling pieces <= 10% of exact", f"{row['pieces_share']:.1%}", row["pieces_share"] <= 0.10))
+        found.append((f"op {row['shape']}: ratio 1.0 overhead <= 2%", f"{row['ratio1_overhead']:+.1%}", row["ratio1_overhead"] <= 0.02))
+    train = (results.get("train") or {}).get("rows", []) + (results.get("train_resnet50") or {}).get("rows", [])
+    for model, batch, target in (("wrn", 128, 1.0), ("wrn", 512, 1.3), ("resnet50", 256, 1.2)):
+        row = best(train, model=model, batch=batch)
+        found.append((f"e2e {model} batch {batch} topk 0.5 >= {target}x exact",
+                      f"{row['speedup']:.2f}x ({row['config']})" if row else "not measured", row["speedup"] >= target if row else None))
+    e2e = (results.get("e2e") or {}).get("rows", [])
+    exact_bench = next((r for r in train if r["model"] == "wrn" and r["batch"] == 128 and r["ratio"] == 1), None)
+    for row in e2e:
+        bench = exact_bench if row["config"] == "exact" else next(
+            (r for r in train if r["model"] == "wrn" and r["batch"] == 128 and r["ratio"] < 1 and r["kernels"] == row["kernels"]), None)
+        if row.get("step_time_s") and bench:
+            agree = row["step_time_s"] / bench["median_s"]
+            found.append((f"CLI median step agrees with bench_train ({row['config']}, within 10%)",
+                          f"CLI {row['step_time_s'] * 1e3:.1f} ms vs bench {bench['median_s'] * 1e3:.1f} ms", abs(agree - 1) <= 0.10))
+    compiled = (results.get("compile_wrn") or {}).get("rows", [])
+    text = (work / "compile_wrn.out").read_text(errors="replace") if (work / "compile_wrn.out").exists() else ""
+    seconds = [float(line.split("measured in ")[1].split(" s")[0]) for line in text.splitlines()
+               if "topk" in line and "measured in " in line]
+    found.append(("compile: a sampled WRN compiles (and runs its timed steps) in < 90 s",
+                  f"{seconds[0]:.0f} s" if seconds else "not measured", seconds[0] < 90 if seconds else None))
+    sampled = best(compiled)
+    eager = best(train, model="wrn", batch=128, kernels=sampled["kernels"]) if sampled else None
+    found.append(("compile: the compiled sampled WRN is not slower than eager",
+                  f"{sampled['median_s'] * 1e3:.1f} ms vs eager {eager['median_s'] * 1e3:.1f} ms" if sampled and eager else "not measured",
+                  sampled["median_s"] <= eager["median_s"] if sampled and eager else None))
+    return found
+
+
 stages = []
 for line in (work / "stages.tsv").read_text().splitlines():
     name, status, rc, seconds, limit, command = line.split("\t")
@@ -215,7 +258,8 @@ try:  # the checkout's commit, "-dirty" with uncommitted changes; None outside g
 except OSError:
     commit = None
 passed = bool(stages) and all(s["status"] == "pass" for s in stages)
-report = {"mode": "smoke" if smoke else "full", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+measured = goals({s["name"]: s["results"] for s in stages})
+report = {"goals": [{"goal": g, "measured": m, "met": met} for g, m, met in measured], "mode": "smoke" if smoke else "full", "date": datetime.datetime.now().isoformat(timespec="seconds"),
           "commit": commit, "budget_s": budget, **json.loads((work / "env.json").read_text()), "passed": passed, "stages": stages}
 (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
 
@@ -224,7 +268,10 @@ table = [f"gpu_check ({report['mode']}) {report['date']}, commit {commit}, torch
 table += [f"{s['name']:<18}{s['status']:<9}{s['seconds']:>8}{s['limit_s']:>7}  {s['command']}" for s in stages]
 failed = [s["name"] for s in stages if s["status"] != "pass"]
 table.append("RESULT: " + ("PASS" if passed else f"FAIL ({', '.join(failed) or 'no stage ran'})"))
-text, log = ["\n".join(table)], []
+mark = {True: "met", False: "UNMET", None: "not measured"}
+summary = [f"goals of issue 18{' (smoke: tiny shapes, not a measurement)' if smoke else ''}:"]
+summary += [f"  {mark[met]:<12} {goal}: {value}" for goal, value, met in measured]
+text, log = ["\n".join(summary + [""] + table)], []
 for s in stages:
     err = (work / f"{s['name']}.err").read_text(errors="replace")
     text.append(f"\n== {s['name']}: {s['status']} ==\n" + (work / f"{s['name']}.out").read_text(errors="replace"))
@@ -233,7 +280,7 @@ for s in stages:
     log.append(f"== {s['name']}: {s['command']}\n{err}")
 (out / "gpu_check.txt").write_text("\n".join(text) + "\n")
 (out / "gpu_check.log").write_text("\n".join(log))
-print("\n".join(table))
+print("\n".join(summary + [""] + table))
 print(f"results in {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
 sys.exit(0 if passed else 1)
 PY

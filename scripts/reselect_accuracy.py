@@ -3,9 +3,9 @@
 The paper's MLP (784-500-500-10, every layer sampled, topk by default) on the MNIST subset
 (5k train / 10k test, read from ``--data`` in torchvision's raw layout), Adam 1e-3, batch 50,
 the same seeds for every N: each seed's data order, initial weights and schedule are shared, so
-the per-seed difference in test accuracy is the effect of reusing the selection. Prints a
-table (mean, standard deviation, per-seed differences against N=1, median step time) and
-writes ``--json``.
+the per-seed difference in test accuracy is the effect of reusing the selection. Then the step time of each N, interleaved
+round by round in one process. Prints a table (mean, standard deviation, per-seed differences
+against N=1, median step time, speedup) and writes ``--json``.
 
     python scripts/reselect_accuracy.py --data ../shared/data --every 1 4 16 --seeds 0 1 2 3 4
 """
@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +59,30 @@ def run(every: int, seed: int, args: argparse.Namespace, data: tuple) -> dict:
     return {"every": every, "seed": seed, "accuracy": accuracy, "median_step_ms": statistics.median(steps) * 1e3}
 
 
+def step_times(args: argparse.Namespace, data: tuple, rounds: int = 60) -> dict[int, float]:
+    """Median ms of one training step per N, interleaved round by round on one batch after N
+    steps of warm-up (so every N is in its steady state: N-1 of N steps reuse), same machine load."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_ops import time_interleaved
+
+    (x_train, y_train), _ = data
+    x, y = x_train[: args.batch], y_train[: args.batch]
+    steps = {}
+    for every in args.every:
+        torch.manual_seed(0)
+        model = build_model({"name": "mlp", "hidden": 500}, MNIST)
+        approximate_(model, [LayerRule(sampling=SamplingConfig(args.policy, ratio=args.ratio, reselect_every=every))])
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step(model=model, optimizer=optimizer) -> None:
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        steps[every] = step
+    times = time_interleaved(steps, torch.device("cpu"), max(args.every), rounds)
+    return {every: statistics.median(t) for every, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="../shared/data")
@@ -76,20 +102,23 @@ def main() -> None:
         for every in args.every:
             rows.append(run(every, seed, args, data))
             print(json.dumps(rows[-1]), flush=True)
+    speed = step_times(args, data)
     base = {r["seed"]: r["accuracy"] for r in rows if r["every"] == args.every[0]}
     print(f"\nMLP 784-500-500-10, MNIST 5k/10k, {args.policy} ratio {args.ratio}, {args.epochs} epochs, batch {args.batch}, "
           f"seeds {args.seeds}; difference against reselect_every={args.every[0]} per seed")
-    print(f"{'every':>5}  {'accuracy mean':>13}  {'sd':>6}  {'diff mean':>9}  {'diff range':>17}  {'step ms':>7}")
+    print(f"{'every':>5}  {'accuracy mean':>13}  {'sd':>6}  {'diff mean':>9}  {'diff range':>17}  {'step ms':>7}  "
+          f"{'speedup':>7}")
     for every in args.every:
         mine = [r for r in rows if r["every"] == every]
         acc = [r["accuracy"] * 100 for r in mine]
         diff = [(r["accuracy"] - base[r["seed"]]) * 100 for r in mine]
-        step = statistics.median(r["median_step_ms"] for r in mine)
         print(f"{every:>5}  {statistics.mean(acc):>12.2f}%  {statistics.stdev(acc) if len(acc) > 1 else 0:>6.2f}  "
-              f"{statistics.mean(diff):>+9.2f}  {min(diff):>+8.2f}..{max(diff):>+6.2f}  {step:>7.2f}")
+              f"{statistics.mean(diff):>+9.2f}  {min(diff):>+8.2f}..{max(diff):>+6.2f}  {speed[every]:>7.2f}  "
+              f"{speed[args.every[0]] / speed[every]:>6.3f}x")
+    print("step ms: median of one training step, the N interleaved round by round on one batch (60 rounds)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "runs": rows}, f, indent=1)
+            json.dump({"args": vars(args), "runs": rows, "step_ms": speed}, f, indent=1)
 
 
 if __name__ == "__main__":

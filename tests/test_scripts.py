@@ -141,6 +141,16 @@ def test_bench_train_writes_kernel_profile_of_exact_and_first_ratio(tmp_path: Pa
     assert text.count("Self CPU %") == 2 and "aten::mm" in text  # CPU: operators by self CPU time
 
 
+def test_bench_train_runs_each_batch_and_kernel_backend(tmp_path: Path) -> None:
+    out = tmp_path / "bench_train.json"
+    run_script("bench_train.py", "--device", "cpu", "--models", "mlp", "--batch", "2", "3", "--ratios", "0.5",
+               "--kernels", "torch", "triton", "--warmup", "0", "--repeats", "1", "--profile-steps", "0", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["config"], r["kernels"]) for r in rows] == [
+        (batch, config, kernels) for batch in (2, 3)
+        for config, kernels in (("exact", "torch"), ("topk 0.5", "torch"), ("topk 0.5 [triton]", "triton"))]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--compile", "--kernel-profile", "out"], "--kernel-profile with --compile"),
     (["--compile", "--compile-backend", "nope"], "--compile-backend='nope' is unknown; allowed: "),
@@ -154,6 +164,7 @@ def test_bench_train_rejects_bad_flag_combinations(args: list[str], message: str
 
 GPU_CHECK = SCRIPTS / "gpu_check.sh"
 GPU_CHECK_FILES = {"gpu_check.json", "gpu_check.txt", "gpu_check.log"}
+STAGES = ("tests", "probe", "e2e", "train", "train_resnet50", "compile_wrn")
 
 
 def run_gpu_check(out: Path, env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -164,17 +175,19 @@ def run_gpu_check(out: Path, env: dict[str, str], *args: str, timeout: float = 1
 
 
 def test_gpu_check_runs_every_stage_after_failures_and_exits_non_zero(tmp_path: Path) -> None:
-    # a python that fails the op benchmark: both op stages run and fail, the report says so
+    # a python that fails the probe and the headline run: both stages run and fail, the report says so
     python = tmp_path / "python"
-    python.write_text(f'#!/bin/sh\ncase "$1" in scripts/bench_ops.py) exit 3;; esac\nexec {sys.executable} "$@"\n')
+    python.write_text(f'#!/bin/sh\ncase "$1" in scripts/gpu_probe.py|scripts/gpu_e2e.py) exit 3;; esac\n'
+                      f'exec {sys.executable} "$@"\n')
     python.chmod(0o755)
-    result = run_gpu_check(tmp_path / "out", {"PYTHON": str(python), "GPU_CHECK_STAGES": "ops_bf16 ops_fp32"})
+    result = run_gpu_check(tmp_path / "out", {"PYTHON": str(python), "GPU_CHECK_STAGES": "probe e2e"})
     assert result.returncode == 1, result.stdout + result.stderr
     report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert [(s["name"], s["status"], s["rc"], s["results"]) for s in report["stages"]] == \
-        [("ops_bf16", "fail", 3, None), ("ops_fp32", "fail", 3, None)]
+        [("probe", "fail", 3, None), ("e2e", "fail", 3, None)]
     assert report["mode"] == "smoke" and report["passed"] is False
-    assert "RESULT: FAIL (ops_bf16, ops_fp32)" in (tmp_path / "out" / "gpu_check.txt").read_text()
+    assert all(goal["met"] is None for goal in report["goals"])  # nothing measured: no goal is called met
+    assert "RESULT: FAIL (probe, e2e)" in (tmp_path / "out" / "gpu_check.txt").read_text()
 
 
 def test_gpu_check_skips_stages_past_its_budget(tmp_path: Path) -> None:
@@ -182,13 +195,13 @@ def test_gpu_check_skips_stages_past_its_budget(tmp_path: Path) -> None:
     assert result.returncode == 1
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [(s["name"], s["status"]) for s in report["stages"]] == \
-        [(name, "skipped") for name in ("tests", "ops_bf16", "ops_fp32", "train", "compile_cnn", "compile_mlp")]
+        [(name, "skipped") for name in STAGES]
     assert {p.name for p in tmp_path.iterdir()} == GPU_CHECK_FILES
 
 
 @pytest.mark.parametrize("env, args, message", [
     ({"GPU_CHECK_STAGES": "ops"}, ["--smoke"],
-     "GPU_CHECK_STAGES names 'ops'; allowed: tests ops_bf16 ops_fp32 train compile_cnn compile_mlp"),
+     "GPU_CHECK_STAGES names 'ops'; allowed: tests probe e2e train train_resnet50 compile_wrn"),
     ({"GPU_CHECK_BUDGET_S": "5m"}, ["--smoke"], "GPU_CHECK_BUDGET_S='5m' is invalid"),
     ({"GPU_CHECK_SMOKE": "yes"}, ["--smoke"], "GPU_CHECK_SMOKE='yes' is invalid; allowed: 0, 1"),
     ({}, ["--smoke", "--fast"], "unknown argument '--fast'; allowed: --smoke, --help"),
@@ -210,19 +223,24 @@ def test_gpu_check_smoke_runs_every_stage_without_wandb(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((out / "gpu_check.json").read_text())
     stages = {s["name"]: s for s in report["stages"]}
-    assert list(stages) == ["tests", "ops_bf16", "ops_fp32", "train", "compile_cnn", "compile_mlp"]
+    assert tuple(stages) == STAGES
     assert all(s["status"] == "pass" and s["rc"] == 0 for s in stages.values())
     assert stages["tests"]["results"]["tests"] > 0 and stages["tests"]["results"]["failures"] == 0
-    for dtype in ("bf16", "fp32"):
-        results = stages[f"ops_{dtype}"]["results"]
-        assert results["meta"]["dtype"] == dtype and results["meta"]["channels_last"]
-        assert len({r["case"] for r in results["results"]}) == 4 and len(results["results"]) == 12
-    assert [(r["model"], r["config"]) for r in stages["train"]["results"]["rows"]] == \
-        [(m, c) for m in ("cnn", "mlp") for c in ("exact", "topk 0.5", "topk 0.3")]
-    for model in ("cnn", "mlp"):
-        assert [r["config"] for r in stages[f"compile_{model}"]["results"]["rows"]] == ["exact", "topk 0.5", "topk 0.3"]
+    probe = stages["probe"]["results"]
+    assert [r["shape"] for r in probe["rows"]] == ["linear_64x48", "conv_16@6"] and probe["backends"] == ["torch", "triton"]
+    for row in probe["rows"]:  # every piece timed under both backends (the kernels interpreted on a CPU)
+        assert {"exact", "ceiling", "ratio1", "approx_torch", "approx_triton"} <= set(row["ms"])
+        assert set(row["pieces_ms"]["triton"]) == set(row["pieces_ms"]["torch"]) >= {"scores", "topk", "gather_input"}
+    assert [(r["config"], r["rc"], r["status"]) for r in stages["e2e"]["results"]["rows"]] == \
+        [("exact", 0, "finished"), ("topk 0.5 [torch]", 0, "finished")]
+    for stage, model in (("train", "cnn"), ("train_resnet50", "mlp")):
+        assert [(r["model"], r["config"]) for r in stages[stage]["results"]["rows"]] == [(model, "exact"), (model, "topk 0.5")]
         profile = (out / f"profile_{model}.txt").read_text()
         assert f"== {model}, exact ==" in profile and f"== {model}, topk 0.5 ==" in profile
+    assert [r["config"] for r in stages["compile_wrn"]["results"]["rows"]] == ["exact", "topk 0.5"]
+    goals = {g["goal"]: g for g in report["goals"]}
+    assert goals["compile: a sampled WRN compiles (and runs its timed steps) in < 90 s"]["met"] is True
+    assert "goals of issue 18 (smoke: tiny shapes, not a measurement):" in (out / "gpu_check.txt").read_text()
     # what the GPU machine returns: at most 8 files, plain names
     assert {p.name for p in out.iterdir()} == GPU_CHECK_FILES | {"profile_cnn.txt", "profile_mlp.txt"}
     assert "RESULT: PASS" in (out / "gpu_check.txt").read_text() and "RESULT: PASS" in result.stdout
