@@ -122,7 +122,7 @@ def test_bad_override_is_one_line_error(case, cli, tmp_path):
 @pytest.mark.parametrize("overrides, names", [
     (["trainer.epoch=2"], ["trainer.epoch=2 is not a config key", "allowed under trainer:", "epochs", "+trainer.epoch=2"]),
     (["model.dept=2", "model=wrn"], ["model.dept=2 is not a config key", "allowed under model:", "depth, dropout"]),
-    (["fo=1"], ["fo=1 is not a config key", "allowed: dataset", "ratio"]),
+    (["fo=1"], ["fo=1 is not a config key", "allowed: callbacks, dataset", "ratio"]),
     (["+ratio=0.3"], ["An item is already at 'ratio'", "'ratio=0.3'"]),
     (["ratio=[0.3"], ["'[0.3'"]),
 ])
