@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from approxtrain.run.rundir import load_checkpoint
+from approxtrain.run.checkpoint import load_checkpoint
 from approxtrain.run.schema import read_results
 from conftest import RESULT_KEYS, read_wandb_records
 

@@ -333,6 +333,29 @@ def test_cli_table_and_report(sweep: Path, capsys: pytest.CaptureFixture[str]) -
     assert len(lines) == 1 + 11 + 2
 
 
+def test_a_report_link_in_the_run_dir_is_refused(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A ``report`` symlink would send the report to its target: refused in one line, nothing written there."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (sweep / "report").symlink_to(elsewhere)
+    code, out, err = run_cli([str(sweep)], capsys)
+    assert code == 2 and f"{sweep / 'report'} is a symbolic link (to {elsewhere})" in err, err
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_links_inside_the_report_dir_are_replaced_not_followed(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    (sweep / "report").mkdir()
+    for name in ("report.md", "runs.csv", "pareto.png"):
+        (sweep / "report" / name).symlink_to(victim)
+    code, _, _ = run_cli([str(sweep)], capsys)
+    assert code == 0 and victim.read_text() == "keep me"
+    for name in ("report.md", "runs.csv", "pareto.png"):
+        assert not (sweep / "report" / name).is_symlink() and (sweep / "report" / name).stat().st_size > 0
+    assert not list((sweep / "report").glob(".*.tmp"))
+
+
 def test_report_is_not_rescanned_as_runs(sweep: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli([str(sweep)], capsys)[0] == 0
     runs, problems = collect_runs([sweep])

@@ -29,7 +29,8 @@ from approxtrain.functional import PairScoring, approx_linear
 from approxtrain.modules import ApproxLinear
 from approxtrain.run.distributed import Distributed, GradientAllReduce, _comm_hook
 from approxtrain.run.launch import Launch, launched, lead
-from approxtrain.run.rundir import checkpoint_path, load_checkpoint
+from approxtrain.run.checkpoint import load_checkpoint
+from approxtrain.run.rundir import checkpoint_path
 from approxtrain.run.schema import read_results
 from approxtrain.run.trainer import Trainer
 from approxtrain.sampling import SamplingConfig

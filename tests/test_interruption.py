@@ -16,7 +16,8 @@ import torch
 
 from approxtrain.run.callbacks import Callback
 from approxtrain.run.errors import RunInterrupted, TrainingDiverged
-from approxtrain.run.rundir import checkpoint_path, load_checkpoint
+from approxtrain.run.checkpoint import load_checkpoint
+from approxtrain.run.rundir import checkpoint_path
 from approxtrain.run.schema import improves, read_results
 from approxtrain.run.trainer import Trainer
 from conftest import approxtrain_command

@@ -20,8 +20,8 @@ from omegaconf import OmegaConf
 
 from approxtrain.cli.resume import merge_overrides, parse_overrides, refused_changes
 from approxtrain.cli.train import main, settle_run_dir
-from approxtrain.run.rundir import (LOCK_FILE, claim_new_dir, hold, holder, load_checkpoint, recorded_run, release, save_checkpoint,
-                                    write_results)
+from approxtrain.run.checkpoint import load_checkpoint, save_checkpoint
+from approxtrain.run.rundir import LOCK_FILE, claim_new_dir, hold, holder, recorded_run, release, write_results
 from approxtrain.run.schema import Results, read_results
 from approxtrain.run.trainer import train
 from conftest import approxtrain_command, compose_config, to_run_config

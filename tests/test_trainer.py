@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 
 from approxtrain.cli.train import failed_jobs
 from approxtrain.run.callbacks import Callback
-from approxtrain.run.rundir import checkpoint_path, load_checkpoint, write_results
+from approxtrain.run.checkpoint import load_checkpoint
+from approxtrain.run.rundir import checkpoint_path, write_results
 from approxtrain.run.schema import Results, read_results
 from approxtrain.run.trainer import Trainer
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from approxtrain.run import rundir as results_module
-from approxtrain.run.rundir import load_checkpoint, save_checkpoint, write_results
+from approxtrain.run.checkpoint import load_checkpoint, save_checkpoint
+from approxtrain.run.rundir import write_results
 from approxtrain.run.schema import read_results
 from approxtrain.run.optim import build_optimizer, build_scheduler
 from approxtrain.run.trainer import train

@@ -9,6 +9,7 @@ unreachable, 2 bad usage.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -160,7 +161,11 @@ def _report_dir(args: argparse.Namespace) -> Path | None:
         if path.is_file():
             path = path.parent
         if (path / SWEEP_FILE).is_file() or (path / HYDRA_DIR).is_dir() or (path / RESULTS_FILE).is_file():
-            return path / "report"
+            report = path / "report"
+            if report.is_symlink():  # the report goes into the run dir, never to where a link points
+                raise UsageError(f"{report} is a symbolic link (to {os.readlink(report)}); the report is written only "
+                                 "into a real folder inside the run dir: remove the link, or pass --out DIR")
+            return report
     return REPORTS_DIR / f"compare_{datetime.now():%Y%m%d_%H%M%S}"
 
 

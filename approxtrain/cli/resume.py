@@ -24,8 +24,9 @@ from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf
 
 from approxtrain.run.callbacks import Callback
+from approxtrain.run.checkpoint import load_checkpoint, verify_checkpoint
 from approxtrain.run.config_keys import flatten, is_bookkeeping_key
-from approxtrain.run.rundir import atomic_write, check_checkpoint, checkpoint_path, load_checkpoint
+from approxtrain.run.rundir import atomic_write, checkpoint_path
 from approxtrain.run.schema import FINISHED, INTERRUPTED, RUNNING, read_results
 
 if TYPE_CHECKING:
@@ -105,13 +106,14 @@ def finished_line(run_dir: Path, cfg: DictConfig) -> str | None:
 
 
 def check_run_dir(run_dir: Path) -> None:
-    """A run dir that can be continued: ``ValueError`` (one line) when it is not one or its checkpoint is unreadable."""
+    """A run dir that can be continued: ``ValueError`` (one line) when it is not one or its checkpoint is
+    unreadable or damaged (:func:`~approxtrain.run.checkpoint.verify_checkpoint`)."""
     if not run_dir.is_dir():
         raise ValueError("no such run dir")
     for name in ("config.yaml", "overrides.yaml"):
         if not (run_dir / HYDRA_DIR / name).is_file():
             raise ValueError(f"not a run dir (no {HYDRA_DIR}/{name}); allowed: a dir an approxtrain run wrote")
-    check_checkpoint(checkpoint_path(run_dir))
+    verify_checkpoint(checkpoint_path(run_dir))
 
 
 def resume_overrides(resume: Override, given: Sequence[Override], compose: Callable[[list[str]], DictConfig]) -> list[str]:

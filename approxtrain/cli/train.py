@@ -332,7 +332,12 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | list[float] | None:
     assert isinstance(container, dict)
     console = Console()
     if hydra_cfg.mode == RunMode.MULTIRUN and not container["resume"]:
-        if requeued_run(run_dir, container):
+        try:
+            requeued = requeued_run(run_dir, container)
+        except ValueError as unreadable:  # its checkpoint is damaged or unsafe: the job cannot continue it
+            log.error("job %s not run: %s", hydra_cfg.job.num, unreadable)
+            return None
+        if requeued:
             log.info("job %s was requeued: continuing its run from %s", hydra_cfg.job.num, checkpoint_path(run_dir))
             container["resume"] = str(run_dir)
         elif (found := recorded_run(run_dir)) is not None:  # e.g. a hydra.sweep.subdir that names another job's dir

@@ -39,6 +39,7 @@ from approxtrain.compare.style import (
     sampler_color,
 )
 from approxtrain.compare.table import Row, Stat, Table, seed_stat
+from approxtrain.run.rundir import atomic_write
 from approxtrain.run.schema import FAILED, FINISHED
 
 LINESTYLES = ("-", "--", "-.", ":")
@@ -75,7 +76,7 @@ def write_figures(tables: Sequence[Table], out_dir: Path, formats: Sequence[str]
             figure = _figure(tables, draw)
             for fmt in formats:
                 path = out_dir / f"{name}.{fmt}"
-                figure.savefig(path, format=fmt, dpi=PNG_DPI if fmt == "png" else None)
+                atomic_write(path, lambda handle, fmt=fmt: figure.savefig(handle, format=fmt, dpi=PNG_DPI if fmt == "png" else None))
                 paths[path.name] = path
     return paths
 

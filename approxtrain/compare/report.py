@@ -17,6 +17,7 @@ from typing import Any
 from approxtrain.compare.formatting import COLUMNS, INTERVAL_NOTE, metric_digits, row_cells, row_notes
 from approxtrain.compare.runs import Problem
 from approxtrain.compare.table import RUN_RECORD_FIELDS, Table
+from approxtrain.run.rundir import atomic_write
 
 FIGURE_FORMATS = ("png", "pdf", "svg")  # PNG is always written: report.md shows it
 
@@ -69,21 +70,28 @@ def write_report(
 ) -> dict[str, Path]:
     """Write ``report.md``, ``runs.csv`` and the figures into ``out_dir`` (created): each
     figure as PNG and in the other :data:`FIGURE_FORMATS` of ``figure_formats``; returns
-    file name -> path."""
+    file name -> path. Every file is written atomically into the resolved ``out_dir``: a
+    symbolic link in its place is replaced by the file, its target left alone."""
     from approxtrain.compare.plots import write_figures  # matplotlib only when writing
     from approxtrain.compare.telemetry_plot import LAYER_ERROR_FILE, write_layer_error_png
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: out_dir / name for name in ("report.md", "runs.csv")}
-    paths["report.md"].write_text(to_markdown(tables, problems, images=True), encoding="utf-8")
-    paths["runs.csv"].write_text(to_csv(tables, problems), encoding="utf-8")
+    out_dir = out_dir.resolve()
     formats = ["png"] + [fmt for fmt in FIGURE_FORMATS[1:] if fmt in figure_formats]
+    paths = {"runs.csv": write_text(out_dir / "runs.csv", to_csv(tables, problems))}
     paths.update(write_figures(tables, out_dir, formats))
+    markdown = to_markdown(tables, problems, images=True)
     if layer_error := write_layer_error_png(tables, out_dir / LAYER_ERROR_FILE):  # runs with telemetry only
         paths[LAYER_ERROR_FILE] = layer_error
-        with paths["report.md"].open("a", encoding="utf-8") as report:
-            report.write(f"\n![per-layer forward error (telemetry)]({LAYER_ERROR_FILE})\n")
+        markdown += f"\n![per-layer forward error (telemetry)]({LAYER_ERROR_FILE})\n"
+    paths["report.md"] = write_text(out_dir / "report.md", markdown)
     return paths
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) as ``path`` atomically (a link at ``path`` is replaced, not followed)."""
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    return path
 
 
 def _markdown_table(table: Table) -> list[str]:

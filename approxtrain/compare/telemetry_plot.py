@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 from approxtrain.compare.formatting import row_label
 from approxtrain.compare.table import Row, Table
+from approxtrain.run.rundir import atomic_write
 from approxtrain.run.schema import read_results
 
 LAYER_ERROR_FILE = "layer_error.png"
@@ -47,6 +48,5 @@ def write_layer_error_png(tables: Sequence[Table], path: Path) -> Path | None:
         axes.set(title=f"{table.title}: {row_label(row)}", xlabel="step", ylabel="forward relative error")
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=110)
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=110))
     return path

@@ -6,7 +6,7 @@ a ``_1``, ``_2``, ... suffix on a name already taken) and holds it for its life
 second process aimed at it is refused (:func:`holder` names it); a dir that cannot be
 created or written in is refused in one line naming it. A file is written to a
 temporary sibling and moved into place with ``os.replace``, so a killed run never leaves
-a half-written file behind.
+a half-written file behind (checkpoints: :mod:`approxtrain.run.checkpoint`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import fcntl
 import itertools
 import os
 import secrets
-import zipfile
 from pathlib import Path
 from typing import IO, Any
 
@@ -181,35 +180,3 @@ def write_results(run_dir: Path | str, results: Results | dict[str, Any]) -> Pat
     text = results_text(results)
     atomic_write(path, lambda handle: handle.write(text.encode()))
     return path
-
-
-def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
-    """``torch.save`` to ``path`` atomically."""
-    import torch  # here, not at the top: claiming and holding a run dir (the CLI, before a run) needs no torch
-
-    atomic_write(Path(path), lambda handle: torch.save(checkpoint, handle))
-
-
-def check_checkpoint(path: Path) -> None:
-    """A cheap look at a checkpoint before anything is built: ``ValueError`` (one line naming the
-    file) when it is missing, empty or not a torch zip archive; :func:`load_checkpoint` reads it in full."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"resume: no checkpoint at {str(path)!r}; allowed: a run dir with checkpoints/last.pt")
-    if path.stat().st_size == 0 or not zipfile.is_zipfile(path):
-        raise ValueError(f"resume: {str(path)!r} is not a readable checkpoint "
-                         f"({'an empty file' if path.stat().st_size == 0 else 'not a torch zip archive'})")
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (tensors on the CPU; the caller moves them)."""
-    path = Path(path)
-    check_checkpoint(path)
-    import torch
-
-    try:
-        # Our own file: it also holds numpy/python RNG states, which weights_only rejects.
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - a damaged file: one line naming it
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"resume: {str(path)!r} is not a readable checkpoint ({reason})") from None

@@ -47,6 +47,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     history: list[dict[str, Any]] = field(default_factory=list)  # EpochRecord dicts
     best_metric: float | None = None
+    best_epoch: int | None = None  # the epoch best.pt holds
     exact_macs: int = 0
     actual_macs: int = 0
     wall_time_s: float = 0.0
@@ -69,11 +70,15 @@ class TrainState:
 
 
 def rng_state(sampler: torch.Generator, device: torch.device) -> dict[str, Any]:
-    """Every random generator a run draws from: the samplers' own, torch's (CPU, CUDA), NumPy's, Python's."""
-    cuda = device.type == "cuda"
+    """Every random generator a run draws from -- the samplers' own, torch's (CPU, CUDA), NumPy's,
+    Python's -- as tensors and plain numbers, so a checkpoint is read with ``weights_only=True``."""
+    name, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, python_state, gauss_next = random.getstate()
     return {"sampler": sampler.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if cuda else None,
-            "numpy": np.random.get_state(), "python": random.getstate()}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+            "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss_next": gauss_next}}
 
 
 def set_rng_state(rng: dict[str, Any], sampler: torch.Generator, device: torch.device) -> None:
@@ -82,8 +87,11 @@ def set_rng_state(rng: dict[str, Any], sampler: torch.Generator, device: torch.d
     torch.set_rng_state(rng["torch"])
     if device.type == "cuda" and rng["cuda"] is not None:
         torch.cuda.set_rng_state(rng["cuda"], device)
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+    numpy = rng["numpy"]
+    np.random.set_state((numpy["name"], numpy["key"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
+    python = rng["python"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss_next"]))
 
 
 class RunRecord:

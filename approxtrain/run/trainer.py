@@ -43,7 +43,8 @@ from approxtrain.run.device import StepTimer, peak_memory_bytes, training_device
 from approxtrain.run.distributed import Distributed
 from approxtrain.run.errors import RunInterrupted, TrainingDiverged, failure_message
 from approxtrain.run.optim import build_optimizer, build_scheduler
-from approxtrain.run.rundir import BEST_CHECKPOINT, checkpoint_path, load_checkpoint, save_checkpoint
+from approxtrain.run.checkpoint import load_checkpoint, repair_best, save_checkpoint
+from approxtrain.run.rundir import BEST_CHECKPOINT, checkpoint_path
 from approxtrain.run.schema import FINISHED, INTERRUPTED, PERPLEXITY, EpochRecord, Results, improves
 from approxtrain.run.signals import StopRequests, stop_signals
 from approxtrain.run.state import EpochProgress, RunRecord, TrainState, rng_state, set_rng_state
@@ -208,6 +209,8 @@ class Trainer:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
         set_rng_state(checkpoint["rng"], self.generator, self.device)
         self.state = TrainState.from_dict(checkpoint["state"])
+        if self.is_main:
+            repair_best(self.cfg["resume"], checkpoint["state"])
         states = checkpoint.get("callbacks", _earlier_callback_states(checkpoint))
         for callback in self.callbacks:
             if callback.state_key in states:
@@ -340,7 +343,7 @@ class Trainer:
         """Book an evaluated epoch: state, checkpoints, ``results.json``, callbacks."""
         improved = improves(self.info.metric, record.test_metric, self.state.best_metric)
         if improved:
-            self.state.best_metric = record.test_metric
+            self.state.best_metric, self.state.best_epoch = record.test_metric, record.epoch
         self.state.history.append(asdict(record))
         self.state.epoch = record.epoch
         self.state.wall_time_s = time.perf_counter() - self.started
@@ -414,7 +417,7 @@ class Trainer:
             return
         checkpoint = self.checkpoint()
         save_checkpoint(checkpoint_path(self.run_dir), checkpoint)
-        if best:
+        if best:  # after last.pt, which records the best epoch: a crash between is repaired on resume
             save_checkpoint(checkpoint_path(self.run_dir, BEST_CHECKPOINT), checkpoint)
 
     def record_failure(self, error: BaseException) -> str:
