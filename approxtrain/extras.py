@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
 from dataclasses import dataclass
 
 
@@ -25,6 +26,10 @@ EXTRAS = {
     "slurm": Extra(("hydra_plugins.hydra_submitit_launcher", "submitit"), ("hydra/launcher/submitit_*",)),
     "optuna": Extra(("hydra_plugins.hydra_optuna_sweeper", "optuna"), ("hydra/sweeper/optuna", "hydra/sweeper/sampler/*")),
 }
+
+
+# Launchers that submit to a cluster, and the command that must be on PATH there (submitit's own check).
+CLUSTER_LAUNCHERS = {"hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher": ("submitit_slurm", "srun")}
 
 
 class MissingExtra(ImportError):
@@ -58,6 +63,17 @@ def missing_option_line(hydra_error: str) -> str | None:
         if not installed(name) and any(_matches(pattern, found.group(1)) for pattern in extra.options):
             return f"{group}={option} {hint(name)}"
     return None
+
+
+def missing_cluster_line(launcher_target: str) -> str | None:
+    """The one line for a cluster launcher chosen where its cluster is not (``srun`` not on PATH), else None."""
+    if launcher_target not in CLUSTER_LAUNCHERS:
+        return None
+    option, command = CLUSTER_LAUNCHERS[launcher_target]
+    if shutil.which(command) is not None:
+        return None
+    return (f"hydra/launcher={option} needs a SLURM cluster ({command} is not on PATH); "
+            "on one machine: hydra/launcher=submitit_local")
 
 
 def _matches(pattern: str, option: str) -> bool:

@@ -48,3 +48,13 @@ def test_a_plain_install_names_the_extra_an_option_needs(extra):
     option = USES[extra].replace("search=pareto", "hydra/sweeper=optuna")
     error = composition_error(["-m", USES[extra], "model=mlp", "dataset=digits", "logger=none"])
     assert error == f'{option} needs the {extra} extra: pip install "approxtrain[{extra}]"'
+
+
+@pytest.mark.extra("slurm")
+def test_the_slurm_launcher_off_a_cluster_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun
+    error = composition_error(["-m", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug", "model=mlp", "dataset=digits"])
+    assert error == "hydra/launcher=submitit_slurm needs a SLURM cluster (srun is not on PATH); on one machine: hydra/launcher=submitit_local"
+    (tmp_path / "srun").write_text("#!/bin/sh\n")
+    (tmp_path / "srun").chmod(0o755)
+    assert composition_error(["-m", "hydra/launcher=submitit_slurm", "model=mlp", "dataset=digits"]) is None

@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 import approxtrain.cli.config_store  # noqa: F401  (stores the config nodes made from code before anything is composed)
 from approxtrain.cli.allocator import retain_freed_memory
 from approxtrain.cli.resume import RESUME_KEY, RecordResume, last_value, parse_overrides, requeued_run, resume_overrides
-from approxtrain.extras import missing_option_line
+from approxtrain.extras import missing_cluster_line, missing_option_line
 from approxtrain.run.rundir import checkpoint_path, claim_new_dir, hold, holder, recorded_run, release
 from approxtrain.run.schema import FINISHED, read_results
 
@@ -161,7 +161,7 @@ def composition_error(args: list[str]) -> str | None:
         from approxtrain.models.custom import dataset_fact_hint
 
         return missing_option_line(str(error)) or composition_error_line(str(error), args) + dataset_fact_hint(str(error))
-    return objective_error(cfg)
+    return missing_cluster_line(str(cfg.hydra.launcher.get("_target_", ""))) or objective_error(cfg)
 
 
 def objective_error(cfg: DictConfig) -> str | None:
