@@ -19,6 +19,7 @@ A block that runs more than one command is marked slow; one that uses an optiona
 from __future__ import annotations
 
 import ast
+import builtins
 import os
 import re
 import shlex
@@ -266,6 +267,19 @@ def run_python(block: Block, workdir: Path, monkeypatch) -> None:
     try:
         exec(compile(tree, f"README.md:{block.line}", "exec"), namespace)  # noqa: S102
     except NameError as error:
-        if error.name in bound or error.name in dir(__builtins__):
+        if error.name in bound or hasattr(builtins, str(error.name)):
             raise
         pytest.skip(f"README.md:{block.line}: its imports run; the rest uses {error.name}, which it leaves to the reader")
+
+
+def test_commands_are_read_as_a_reader_types_them():
+    block = Block("bash", "# a comment\napproxtrain -m a=1,2,3 \\\n    b=x,y  # trailing\npip install -e \".[dev]\"\n", 1)
+    assert commands(block) == ["approxtrain -m a=1,2,3 b=x,y", "pip install -e '.[dev]'"]
+    assert not_run(commands(block)[1]) and not not_run(commands(block)[0])
+    assert shortened_sweep(["model=mlp", "sampler=exact,topk,nps", "ratio=0.3,0.5"])[:3] == ["model=mlp", "sampler=exact,topk", "ratio=0.3"]
+    assert extras_used("approxtrain -m hydra/launcher=submitit_slurm model=mlp") == ["slurm"]
+
+
+def test_a_drifted_command_fails_naming_its_block(workdir):
+    with pytest.raises(AssertionError, match=r"(?s)exit 2, .*README\.md:7: `approxtrain model=mlp dataset=digits trainer\.epoch=1`"):
+        run("approxtrain model=mlp dataset=digits trainer.epoch=1", workdir, 7)
