@@ -24,6 +24,7 @@ _EXPORTS = {
     "approxtrain.attention": ("ProjectedMultiheadAttention",),
     "approxtrain.functional": ("approx_conv2d", "approx_linear"),
     "approxtrain.modules": ("ApproxConv2d", "ApproxLinear"),
+    "approxtrain.policies": ("SamplerPolicy", "get_policy", "policy_names", "register_policy"),
     "approxtrain.sampling": ("POLICIES", "SamplingConfig", "Selection", "num_kept", "select"),
     "approxtrain.surgery": ("LayerRule", "Plan", "PlanRow", "approximate_", "attach_meter", "rules_from_dicts"),
 }

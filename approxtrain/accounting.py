@@ -206,12 +206,12 @@ def sampled_macs(shape: LayerShape, config: SamplingConfig, k: int | None = None
 
 
 def counted_in_backward(config: SamplingConfig, product: str) -> bool:
-    """Whether a backward product's MACs are only known in backward: a Bernoulli-sampled
-    one keeps a random number of pairs. Every other product's count is known at forward
+    """Whether a backward product's MACs are only known in backward: one sampled by a policy
+    without ``fixed_k`` (``bernoulli``) keeps a random number of pairs. Every other product's count is known at forward
     time and recorded there (no side effects inside backward, so ``torch.compile`` traces
     the ops without breaking the graph)."""
     ratio = config.input_grad_ratio if product == "input_grad" else config.weight_grad_ratio
-    return config.policy == "bernoulli" and ratio < 1.0
+    return not config.sampler.fixed_k and ratio < 1.0
 
 
 def record_call(compute: LayerCompute, shape: LayerShape, input_grad: bool, weight_grad: bool,

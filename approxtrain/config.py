@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from approxtrain.models import model_options, model_spec
+from approxtrain.policies import import_policy_module, policy_names
 from approxtrain.run.config_keys import lookup
-from approxtrain.sampling import POLICIES, SamplingConfig, num_kept
+from approxtrain.sampling import SamplingConfig, num_kept
 from approxtrain.sampling_fields import sampler_defaults
 from approxtrain.schedule import INTERVALS, SCHEDULES, schedule_fields
 from approxtrain.surgery import LayerRule, Plan, rules_from_dicts
@@ -131,15 +132,20 @@ _OPTIONAL = (*_SOME_DATASETS, *(key for key in _CHECKS if key.startswith("schedu
 
 
 def default_sampling(cfg: Mapping[str, Any]) -> SamplingConfig:
-    """The sampling the layer rules start from: the sampler group plus the top-level ratio."""
+    """The sampling the layer rules start from: the sampler group plus the top-level ratio. A
+    ``sampler.module`` is imported first (it registers the policies it defines)."""
     sampler = dict(cfg.get("sampler") or {})
     name = sampler.pop("name", None)
-    if name not in POLICIES:
-        raise ConfigError(f"sampler={name!r} is unknown; allowed: {', '.join(POLICIES)}")
+    try:
+        import_policy_module(sampler.pop("module", None))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if name not in policy_names():
+        raise ConfigError(f"sampler={name!r} is unknown; allowed: {', '.join(policy_names())}")
     allowed = sampler_defaults()
     unknown = sorted(set(sampler) - set(allowed))
     if unknown:
-        raise ConfigError(f"sampler.{unknown[0]} is not a sampler field; allowed: name, {', '.join(allowed)}")
+        raise ConfigError(f"sampler.{unknown[0]} is not a sampler field; allowed: name, module, {', '.join(allowed)}")
     try:
         return SamplingConfig(policy=name, ratio=cfg.get("ratio"), **sampler)
     except ValueError as error:  # the top-level ratio, or a sampler field

@@ -155,7 +155,7 @@ def _sample_pairs(a: Tensor, a_dim: int, b: Tensor, b_dim: int, k: int, config: 
 def _is_exact(config: SamplingConfig, k: int, n: int) -> bool:
     """Whether the op is the exact one: every pair kept forward (an exact product for every
     policy, see :func:`~approxtrain.sampling.select`) and nothing sampled backward."""
-    return k >= n and not config.samples_backward or config.policy == "exact"
+    return k >= n and not config.samples_backward or config.is_exact
 
 
 def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:

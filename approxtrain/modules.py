@@ -19,8 +19,8 @@ from approxtrain.sampling import SamplingConfig
 def _describe(sampling: SamplingConfig, n: int) -> str:
     chosen = "fixed_k" if sampling.fixed_k is not None else f"ratio={sampling.ratio:g}"
     text = f"sampler={sampling.policy}, {chosen}, k={sampling.k(n)}/{n}"
-    if sampling.policy in ("nps", "uniform"):
-        text += f", replacement={sampling.replacement}, scale={sampling.scale}"
+    for switch in sampling.sampler.switches:  # the switches its policy reads
+        text += f", {switch}={getattr(sampling, switch)}"
     if sampling.bwd_ratio < 1:
         text += f", bwd_ratio={sampling.bwd_ratio:g}"
     if sampling.wu_ratio < 1:

@@ -6,13 +6,15 @@ its ``n`` column-row pairs (Adelman & Silberstein 2018, Eq. 1)::
     A @ B  ~=  sum_t  scale_t * A[:, keep_t] (outer) B[keep_t, :]
 
 A policy maps the pairs' *scores* ``|A^(i)| * |B_(i)|`` to a :class:`Selection`
-(``keep`` indices and optional ``scale`` factors). Policies:
+(``keep`` indices and optional ``scale`` factors). Each is a class registered with
+:func:`~approxtrain.policies.register_policy`, its properties stated on it (random?
+fixed ``k``? compile-safe? unbiased under which switches?). The built-ins:
 
-* ``exact``: no sampling.
-* ``topk``: the ``k`` pairs with the largest scores, no scaling (deterministic).
-* ``nps``: norm-proportional probabilities ``p_i = s_i / sum_j s_j`` (Eq. 3 / Eq. 8).
-* ``uniform``: ``p_i = 1 / n``.
-* ``bernoulli``: pair ``i`` kept independently with probability
+* :class:`Exact` (``exact``): no sampling.
+* :class:`TopK` (``topk``): the ``k`` pairs with the largest scores, no scaling (deterministic).
+* :class:`NormProportional` (``nps``): probabilities ``p_i = s_i / sum_j s_j`` (Eq. 3 / Eq. 8).
+* :class:`Uniform` (``uniform``): ``p_i = 1 / n``.
+* :class:`Bernoulli` (``bernoulli``): pair ``i`` kept independently with probability
   ``q_i = min(1, k p_i)`` (capped mass redistributed so ``sum_i q_i = k``), scaled by
   ``1 / q_i``; the number kept varies around ``k``.
 
@@ -38,10 +40,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from approxtrain.policies import SamplerPolicy, get_policy, policies_reading, policy_names, register_policy
 from approxtrain.sampling_fields import SamplingFields
 
-POLICIES = ("exact", "topk", "nps", "uniform", "bernoulli")
-RANDOM_POLICIES = ("nps", "uniform", "bernoulli")
 # How k = ratio * n becomes an integer: ``nearest`` rounds half up; ``floor`` is the
 # authors' code (github adelmanm/approx: ``int(float(n) * sample_ratio)``).
 K_ROUNDINGS = ("nearest", "floor")
@@ -78,11 +79,12 @@ class SamplingConfig(SamplingFields):
     """How one layer's products are sampled.
 
     Args:
-        policy: one of ``exact``, ``topk``, ``nps``, ``uniform``, ``bernoulli``.
+        policy: a registered policy's name (:data:`POLICIES`, the built-ins); the policy
+            object itself is ``config.sampler``.
         ratio: fraction of the forward product's column-row pairs kept, in (0, 1].
         min_k: the fewest pairs kept by the forward product.
-        replacement: sample with replacement (``nps`` and ``uniform`` only).
-        scale: apply the unbiasing scale ``1 / (k p_i)`` (``nps`` and ``uniform``).
+        replacement: sample with replacement (policies that read it: ``nps``, ``uniform``).
+        scale: apply the unbiasing scale ``1 / (k p_i)`` (``nps``, ``uniform``, ``bernoulli``).
         bwd_ratio: extra sampling of the input-gradient product over its inner
             dimension (output features / channels); 1.0 = none.
         bwd_min_k: the fewest pairs that product keeps.
@@ -114,8 +116,7 @@ class SamplingConfig(SamplingFields):
     """
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown sampler policy {self.policy!r}; allowed: {', '.join(POLICIES)}")
+        object.__setattr__(self, "sampler", get_policy(self.policy))  # not a field: resolved once, read per call
         object.__setattr__(self, "ratio", _check_ratio("ratio", self.ratio))
         object.__setattr__(self, "bwd_ratio", _check_ratio("bwd_ratio", self.bwd_ratio))
         object.__setattr__(self, "wu_ratio", _check_ratio("wu_ratio", self.wu_ratio))
@@ -133,8 +134,9 @@ class SamplingConfig(SamplingFields):
             if self.mode == "backward" and getattr(self, name) < 1.0:
                 raise ValueError(f"{name}={getattr(self, name):g} is invalid with mode=backward (ratio samples both "
                                  "backward products); allowed: 1.0")
-        if self.replacement and self.policy in ("topk", "bernoulli"):
-            raise ValueError(f"replacement=true is invalid for policy {self.policy!r}; allowed with: nps, uniform")
+        if self.replacement and self.sampler.samples and "replacement" not in self.sampler.switches:
+            raise ValueError(f"replacement=true is invalid for policy {self.policy!r}; "
+                             f"allowed with: {', '.join(policies_reading('replacement'))}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SamplingConfig:
@@ -150,7 +152,12 @@ class SamplingConfig(SamplingFields):
 
     @property
     def is_random(self) -> bool:
-        return self.policy in RANDOM_POLICIES
+        return self.sampler.random
+
+    @property
+    def is_exact(self) -> bool:
+        """Whether the policy samples nothing (``exact``): every product of the layer is exact."""
+        return not self.sampler.samples
 
     @property
     def input_grad_ratio(self) -> float:
@@ -164,12 +171,12 @@ class SamplingConfig(SamplingFields):
 
     @property
     def samples_backward(self) -> bool:
-        return self.policy != "exact" and (self.input_grad_ratio < 1.0 or self.weight_grad_ratio < 1.0)
+        return self.sampler.samples and (self.input_grad_ratio < 1.0 or self.weight_grad_ratio < 1.0)
 
     def k(self, n: int) -> int:
         """Forward pairs kept out of ``n``: ``clamp(round(ratio n), min_k, n)``, aligned (``mode=backward``: n;
         ``fixed_k``: ``min(fixed_k, n)``)."""
-        if self.policy == "exact" or self.mode == "backward":
+        if not self.sampler.samples or self.mode == "backward":
             return n
         if self.fixed_k is not None:
             return min(self.fixed_k, n)
@@ -283,23 +290,120 @@ def _bernoulli_select(scores: Tensor, k: int, scale: bool, generator: torch.Gene
     return Selection(keep, q[keep].reciprocal() if scale else None, True)
 
 
+def _every_pair(n: int, device: torch.device) -> Selection:
+    return Selection(torch.arange(n, device=device), None, True)
+
+
+@register_policy
+class Exact(SamplerPolicy):
+    """No sampling: every pair once, the exact product."""
+
+    name = "exact"
+    random = False
+    needs_scores = False
+    samples = False
+
+    def unbiased(self, replacement: bool, scale: bool) -> bool:
+        return True
+
+    def select(self, scores: Tensor, k: int, config: SamplingConfig, generator: torch.Generator | None) -> Selection:
+        return _every_pair(scores.numel(), scores.device)
+
+
+@register_policy
+class TopK(SamplerPolicy):
+    """The ``k`` pairs with the largest scores, unscaled (deterministic, biased)."""
+
+    name = "topk"
+    random = False
+
+    def select(self, scores: Tensor, k: int, config: SamplingConfig, generator: torch.Generator | None) -> Selection:
+        # ascending indices make the gathers and scatters walk memory in order
+        return Selection(torch.topk(scores, k, sorted=False).indices.sort().values, None, True)
+
+
+@register_policy
+class NormProportional(SamplerPolicy):
+    """``k`` draws with probabilities ``p_i`` proportional to the scores (:func:`norm_probabilities`),
+    scaled by ``1 / (k p_i)``; unbiased with replacement and scaling."""
+
+    name = "nps"
+    random = True
+    switches = ("replacement", "scale")
+
+    def unbiased(self, replacement: bool, scale: bool) -> bool:
+        return replacement and scale
+
+    def select(self, scores: Tensor, k: int, config: SamplingConfig, generator: torch.Generator | None) -> Selection:
+        p = norm_probabilities(scores)
+        keep = torch.multinomial(p, k, replacement=config.replacement, generator=generator)
+        scale = (p[keep] * k).reciprocal() if config.scale else None
+        return Selection(keep, scale, not config.replacement)
+
+
+@register_policy
+class Uniform(SamplerPolicy):
+    """``k`` draws with probabilities ``1 / n``, scaled by ``n / k``; unbiased when scaled."""
+
+    name = "uniform"
+    random = True
+    needs_scores = False
+    switches = ("replacement", "scale")
+
+    def unbiased(self, replacement: bool, scale: bool) -> bool:
+        return scale
+
+    def select(self, scores: Tensor, k: int, config: SamplingConfig, generator: torch.Generator | None) -> Selection:
+        n, device = scores.numel(), scores.device
+        if config.replacement:
+            keep = torch.randint(n, (k,), device=device, generator=generator)
+        else:
+            keep = torch.randperm(n, device=device, generator=generator)[:k]
+        scale = torch.full((k,), n / k, device=device) if config.scale else None
+        return Selection(keep, scale, not config.replacement)
+
+
+@register_policy
+class Bernoulli(SamplerPolicy):
+    """Each pair kept independently with probability :func:`bernoulli_probabilities` ``q_i``, scaled
+    by ``1 / q_i``: ``k`` pairs on average (a host synchronisation and a graph break per product)."""
+
+    name = "bernoulli"
+    random = True
+    fixed_k = False
+    compile_safe = False
+    switches = ("scale",)
+
+    def unbiased(self, replacement: bool, scale: bool) -> bool:
+        return scale
+
+    def select(self, scores: Tensor, k: int, config: SamplingConfig, generator: torch.Generator | None) -> Selection:
+        return _bernoulli_select(scores, k, config.scale, generator)
+
+
+# The built-in policies, in registration order; :func:`~approxtrain.policies.policy_names` lists
+# every registered one (yours too).
+POLICIES = policy_names()
+
+
 def select(
     scores: Tensor,
     k: int,
     config: SamplingConfig,
     generator: torch.Generator | None = None,
 ) -> Selection:
-    """Choose the pairs a product keeps.
+    """Choose the pairs a product keeps, by ``config``'s policy.
 
     Args:
         scores: (n,) non-negative pair scores ``|A^(i)| * |B_(i)|``.
-        k: pairs to keep, ``1 <= k <= n`` (the expected number for ``bernoulli``).
+        k: pairs to keep, ``1 <= k <= n`` (the expected number for a policy without ``fixed_k``).
         config: the policy and its switches.
         generator: source of randomness for random policies.
 
     Returns:
-        A :class:`Selection`. ``bernoulli`` returns a data-dependent number of
-        indices (one host synchronisation); the other policies return exactly ``k``.
+        A :class:`Selection`: every pair once at ``k >= n``, whatever the policy. A policy
+        without ``fixed_k`` (``bernoulli``) returns a data-dependent number of indices (one host
+        synchronisation); the others return exactly ``k``.
 
     Examples::
 
@@ -311,25 +415,9 @@ def select(
         (2, tensor([2., 2.]))
     """
     n = scores.numel()
-    device = scores.device
-    if config.policy == "exact" or k >= n:  # every pair once: the exact product, whatever the policy
-        return Selection(torch.arange(n, device=device), None, True)
-    if config.policy == "topk":
-        # ascending indices make the gathers and scatters walk memory in order
-        return Selection(torch.topk(scores, k, sorted=False).indices.sort().values, None, True)
-
-    _check_generator(generator, device)
-    if config.policy == "bernoulli":
-        return _bernoulli_select(scores, k, config.scale, generator)
-
-    if config.policy == "nps":
-        p = norm_probabilities(scores)
-        keep = torch.multinomial(p, k, replacement=config.replacement, generator=generator)
-        scale = (p[keep] * k).reciprocal() if config.scale else None
-    else:  # uniform
-        if config.replacement:
-            keep = torch.randint(n, (k,), device=device, generator=generator)
-        else:
-            keep = torch.randperm(n, device=device, generator=generator)[:k]
-        scale = torch.full((k,), n / k, device=device) if config.scale else None
-    return Selection(keep, scale, not config.replacement)
+    if k >= n:  # every pair once: the exact product, whatever the policy
+        return _every_pair(n, scores.device)
+    policy = config.sampler
+    if policy.random:
+        _check_generator(generator, scores.device)
+    return policy.select(scores, k, config, generator)

@@ -109,7 +109,7 @@ class LayerRule:
         exact = values.get("exact", False)
         if not isinstance(exact, bool):
             raise ValueError(f"layer rule exact={exact!r} is invalid; allowed: true, false")
-        return cls(values.get("match"), values.get("type"), exact or sampling.policy == "exact", sampling, values.get("position"))
+        return cls(values.get("match"), values.get("type"), exact or sampling.is_exact, sampling, values.get("position"))
 
 
 def rules_from_dicts(items: Iterable[Mapping[str, Any]], default: SamplingConfig) -> list[LayerRule]:
@@ -232,7 +232,7 @@ def _swap_layer(model: nn.Module, name: str, module: nn.Module, index: int | Non
                 generator: torch.Generator | None) -> PlanRow:
     """Make Linear/Conv2d layer ``name`` exact or approximate by ``rule`` (rule ``index``); its plan row."""
     note = ""
-    if rule is None or rule.exact or rule.sampling.policy == "exact":
+    if rule is None or rule.exact or rule.sampling.is_exact:
         new = _as_exact(module)
         note = "no rule" if rule is None else f"{rule.position} layer" if rule.position is not None else ""
         sampling = None
