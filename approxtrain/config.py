@@ -15,6 +15,7 @@ from typing import Any
 from approxtrain.models import model_options, model_spec
 from approxtrain.policies import import_policy_module, policy_names
 from approxtrain.run.config_keys import lookup
+from approxtrain.run.selection_modes import get_selection_mode, selection_mode_names
 from approxtrain.sampling import SamplingConfig, num_kept
 from approxtrain.sampling_fields import sampler_defaults
 from approxtrain.schedule import INTERVALS, SCHEDULES, schedule_fields
@@ -89,7 +90,7 @@ _CHECKS: dict[str, Check] = {
     "trainer.devices": integer(1),
     "trainer.distributed.backend": choice("auto", "gloo", "nccl"),
     "trainer.distributed.timeout_s": number(0),
-    "trainer.distributed.selection": choice("global", "weights", "local"),
+    "trainer.distributed.selection": choice(*selection_mode_names()),
     "trainer.distributed.sampled_allreduce": choice("auto", True, False),
     "trainer.amp": choice("auto", "bf16", "off"),
     "trainer.compile": SWITCH,
@@ -197,9 +198,11 @@ def validate(cfg: Mapping[str, Any]) -> None:
     if optimizer["name"] == "sgd" and optimizer["nesterov"] and not optimizer["momentum"] > 0:  # torch's SGD rule
         raise ConfigError(f"trainer.optimizer.nesterov=true is invalid with trainer.optimizer.momentum={optimizer['momentum']!r}; "
                           "allowed: nesterov=true with a momentum > 0, or nesterov=false")
-    if lookup(cfg, "trainer.distributed.selection") == "local" and lookup(cfg, "trainer.distributed.sampled_allreduce") is True:
-        raise ConfigError("trainer.distributed.sampled_allreduce=true is invalid with trainer.distributed.selection=local "
-                          "(the ranks keep different slices); allowed: false or auto, or selection=global/weights")
+    selection = lookup(cfg, "trainer.distributed.selection")
+    if not get_selection_mode(selection).same_on_every_rank and lookup(cfg, "trainer.distributed.sampled_allreduce") is True:
+        shared = "/".join(name for name in selection_mode_names() if get_selection_mode(name).same_on_every_rank)
+        raise ConfigError(f"trainer.distributed.sampled_allreduce=true is invalid with trainer.distributed.selection={selection} "
+                          f"(the ranks keep different slices); allowed: false or auto, or selection={shared}")
     check_logger(cfg)
     try:
         schedule_fields(cfg.get("schedule"))

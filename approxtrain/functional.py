@@ -104,7 +104,8 @@ def _select_pairs(a: Tensor, a_dim: int, b: Tensor, b_dim: int, k: int, config: 
                   generator: torch.Generator | None, scoring: PairScoring | None = None,
                   reuse: KeptPairs | None = None) -> Selection:
     """``k`` of the pairs (slice ``i`` of ``a`` along ``a_dim``, of ``b`` along ``b_dim``), scored
-    ``|a_i| |b_i|`` (or as ``scoring`` says); ``reuse``: the layer's kept selection, reused for
+    ``|a_i| |b_i|`` (or as ``scoring`` says; not at all for a policy that does not read scores, whose
+    ``scores`` are then ``n`` unset values); ``reuse``: the layer's kept selection, reused for
     ``config.reselect_every`` calls (not scored again on those)."""
     n = b.shape[b_dim]
     selection = None
@@ -112,7 +113,8 @@ def _select_pairs(a: Tensor, a_dim: int, b: Tensor, b_dim: int, k: int, config: 
         selection = reuse.reusable(k, n, config.reselect_every)
     if selection is None:
         with torch.no_grad():
-            selection = _choose(pair_scores(a, a_dim, b, b_dim, scoring), k, config, generator)
+            scores = pair_scores(a, a_dim, b, b_dim, scoring) if config.sampler.needs_scores else b.new_empty(n)
+            selection = _choose(scores, k, config, generator)
         if reuse is not None and config.reselect_every > 1:
             reuse.remember(selection, k, n)
     if scoring is not None and scoring.kept is not None:

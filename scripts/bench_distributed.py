@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,7 +45,7 @@ from approxtrain.config import layer_rules  # noqa: E402
 from approxtrain.data.synthetic import like_info  # noqa: E402
 from approxtrain.models import build_model  # noqa: E402
 from approxtrain.modules import ApproxConv2d, ApproxLinear  # noqa: E402
-from approxtrain.run.distributed import Distributed  # noqa: E402
+from approxtrain.run.distributed import Communication, Distributed  # noqa: E402
 
 # (name, sampler ratio or None for exact, gradient all-reduce, selection)
 CONFIGS = (
@@ -68,6 +69,21 @@ def _model(name: str, ratio: float | None, device: torch.device):
     model = build_model(cfg["model"], info).to(device)
     approximate_(model, layer_rules(cfg), generator=torch.Generator(device=device).manual_seed(0))
     return model, info
+
+
+def _bf16_compressed(model, device) -> tuple[torch.nn.Module, Communication]:
+    """``model`` in DDP with torch's own ``bf16_compress_hook`` (approxtrain's hook sends fp32), and its bytes."""
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    sent = Communication()
+
+    def hook(state, bucket):
+        buffer = bucket.buffer()
+        sent.exact_bytes += buffer.numel() * buffer.element_size()
+        sent.actual_bytes += buffer.numel() * torch.finfo(torch.bfloat16).bits // 8
+        return default_hooks.bf16_compress_hook(state, bucket)
+
+    ddp.register_comm_hook(None, hook)
+    return ddp, sent
 
 
 def _time_steps(model, info, batch: int, device, warmup: int, steps: int, distributed: bool) -> list[float]:
@@ -118,10 +134,13 @@ def _rank(rank: int, port: int, args: argparse.Namespace) -> list[dict]:
         batch = args.batch or CPU_BATCH.get(name, 32)
         for label, ratio, allreduce, selection in CONFIGS:
             model, info = _model(name, ratio, device)
-            parallel = Distributed(rank, WORLD_SIZE, rank, None, selection, allreduce)
-            wrapped = parallel.wrap(model, device)
+            if allreduce == "bf16":
+                wrapped, sent = _bf16_compressed(model, device)
+            else:
+                parallel = Distributed(rank, WORLD_SIZE, rank, None, selection, allreduce)
+                wrapped = parallel.wrap(model, device)
+                sent = parallel.communication()
             times = _time_steps(wrapped, info, batch, device, args.warmup, args.steps, True)
-            sent = parallel.communication()
             steps = args.warmup + args.steps
             row = {"model": name, "config": label, "batch_per_rank": batch, "step_s": statistics.median(times),
                    "exact_bytes": sent.exact_bytes // steps, "actual_bytes": sent.actual_bytes // steps,

@@ -49,6 +49,7 @@ except ModuleNotFoundError:  # run from a checkout without installing the packag
 from approxtrain.cli.allocator import retain_freed_memory
 from approxtrain.functional import approx_conv2d, approx_linear
 from approxtrain.profiling import GATHER_RANGE, SCATTER_RANGE, SELECT_RANGE, device_name, range_seconds
+from approxtrain.policies import get_policy
 from approxtrain.sampling import POLICIES, SamplingConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -255,7 +256,7 @@ def benchmark(case: OpCase, ratios: list[float], policy: str, generator: torch.G
             "saved_bytes": {"exact": exact_saved, "approx": saved_bytes(case, lambda config=config: case.approx(config))},
             "cuda_peak_bytes": {"exact": exact_peak, "approx": cuda_peak_bytes(case, steps[name], device)},
         }
-        if k < case.n or policy == "bernoulli":  # bernoulli samples even at ratio 1.0
+        if k < case.n or not get_policy(policy).fixed_k:  # (a variable-k policy's pieces are shown at ratio 1.0 too)
             pieces = profiled_pieces(steps[name], device, steps=max(repeats // 2, 3))
             selection_ms = pieces["select"] + pieces["gathers"]
             row.update({
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conv", nargs="+", default=["64,256,256,3,32"],
                         help="B,C,O,K,H of each conv case, padding K//2 (default 64,256,256,3,32); 'none' skips the conv")
     parser.add_argument("--ratios", default="1.0,0.5,0.25", help="sampling ratios, comma separated (default 1.0,0.5,0.25)")
-    parser.add_argument("--policy", default="topk", choices=[p for p in POLICIES if p != "exact"], help="sampler policy (default topk)")
+    parser.add_argument("--policy", default="topk", choices=[p for p in POLICIES if get_policy(p).samples], help="sampler policy (default topk)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--channels-last", action="store_true", help="conv input and weight in channels_last")

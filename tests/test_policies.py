@@ -1,5 +1,6 @@
 """Sampler policies as registered classes: every policy's declared properties hold in its behaviour,
-and a policy defined outside approxtrain (one class, one YAML) runs through surgery, config and the CLI."""
+and a policy defined outside approxtrain (one class, one YAML; docs/samplers-and-layers.md) runs
+through surgery, config and the CLI."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import inspect
 import itertools
 import math
 import re
-import textwrap
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
 import torch._dynamo as dynamo
-import yaml
 from hydra.core.config_store import ConfigStore
 from torch import nn
 
@@ -28,7 +29,7 @@ from conftest import FAST, compose_config, to_run_config
 
 
 class Systematic(SamplerPolicy):
-    """Systematic sampling: ``k`` evenly spaced pairs from a uniformly random start, scaled by ``n / k``."""
+    """k evenly spaced pairs from a uniformly random start, scaled by n / k."""
 
     name = "systematic"
     random = True
@@ -45,6 +46,7 @@ class Systematic(SamplerPolicy):
         return Selection(keep, torch.full((k,), n / k, device=device) if config.scale else None, True)
 
 
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "samplers-and-layers.md"
 ALL = (*POLICIES, Systematic.name)  # the built-ins and the one registered by the tests
 
 
@@ -277,23 +279,40 @@ def test_a_registered_policy_runs_through_config(sampler_option, run_dir):
     assert results["compute_reduction"] == pytest.approx(results["planned_compute_reduction"], abs=1e-9)
 
 
+def docs_section() -> tuple[dict[str, str], str]:
+    """The files (path from each block's first-line comment -> text) and the command of the docs' "Adding a sampler policy"."""
+    section = DOCS.read_text().split("## Adding a sampler policy\n", 1)[1].split("\n## ", 1)[0]
+    files, commands = {}, []
+    for language, body in re.findall(r"```(\w+)\n(.*?)```", section, flags=re.DOTALL):
+        if language == "bash":
+            commands.append(body.strip())
+        else:
+            files[body.splitlines()[0].removeprefix("# ")] = body
+    assert len(commands) == 1 and len(files) == 2, "the section shows one module, one YAML and one command"
+    return files, commands[0]
+
+
+def test_the_docs_policy_is_the_one_tested_here():
+    files, _ = docs_section()
+    assert inspect.getsource(Systematic) in files["my_policies.py"]
+
+
 @pytest.mark.slow
-def test_a_policy_module_named_by_its_yaml_trains_through_the_cli(cli, tmp_path):
-    """A user's policy: one class in their module, one YAML naming it and the module, ``--config-dir``."""
-    source = textwrap.dedent(inspect.getsource(Systematic))
-    (tmp_path / "my_policies.py").write_text("import torch\n\nfrom approxtrain import SamplerPolicy, register_policy\n"
-                                             "from approxtrain.sampling import Selection\n\n\n@register_policy\n" + source)
-    sampler_dir = tmp_path / "conf" / "sampler"
-    sampler_dir.mkdir(parents=True)
-    (sampler_dir / "systematic.yaml").write_text(yaml.safe_dump(
-        {"defaults": ["/sampler_fields@_here_", "_self_"], "name": "systematic", "module": "my_policies"}))
+def test_the_docs_policy_trains_through_the_cli(cli, tmp_path):
+    """A user's policy as the docs show it: one class in their module, one YAML naming it and the module."""
+    files, command = docs_section()
+    for path, text in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+    words = shlex.split(command)
+    assert words[0] == "PYTHONPATH=." and words[1] == "approxtrain"
+    environment = {"PYTHONPATH": str(tmp_path)}
     run_dir = tmp_path / "run"
-    process = cli("--config-dir", str(tmp_path / "conf"), "sampler=systematic", "model=mlp", "dataset=digits", "ratio=0.5",
-                  *FAST, "trainer.max_steps=2", f"hydra.run.dir={run_dir}", env={"PYTHONPATH": str(tmp_path)})
+    process = cli(*words[2:], "model=mlp", "dataset=digits", *FAST, "trainer.max_steps=2", f"hydra.run.dir={run_dir}", env=environment)
     assert process.returncode == 0, process.stderr
     results = read_results(run_dir)
     assert results["status"] == "finished" and {row["policy"] for row in results["layers"] if row["rule"] is not None} == {"systematic"}
-    bad = cli("--config-dir", str(tmp_path / "conf"), "sampler=systematic", "sampler.module=nowhere", "model=mlp", *FAST,
-              f"hydra.run.dir={tmp_path / 'bad'}", env={"PYTHONPATH": str(tmp_path)})
+    bad = cli(*words[2:], "sampler.module=nowhere", "model=mlp", "dataset=digits", *FAST, f"hydra.run.dir={tmp_path / 'bad'}",
+              env=environment)
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines()[-1].startswith("approxtrain: error: sampler.module='nowhere' cannot be imported")

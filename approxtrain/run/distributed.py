@@ -27,6 +27,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from approxtrain.config import lookup
 from approxtrain.functional import PairScoring
 from approxtrain.modules import ApproxConv2d, ApproxLinear
+from approxtrain.run.selection_modes import get_selection_mode
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -61,7 +62,7 @@ class Distributed:
         settings = lookup(cfg, "trainer.distributed") or {}
         selection = settings.get("selection", "global")
         sampled = settings.get("sampled_allreduce", "auto")
-        sampled = selection != "local" if sampled == "auto" else sampled
+        sampled = get_selection_mode(selection).same_on_every_rank if sampled == "auto" else sampled
         return cls(rank, world_size, local_rank, group, selection, "sampled" if sampled else "full")
 
     @property
@@ -91,20 +92,17 @@ class Distributed:
         return squares.sqrt_().to(norms.dtype)
 
     def attach(self, model: nn.Module) -> dict[nn.Parameter, PairScoring]:
-        """Give every approximated layer of ``model`` its :class:`PairScoring` (none where the default
-        -- local scores on one process -- holds); returns them by weight."""
-        if self.selection == "weights":
-            scoring = lambda: PairScoring(weights_only=True)  # noqa: E731
-        elif self.selection == "global" and self.world_size > 1:
-            scoring = lambda: PairScoring(reduce_input=self._input_norms)  # noqa: E731
-        elif self.world_size > 1:
-            scoring = PairScoring
-        else:
-            return {}
-        layers = [module for module in model.modules() if isinstance(module, (ApproxLinear, ApproxConv2d))]
-        for layer in layers:
-            layer.scoring = scoring()
-        return {layer.weight: layer.scoring for layer in layers}
+        """Give every approximated layer of ``model`` the :class:`PairScoring` its selection mode
+        (:mod:`approxtrain.run.selection_modes`) says (none where the default -- local scores on
+        one process -- holds); returns them by weight."""
+        mode = get_selection_mode(self.selection)
+        scorings = {}
+        for layer in model.modules():
+            if isinstance(layer, (ApproxLinear, ApproxConv2d)):
+                layer.scoring = mode.scoring(self._input_norms, self.world_size)
+                if layer.scoring is not None:
+                    scorings[layer.weight] = layer.scoring
+        return scorings
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         """``model`` in DDP with :class:`GradientAllReduce` as its comm hook (one process: ``model``);
@@ -152,10 +150,10 @@ class GradientAllReduce:
     """DDP comm-hook state: averages each bucket over the ranks, asynchronously (overlapped with the
     rest of backward), and counts the bytes.
 
-    ``mode``: ``full`` (DDP's default all-reduce), ``bf16`` (torch's ``bf16_compress_hook``) or
-    ``sampled``: the gradient of an approximated layer's weight is zero outside the input
-    features / channels its forward kept (on every rank, when they keep the same ones), so only
-    those slices (dim 1) are packed, all-reduced and unpacked; everything else goes in full.
+    ``mode``: ``full`` (DDP's default all-reduce) or ``sampled``: the gradient of an approximated
+    layer's weight is zero outside the input features / channels its forward kept (on every rank,
+    when they keep the same ones), so only those slices (dim 1) are packed, all-reduced and
+    unpacked; everything else goes in full.
     ``scorings`` maps a weight to its layer's :class:`PairScoring`, whose ``kept`` it reads and clears.
     """
 
@@ -165,15 +163,14 @@ class GradientAllReduce:
     sent: Communication = field(default_factory=Communication)
 
     def __post_init__(self) -> None:
+        if self.mode not in ("full", "sampled"):
+            raise ValueError(f"gradient all-reduce mode={self.mode!r} is invalid; allowed: full, sampled")
         for scoring in self.scorings.values():
             scoring.kept = []
 
     def reduce(self, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
         buffer = bucket.buffer()
         self.sent.exact_bytes += buffer.numel() * buffer.element_size()
-        if self.mode == "bf16":
-            self.sent.actual_bytes += buffer.numel() * torch.finfo(torch.bfloat16).bits // 8
-            return default_hooks.bf16_compress_hook(self.group, bucket)
         if self.mode == "full" or not any(parameter in self.scorings for parameter in bucket.parameters()):
             self.sent.actual_bytes += buffer.numel() * buffer.element_size()
             return default_hooks.allreduce_hook(self.group, bucket)
