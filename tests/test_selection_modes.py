@@ -54,4 +54,5 @@ def test_attach_gives_each_layer_its_modes_scoring():
     assert list(scorings) == [model[0].weight, model[2].weight]
     assert all(layer.scoring is scorings[layer.weight] and layer.scoring.weights_only for layer in (model[0], model[2]))
     assert model[0].scoring is not model[2].scoring  # each layer its own (its kept slices are its own)
-    assert Distributed(selection="global").attach(model) == {} and model[0].scoring is None
+    assert Distributed(selection="global").attach(model) == {}  # one process: the layers' scorings are left as they are
+    assert model[0].scoring is scorings[model[0].weight]

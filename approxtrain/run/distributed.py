@@ -94,14 +94,14 @@ class Distributed:
     def attach(self, model: nn.Module) -> dict[nn.Parameter, PairScoring]:
         """Give every approximated layer of ``model`` the :class:`PairScoring` its selection mode
         (:mod:`approxtrain.run.selection_modes`) says (none where the default -- local scores on
-        one process -- holds); returns them by weight."""
+        one process -- holds: a layer's scoring is then left as it is); returns them by weight."""
         mode = get_selection_mode(self.selection)
         scorings = {}
         for layer in model.modules():
             if isinstance(layer, (ApproxLinear, ApproxConv2d)):
-                layer.scoring = mode.scoring(self._input_norms, self.world_size)
-                if layer.scoring is not None:
-                    scorings[layer.weight] = layer.scoring
+                scoring = mode.scoring(self._input_norms, self.world_size)
+                if scoring is not None:
+                    layer.scoring = scorings[layer.weight] = scoring
         return scorings
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
