@@ -19,11 +19,12 @@ from torch import nn
 
 from approxtrain import policies
 from approxtrain.accounting import ComputeMeter, counted_in_backward
-from approxtrain.config import ConfigError, default_sampling, layer_rules, sampler_defaults, validate
+from approxtrain.config import ConfigError, default_sampling, layer_rules, validate
 from approxtrain.policies import SWITCHES, SamplerPolicy, get_policy, policy_names, register_policy
 from approxtrain.run.schema import read_results
 from approxtrain.run.trainer import train
 from approxtrain.sampling import POLICIES, SamplingConfig, Selection, select
+from approxtrain.sampling_fields import sampler_defaults
 from approxtrain.surgery import LayerRule, approximate_, attach_meter
 from conftest import FAST, compose_config, to_run_config
 
