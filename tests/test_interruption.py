@@ -143,6 +143,18 @@ def test_preemption_signal_checkpoints_then_hands_over_to_the_launchers_handler(
     assert seen == [("interrupted", 5)]
 
 
+def test_one_sigint_is_an_interruption_not_a_second_sigint(run_cfg, run_dir):
+    """Python's own SIGINT handler (KeyboardInterrupt) is not handed the signal: one Ctrl-C checkpoints and stops."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(RunInterrupted, match="interrupted by SIGINT at step 5"):
+            Trainer(run_cfg(*DIGITS, "sampler=topk"), run_dir, [SignalAt(5, signal.SIGINT)]).fit()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert read_results(run_dir)["status"] == "interrupted"
+
+
 def _pids_running(*texts: str) -> list[int]:
     return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and all(_cmdline_mentions(pid, text) for text in texts)]
 

@@ -289,3 +289,20 @@ def test_an_interpolated_dir_a_live_run_holds_is_refused(run_copy, tmp_path, mon
         assert f"hydra.run.dir={empty}: the dir is held by a live run (pid {process.pid})" in line
     finally:
         process.communicate(timeout=30)
+
+
+def test_orphaned_temporary_files_are_removed_when_the_run_dir_is_taken_again(tmp_path):
+    """A run killed while writing leaves ``.<name>.<hex>.tmp`` (up to a checkpoint's size): the next start
+    or resume of that run (which holds the dir, so nothing else writes there) removes them."""
+    run = tmp_path / "run"
+    orphans = [run / ".results.json.0badcafe.tmp", run / "checkpoints" / ".last.pt.deadbeef.tmp",
+               run / ".hydra" / ".config.yaml.12345678.tmp"]
+    kept = [run / "checkpoints" / "last.pt", run / ".notes.tmp", run / "report" / ".report.md.deadbeef.tmp"]
+    for path in orphans + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 4096)
+    hold(run)
+    try:
+        assert [path for path in orphans if path.exists()] == [] and all(path.exists() for path in kept)
+    finally:
+        release(run)

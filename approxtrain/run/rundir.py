@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import itertools
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import IO, Any
@@ -63,7 +64,22 @@ def hold(run_dir: Path | str) -> bool:
     handle.write(str(os.getpid()))
     handle.flush()
     _held[path] = handle
+    remove_orphans(path)
     return True
+
+
+# where a run writes its files through atomic_write (the report folder is compare's, written unheld)
+_WRITTEN_DIRS = (".", CHECKPOINT_DIR, ".hydra")
+
+
+def remove_orphans(run_dir: Path) -> list[Path]:
+    """Delete the temporary files (``.<name>.<8 hex>.tmp``) a process killed mid-write left in the run
+    dir this process has just taken: no live process writes there. Returns them."""
+    orphans = [path for folder in _WRITTEN_DIRS for path in (run_dir / folder).glob(".*.tmp")
+               if _TEMPORARY.fullmatch(path.name)]
+    for path in orphans:
+        path.unlink(missing_ok=True)
+    return orphans
 
 
 def release(run_dir: Path | str) -> None:
@@ -146,6 +162,9 @@ def checkpoint_path(run_dir: Path | str, name: str = LAST_CHECKPOINT) -> Path:
 # The mode of the files a run writes (results.json, checkpoints): readable by the group and
 # others, less what the umask takes away (``tempfile.mkstemp`` would make them 0600).
 FILE_MODE = 0o644
+
+
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # what _new_temporary names
 
 
 def _new_temporary(path: Path) -> tuple[int, str]:

@@ -46,9 +46,10 @@ class StopRequests:
         return self.signals[0] if self.signals else signal.SIGTERM
 
     def hand_over(self, signal_number: int) -> None:
-        """Call the handler this signal had before the run (when it was a Python function)."""
+        """Call the handler this signal had before the run (when it was a Python function other than
+        Python's own SIGINT handler, whose KeyboardInterrupt would read as a second Ctrl-C)."""
         handler = self.previous.get(signal_number)
-        if callable(handler):
+        if callable(handler) and handler is not signal.default_int_handler:
             handler(signal_number, None)
 
 
