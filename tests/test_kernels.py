@@ -120,3 +120,26 @@ def test_approx_conv2d_with_triton_kernels_equals_the_torch_path(memory_format, 
 def test_bad_backend_is_refused_by_name():
     with pytest.raises(ValueError, match="kernel backend 'cuda' is invalid; allowed: torch, triton"):
         kernels.set_backend("cuda")
+
+
+def test_compiled_sampled_mlp_with_triton_kernels_has_no_graph_break_and_equal_results(triton_backend):
+    import torch._dynamo as dynamo
+
+    from approxtrain.modules import ApproxLinear
+
+    def mlp():
+        torch.manual_seed(0)
+        config = SamplingConfig("topk", ratio=0.5)
+        return torch.nn.Sequential(ApproxLinear(32, 24, sampling=config), torch.nn.ReLU(),
+                                   ApproxLinear(24, 8, sampling=config)).to(DEVICE)
+
+    x = randn(16, 32) * torch.linspace(0.2, 3, 32, device=DEVICE)
+    eager, compiled = mlp(), mlp()
+    dynamo.reset()
+    explanation = dynamo.explain(lambda t: compiled(t).sum())(x)
+    assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
+    step = torch.compile(compiled, backend="aot_eager", fullgraph=True)
+    for model, run in ((eager, eager), (compiled, step)):
+        run(x).square().sum().backward()
+    for a, b in zip(compiled.parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
