@@ -306,3 +306,33 @@ def test_orphaned_temporary_files_are_removed_when_the_run_dir_is_taken_again(tm
         assert [path for path in orphans if path.exists()] == [] and all(path.exists() for path in kept)
     finally:
         release(run)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("results.json", "[1, 2]"),
+    ("results.json", '{"status": "finished", "epochs": "garbage", "steps": 2}'),
+    ("results.json", '{"status": "finished", "epochs": [{"epo'),  # truncated, last.pt intact
+    (".hydra/overrides.yaml", "- model=mlp\n  - [unclosed"),
+    (".hydra/config.yaml", "model: {name: mlp\ntrainer: ["),
+])
+def test_a_damaged_record_refuses_the_resume_in_one_line_naming_it(name, content, run_copy, tmp_path, monkeypatch, capsys):
+    (run_copy / name).write_text(content)
+    before = snapshot(tmp_path)
+    line = refusal(monkeypatch, capsys, f"resume={run_copy}", "trainer.epochs=2", "trainer.max_steps=null")
+    assert f"{run_copy / name} is damaged" in line, line
+    assert snapshot(tmp_path) == before
+
+
+def test_an_unwritable_default_outputs_dir_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").write_text("a file where the outputs dir goes")
+    line = refusal(monkeypatch, capsys, *TINY)
+    assert line.startswith("approxtrain: error: hydra.run.dir: run dir 'outputs/runs/") and "is not writable (Not a directory" in line
+
+
+@pytest.mark.slow
+def test_a_sweep_dir_under_hydra_runtime_cwd_runs(cli, tmp_path):
+    """``${hydra:runtime.cwd}`` in hydra.sweep.dir resolves in the launching process (it was a traceback)."""
+    process = cli("-m", *TINY, "seed=0", "hydra.sweep.dir=${hydra:runtime.cwd}/sweep")
+    assert process.returncode == 0 and "Traceback" not in process.stderr, process.stderr[-3000:]
+    assert read_results(tmp_path / "sweep" / "0")["status"] == "finished"

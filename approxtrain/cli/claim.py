@@ -23,6 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from approxtrain.run.rundir import claim
 
 
+OURS = "ValueError raised while resolving interpolation: "  # how OmegaConf words a resolver's ValueError
+
+
 def refuse(line: str) -> None:
     from approxtrain.cli.train import USAGE_ERROR
 
@@ -38,8 +41,10 @@ def resolved_dir(config: DictConfig, key: str) -> Path:
         value = OmegaConf.select(config, key, throw_on_resolution_failure=True)
     except Exception as error:  # noqa: BLE001 - a bad interpolation: one line naming the key
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if reason.startswith(OURS):  # unique_dir's own line (a dir that cannot be created) says it all
+            raise ValueError(f"{key}: {reason.removeprefix(OURS)}") from None
         raise ValueError(f"{key} cannot be resolved ({reason}); allowed: a path, or interpolations Hydra resolves "
-                         "before the run (${{now:...}}, ${{oc.env:...}}, ${{hydra:runtime.cwd}})") from None
+                         "before the run (${now:...}, ${oc.env:...}, ${hydra:runtime.cwd})") from None
     if value in (None, ""):
         raise ValueError(f"{key} is empty; allowed: a path")
     return Path(str(value)).absolute()

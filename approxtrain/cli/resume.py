@@ -27,7 +27,7 @@ from approxtrain.run.callbacks import Callback
 from approxtrain.run.checkpoint import load_checkpoint, verify_checkpoint
 from approxtrain.run.config_keys import flatten, is_bookkeeping_key
 from approxtrain.run.rundir import atomic_write, checkpoint_path
-from approxtrain.run.schema import FINISHED, INTERRUPTED, RUNNING, read_results
+from approxtrain.run.schema import FINISHED, INTERRUPTED, RESULTS_FILE, RUNNING, read_results
 
 if TYPE_CHECKING:
     from approxtrain.run.trainer import Trainer
@@ -97,12 +97,24 @@ def finished_line(run_dir: Path, cfg: DictConfig) -> str | None:
     if results is None or results.get("status") != FINISHED:
         return None
     epochs, max_steps = cfg.trainer.epochs, cfg.trainer.max_steps
-    done, steps = results["epochs"][-1]["epoch"] if results.get("epochs") else 0, results.get("steps", 0)
+    history, steps = results.get("epochs") or [], results.get("steps", 0)
+    if not (isinstance(history, list) and all(isinstance(e, dict) and type(e.get("epoch")) is int for e in history)
+            and type(steps) is int):
+        raise ValueError(f"{run_dir / RESULTS_FILE} is damaged (its epochs or steps are not what approxtrain writes)")
+    done = history[-1]["epoch"] if history else 0
     if max_steps is not None and steps >= max_steps:
         return f"the run finished (step {steps} of trainer.max_steps={max_steps}); to train on, raise trainer.max_steps"
     if done >= epochs:
         return f"the run finished (epoch {done} of trainer.epochs={epochs}); to train on, raise trainer.epochs"
     return None
+
+
+def load_record(path: Path) -> Any:
+    """A run's ``.hydra`` YAML file; ``ValueError`` (one line naming it) when it does not parse."""
+    try:
+        return OmegaConf.load(path)
+    except Exception as error:  # noqa: BLE001 - a damaged file: one line naming it
+        raise ValueError(f"{path} is damaged ({(str(error).strip().splitlines() or [type(error).__name__])[0]})") from None
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -122,15 +134,19 @@ def resume_overrides(resume: Override, given: Sequence[Override], compose: Calla
     ``ValueError`` with the reason in one line when the run cannot be continued so; reads only."""
     run_dir = Path(str(resume.value()))
     check_run_dir(run_dir)
-    own = OmegaConf.load(run_dir / HYDRA_DIR / "overrides.yaml")
-    merged = merge_overrides(own, given)
+    overrides_file = run_dir / HYDRA_DIR / "overrides.yaml"
+    own = load_record(overrides_file)
+    try:
+        merged = merge_overrides(own, given)
+    except Exception as error:  # noqa: BLE001 - not a list of overrides: one line naming the file
+        raise ValueError(f"{overrides_file} is damaged ({(str(error).strip().splitlines() or [type(error).__name__])[0]})") from None
     try:
         cfg = compose([*merged, resume.input_line])
         current = OmegaConf.to_container(compose([*merge_overrides(own, []), resume.input_line]), resolve=False)
     except Exception as error:  # noqa: BLE001 - e.g. a group option the project no longer has
         raise ValueError(f"its config no longer composes: {str(error).strip().splitlines()[0]}") from None
     resumed = OmegaConf.to_container(cfg, resolve=False)
-    saved = OmegaConf.to_container(OmegaConf.load(run_dir / HYDRA_DIR / "config.yaml"), resolve=False)
+    saved = OmegaConf.to_container(load_record(run_dir / HYDRA_DIR / "config.yaml"), resolve=False)
     assert isinstance(resumed, dict) and isinstance(saved, dict) and isinstance(current, dict)
     for config in (resumed, current):
         config.pop("hydra", None)

@@ -387,8 +387,12 @@ def failed_jobs(sweep_dir: Path, since: float = 0.0) -> list[str]:
         job_dir = hydra_yaml.parent.parent
         if hydra_yaml.stat().st_mtime < since:
             continue  # a job of an earlier sweep into the same dir
-        job = OmegaConf.load(hydra_yaml).hydra.job
-        results = read_results(job_dir)
+        try:
+            job = OmegaConf.load(hydra_yaml).hydra.job
+            results = read_results(job_dir)
+        except Exception as error:  # noqa: BLE001 - a damaged record: one line naming the file
+            lines.append(f"job dir {job_dir}: {(str(error).strip().splitlines() or [type(error).__name__])[0]}")
+            continue
         if results is None:
             lines.append(f"job {job.num} ({job.override_dirname}): no results.json (died before it started training)")
         elif results.get("status") != FINISHED:

@@ -142,6 +142,15 @@ def results_path(run_dir: Path | str) -> Path:
 
 
 def read_results(run_dir: Path | str) -> dict[str, Any] | None:
-    """The ``results.json`` of ``run_dir`` as a mapping, or None when there is none."""
+    """The ``results.json`` of ``run_dir`` as a mapping, or None when there is none; ``ValueError``
+    (one line naming the file) when it is no JSON object (truncated, damaged, written by hand)."""
     path = results_path(run_dir)
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        values = json.loads(path.read_text())
+    except (ValueError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} is damaged ({(str(error).splitlines() or [type(error).__name__])[0]})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} is damaged (a JSON {type(values).__name__}, not the object approxtrain writes)")
+    return values
