@@ -85,6 +85,7 @@ def read_blocks(path: Path) -> list[Block]:
 def commands(block: Block) -> list[str]:
     """The block's command lines: continuations joined, comment lines and trailing comments dropped."""
     joined = re.sub(r"\\\n\s*", " ", block.text)
+    joined = PLACEHOLDER.sub(lambda found: found.group(0).replace(" ", "_"), joined)  # <each sweep dir>: one word
     return [shlex.join(words) for words in (shlex.split(line, comments=True) for line in joined.splitlines()) if words]
 
 
@@ -273,8 +274,8 @@ def run_python(block: Block, workdir: Path, monkeypatch) -> None:
 
 
 def test_commands_are_read_as_a_reader_types_them():
-    block = Block("bash", "# a comment\napproxtrain -m a=1,2,3 \\\n    b=x,y  # trailing\npip install -e \".[dev]\"\n", 1)
-    assert commands(block) == ["approxtrain -m a=1,2,3 b=x,y", "pip install -e '.[dev]'"]
+    block = Block("bash", "# a comment\napproxtrain -m a=1,2,3 \\\n    b=x,y  # trailing\npip install -e \".[dev]\"\nls outputs/<each sweep dir>\n", 1)
+    assert commands(block) == ["approxtrain -m a=1,2,3 b=x,y", "pip install -e '.[dev]'", "ls 'outputs/<each_sweep_dir>'"]
     assert not_run(commands(block)[1]) and not not_run(commands(block)[0])
     assert shortened_sweep(["model=mlp", "sampler=exact,topk,nps", "ratio=0.3,0.5"])[:3] == ["model=mlp", "sampler=exact,topk", "ratio=0.3"]
     assert extras_used("approxtrain -m hydra/launcher=submitit_slurm model=mlp") == ["slurm"]
