@@ -1,6 +1,7 @@
 """CUDA-only checks, skipped without a GPU: the approximate ops never synchronise the
 host with the device for fixed-k sampling (forward and backward, fp32 and bf16 autocast,
-NCHW and channels_last), and on the device they compute what they compute on the CPU."""
+NCHW and channels_last, both kernel backends), and on the device they compute what they
+compute on the CPU."""
 
 from __future__ import annotations
 
@@ -9,11 +10,20 @@ import contextlib
 import pytest
 import torch
 
-from approxtrain import SamplingConfig, approx_conv2d, approx_linear
+from approxtrain import SamplingConfig, approx_conv2d, approx_linear, kernels
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 FIXED_K_POLICIES = ["topk", "nps", "uniform"]
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request):
+    """Each kernel backend in turn (approxtrain.kernels)."""
+    before = kernels.backend()
+    kernels.set_backend(request.param)
+    yield request.param
+    kernels.set_backend(before)
 
 
 @contextlib.contextmanager
@@ -71,7 +81,7 @@ def conv_step(config: SamplingConfig, inputs: tuple, amp: bool) -> tuple[torch.T
 
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("policy", FIXED_K_POLICIES)
-def test_linear_forward_and_backward_never_synchronise(policy, amp):
+def test_linear_forward_and_backward_never_synchronise(policy, amp, backend):
     config = SamplingConfig(policy, ratio=0.5)
     linear_step(config, linear_inputs("cuda", amp), amp)  # warm-up: first calls load kernels, grow the allocator
     inputs = linear_inputs("cuda", amp, seed=1)
@@ -82,7 +92,7 @@ def test_linear_forward_and_backward_never_synchronise(policy, amp):
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("policy", FIXED_K_POLICIES)
-def test_conv2d_forward_and_backward_never_synchronise(policy, amp, memory_format):
+def test_conv2d_forward_and_backward_never_synchronise(policy, amp, memory_format, backend):
     config = SamplingConfig(policy, ratio=0.5)
     conv_step(config, conv_inputs("cuda", amp, memory_format), amp)
     inputs = conv_inputs("cuda", amp, memory_format, seed=1)
