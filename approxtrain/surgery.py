@@ -228,6 +228,22 @@ def _as_exact(module: nn.Module) -> nn.Module:
     return base
 
 
+# The methods whose computation the approximate layers reproduce: a subclass overriding any of them
+# (timm's StdConv2d standardises its weight in forward, Conv2dSame pads there) computes something else.
+_REPRODUCED = {nn.Linear: ("forward",), nn.Conv2d: ("forward", "_conv_forward")}
+_OURS = {nn.Linear: ApproxLinear, nn.Conv2d: ApproxConv2d}
+
+
+def own_computation(module: nn.Module) -> str | None:
+    """Why surgery cannot reproduce ``module``'s products (a Linear/Conv2d subclass overriding
+    ``forward``/``_conv_forward``: ``"StdConv2d overrides forward"``); None when it can."""
+    base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+    for method in _REPRODUCED[base]:
+        if getattr(type(module), method) not in (getattr(base, method), getattr(_OURS[base], method)):
+            return f"{type(module).__name__} overrides {method}"
+    return None
+
+
 def _swap_layer(model: nn.Module, name: str, module: nn.Module, index: int | None, rule: LayerRule | None,
                 generator: torch.Generator | None) -> PlanRow:
     """Make Linear/Conv2d layer ``name`` exact or approximate by ``rule`` (rule ``index``); its plan row."""
@@ -236,6 +252,9 @@ def _swap_layer(model: nn.Module, name: str, module: nn.Module, index: int | Non
         new = _as_exact(module)
         note = "no rule" if rule is None else f"{rule.position} layer" if rule.position is not None else ""
         sampling = None
+    elif (reason := own_computation(module)) is not None:
+        new, sampling = module, None
+        note = f"kept exact: {reason}"
     elif isinstance(module, nn.Conv2d) and module.groups != 1:
         new, sampling = _as_exact(module), None
         note = f"groups={module.groups} > 1: kept exact"
@@ -284,7 +303,9 @@ def approximate_(
     """Swap ``model``'s Linear/Conv2d layers for approximate ones, in place, by ``rules``.
 
     Each layer takes the first rule that matches it; layers no rule matches stay
-    exact. Grouped convolutions stay exact (said in the plan's note). Every supported
+    exact. Grouped convolutions stay exact, and so do subclasses that compute something else
+    (override ``forward``/``_conv_forward``, as timm's ``StdConv2d`` does): the plan's note says
+    why, and their products are counted as exact. Every supported
     ``nn.MultiheadAttention`` is first replaced by a
     :class:`~approxtrain.attention.ProjectedMultiheadAttention` (its input projection in new
     Parameters: build the optimizer afterwards). With ``example_input``, a layer the

@@ -1,0 +1,82 @@
+"""Bring-your-own models' layers that are not plain nn.Linear/nn.Conv2d: subclasses with their own
+forward stay exact (said in the plan), parametrized layers sample their computed weight, and a model
+whose products surgery cannot see says so instead of reporting nothing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+
+from approxtrain.modules import ApproxConv2d, ApproxLinear
+from approxtrain.sampling import SamplingConfig
+from approxtrain.surgery import approximate_, rules_from_dicts
+
+TOPK_HALF = SamplingConfig("topk", ratio=0.5)
+TOPK_ALL = SamplingConfig("topk", ratio=1.0)
+
+
+class StdConv2d(nn.Conv2d):
+    """timm's StdConv2d: the weight standardised in forward (BiT, NFNet)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                              momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm's Conv2dSame: TensorFlow's 'SAME' padding, computed in forward (tf_* models)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        pad_h = max((math.ceil(height / self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0] - height, 0)
+        pad_w = max((math.ceil(width / self.stride[1]) - 1) * self.stride[1] + self.kernel_size[1] - width, 0)
+        x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, (0, 0), self.dilation, self.groups)
+
+
+class PlainSubclass(nn.Conv2d):
+    """A subclass that only adds an attribute: its computation is nn.Conv2d's."""
+
+    tag = "plain"
+
+
+class ThirdPartyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.std = StdConv2d(3, 8, 3, padding=1)
+        self.same = Conv2dSame(8, 8, 3, stride=2)
+        self.plain = PlainSubclass(8, 8, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.plain(F.relu(self.same(F.relu(self.std(x)))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_subclasses_with_their_own_forward_stay_exact_and_the_plan_says_why():
+    torch.manual_seed(0)
+    model, x = ThirdPartyNet(), torch.randn(4, 3, 9, 9)
+    model.eval()
+    expected, std_expected, same_expected = model(x), model.std(x), model.same(model.std(x))
+    plan = approximate_(model, rules_from_dicts([{}], TOPK_HALF), example_input=x[:2])
+    rows = {row.name: row for row in plan.rows}
+    assert type(model.std) is StdConv2d and type(model.same) is Conv2dSame
+    assert (rows["std"].policy, rows["std"].note) == ("exact", "kept exact: StdConv2d overrides forward")
+    assert (rows["same"].policy, rows["same"].note) == ("exact", "kept exact: Conv2dSame overrides forward")
+    assert rows["std"].exact_macs.total == rows["std"].approx_macs.total > 0  # counted, as exact
+    assert isinstance(model.plain, ApproxConv2d) and rows["plain"].policy == "topk"
+    assert isinstance(model.head, ApproxLinear)
+    model.eval()
+    torch.testing.assert_close(model.std(x), std_expected, rtol=0, atol=0)  # the layers kept exact: bit for bit
+    torch.testing.assert_close(model.same(model.std(x)), same_expected, rtol=0, atol=0)
+    torch.testing.assert_close(model(x), expected)  # the sampled ones are exact in eval (column-major weight: rounding)
+    model.train()
+    std_alone = StdConv2d(3, 8, 3, padding=1)
+    std_alone.load_state_dict(model.std.state_dict())
+    torch.testing.assert_close(model.std(x), std_alone(x), rtol=0, atol=0)  # training: unchanged too
