@@ -84,12 +84,13 @@ SWITCH = choice(True, False)
 # own fields are checked where the dataset is built, approxtrain.data), with what each allows.
 _CHECKS: dict[str, Check] = {
     "seed": integer(0, 2**63 - 1, "an integer in [0, 2**63 - 1]"),
-    "trainer.epochs": integer(1),
+    "trainer.epochs": integer(1, 10**6),
     "trainer.max_steps": or_null(integer(1)),
     "trainer.device": choice("auto", "cpu", "cuda"),
     "trainer.devices": integer(1),
     "trainer.distributed.backend": choice("auto", "gloo", "nccl"),
-    "trainer.distributed.timeout_s": number(0),
+    "trainer.distributed.timeout_s": Check(lambda value: _is_number(value) and 0 < value <= 10**7,
+                                           "a number of seconds in (0, 1e7]"),  # timedelta overflows far above
     "trainer.distributed.selection": choice(*selection_mode_names()),
     "trainer.distributed.sampled_allreduce": choice("auto", True, False),
     "trainer.amp": choice("auto", "bf16", "off"),
@@ -175,6 +176,9 @@ def check_logger(cfg: Mapping[str, Any]) -> None:
     timeout = lookup(cfg, "logger.init_timeout_s")
     if not number(0).accepts(timeout):
         raise ConfigError(f"logger.init_timeout_s={timeout!r} is invalid; allowed: a number of seconds > 0, e.g. 15")
+    tags = lookup(cfg, "logger.tags")
+    if not (isinstance(tags, (list, tuple)) and all(isinstance(tag, str) and tag for tag in tags)):
+        raise ConfigError(f"logger.tags={tags!r} is invalid; allowed: a list of strings, e.g. logger.tags=[baseline,v2]")
     log_model = lookup(cfg, "logger.log_model")
     if not SWITCH.accepts(log_model):
         raise ConfigError(f"logger.log_model={log_model!r} is invalid; allowed: {SWITCH.allowed}")

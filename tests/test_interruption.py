@@ -76,6 +76,7 @@ def test_diverging_run_fails_naming_the_step(run_cfg, run_dir):
     results = read_results(run_dir)
     assert results["status"] == "failed" and results["error"].startswith("non-finite training loss")
     assert results["epochs"] == [] and not (run_dir / "checkpoints").exists()  # nothing non-finite saved
+    assert results["steps"] == 20  # the steps it did before failing (was 0: the last epoch's count)
 
 
 def test_non_finite_metric_never_counts_as_best():

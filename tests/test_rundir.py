@@ -336,3 +336,18 @@ def test_a_sweep_dir_under_hydra_runtime_cwd_runs(cli, tmp_path):
     process = cli("-m", *TINY, "seed=0", "hydra.sweep.dir=${hydra:runtime.cwd}/sweep")
     assert process.returncode == 0 and "Traceback" not in process.stderr, process.stderr[-3000:]
     assert read_results(tmp_path / "sweep" / "0")["status"] == "finished"
+
+
+def test_a_run_dir_outside_the_working_dir_is_said(compose_cfg, tmp_path, monkeypatch, capsys):
+    from approxtrain.cli.claim import ClaimRunDir
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    inside = compose_cfg(*TINY, "hydra.run.dir=runs/a")
+    ClaimRunDir().on_run_start(inside)
+    outside = compose_cfg(*TINY, "hydra.run.dir=../elsewhere")
+    ClaimRunDir().on_run_start(outside)
+    release(work / "runs" / "a"), release(elsewhere)
+    assert capsys.readouterr().err.splitlines() == [
+        f"approxtrain: hydra.run.dir is outside the working dir {work}: the run is written to {elsewhere}"]

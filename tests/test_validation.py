@@ -47,6 +47,9 @@ BAD_VALUES = {
     "seed=-1": "seed=-1 is invalid; allowed: an integer in [0, 2**63 - 1]",
     "dataset.eval_batch_size=0": "dataset.eval_batch_size=0 is invalid; allowed: an integer >= 1",
     "dataset.download=maybe": "dataset.download='maybe' is invalid; allowed: true, false",
+    "trainer.epochs=100000000000000000000": "trainer.epochs=100000000000000000000 is invalid; allowed: an integer in [1, 1000000]",
+    "trainer.distributed.timeout_s=1e300": "trainer.distributed.timeout_s=1e+300 is invalid; allowed: a number of seconds in (0, 1e7]",
+    "logger.tags=notalist": "logger.tags='notalist' is invalid; allowed: a list of strings, e.g. logger.tags=[baseline,v2]",
 }
 
 

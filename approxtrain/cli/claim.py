@@ -64,9 +64,19 @@ class ClaimRunDir(HydraCallback):
             claim(run_dir, "hydra.run.dir", continues=_resume_dir(config) == run_dir.resolve())
         except ValueError as refused:
             refuse(str(refused))
+        say_if_outside(run_dir, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            claim(resolved_dir(config, "hydra.sweep.dir"), "hydra.sweep.dir")
+            sweep_dir = resolved_dir(config, "hydra.sweep.dir")
+            claim(sweep_dir, "hydra.sweep.dir")
         except ValueError as refused:
             refuse(str(refused))
+        say_if_outside(sweep_dir, "hydra.sweep.dir")
+
+
+def say_if_outside(run_dir: Path, key: str) -> None:
+    """One line on stderr when the run goes outside the working dir (``../..``, ``/elsewhere``): where it goes."""
+    cwd = Path.cwd().resolve()
+    if not run_dir.resolve().is_relative_to(cwd):
+        print(f"approxtrain: {key} is outside the working dir {cwd}: the run is written to {run_dir.resolve()}", file=sys.stderr)

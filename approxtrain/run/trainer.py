@@ -424,6 +424,7 @@ class Trainer:
         """Record ``error`` as this run's one-line failure (in ``results.json`` once the run owns its
         dir) and tell the callbacks; returns the line. Never raises (it runs inside an ``except``)."""
         message = failure_message(error)
+        self.record.results.steps = self.state.step  # the steps done before it failed, not the last epoch's
         self.record.fail(message)
         self._emit("on_failure", message)
         return message
