@@ -163,7 +163,7 @@ def _pids_running(*texts: str) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.extra("slurm")
 def test_submitit_requeue_after_preemption_continues_the_job(cli, tmp_path):
-    """The README's SLURM recipe, on submitit's local executor: SIGUSR2 (the preemption warning)
+    """docs/resume.md's SLURM recipe, on submitit's local executor: SIGUSR2 (the preemption warning)
     checkpoints the job mid-epoch, submitit requeues it, and the requeued job continues its run
     to the numbers of an uninterrupted one."""
     common = ("model=mlp", "dataset=digits", "dataset.batch_size=10", "trainer.epochs=3", "logger=none",
