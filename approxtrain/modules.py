@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from approxtrain.accounting import LayerCompute
 from approxtrain.functional import KeptPairs, PairScoring, approx_conv2d, approx_linear
@@ -44,8 +45,30 @@ def _store_column_major_(weight: nn.Parameter) -> None:
             weight.data = weight.data.t().contiguous().t()
 
 
+def _parametrized_class(cls: type, module: nn.Module) -> type:
+    """``cls``, or for a module under ``torch.nn.utils.parametrize`` (``weight_norm``,
+    ``spectral_norm``, ...) the same kind of subclass of ``cls`` torch makes for it: its computed
+    tensors as properties (the layer then samples the computed weight), ``remove_parametrizations``
+    giving back a plain ``cls``."""
+    if not parametrize.is_parametrized(module):
+        return cls
+    injected = {key: value for key, value in vars(type(module)).items()
+                if not key.startswith("__") or key in ("__getstate__", "__deepcopy__")}
+    return type(f"Parametrized{cls.__name__}", (cls,), injected)
+
+
+def weight_requires_grad(module: nn.Module) -> bool:
+    """Whether a layer's weight learns -- read from the Parameters a parametrized weight is
+    computed from, without computing it (``spectral_norm`` would run a power iteration)."""
+    if parametrize.is_parametrized(module, "weight"):
+        return any(parameter.requires_grad for parameter in module.parametrizations.weight.parameters())
+    return module.weight.requires_grad
+
+
 def _rebind(cls: type, module: nn.Module) -> nn.Module:
-    """A ``cls`` instance holding ``module``'s state: same Parameter objects, hooks and mode."""
+    """A ``cls`` instance holding ``module``'s state: same Parameter objects, hooks and mode (and
+    parametrizations: a parametrized module gives a parametrized ``cls``)."""
+    cls = _parametrized_class(cls, module)
     new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)
     new._parameters = dict(module._parameters)
@@ -105,8 +128,8 @@ class ApproxLinear(nn.Linear):
         objects; the weight's storage is re-laid out column-major unless told not to)."""
         new = _rebind(cls, module)
         new.sampling, new.generator, new.compute, new.scoring = sampling, generator, None, None
-        new.kept_pairs = KeptPairs()
-        if column_major_weight:
+        new.kept_pairs = KeptPairs()  # a parametrized weight is computed: left as it comes
+        if column_major_weight and not parametrize.is_parametrized(new, "weight"):
             _store_column_major_(new.weight)
         return new
 

@@ -27,7 +27,7 @@ from torch.utils.hooks import RemovableHandle
 
 from approxtrain.accounting import ComputeMeter, LayerShape, ProductMACs, compute_reduction, lstm_stack_macs, sampled_macs
 from approxtrain.attention import ProjectedMultiheadAttention, unsupported
-from approxtrain.modules import ApproxConv2d, ApproxLinear, _rebind
+from approxtrain.modules import ApproxConv2d, ApproxLinear, _rebind, weight_requires_grad
 from approxtrain.sampling import SamplingConfig
 
 LAYER_TYPES = ("Linear", "Conv2d")
@@ -398,7 +398,7 @@ def _approx_layer_macs(module: nn.Module, call: _Call, factor: float) -> tuple[P
     """Exact and sampled MACs of one call of an approximate layer, at ``factor`` times its batch."""
     shape = _layer_shape(module, call.input_shape, call.output_shape, factor)
     return sampled_macs(shape, module.sampling, input_grad=call.input_grad,  # type: ignore[arg-type]
-                        weight_grad=module.weight.requires_grad)
+                        weight_grad=weight_requires_grad(module))
 
 
 def _scale(macs: ProductMACs, factor: float) -> ProductMACs:
@@ -494,7 +494,7 @@ def attach_meter(model: nn.Module, meter: ComputeMeter) -> list[RemovableHandle]
                 grad = torch.is_grad_enabled()
                 macs = exact_layer_macs(module, args[0].shape, out.shape, grad and args[0].requires_grad,
                                         grad and module.weight_ih_l0.requires_grad if isinstance(module, nn.LSTM)
-                                        else grad and module.weight.requires_grad)
+                                        else grad and weight_requires_grad(module))
                 if not grad:
                     macs = ProductMACs(macs.forward, 0, 0)
                 entry.record(macs, macs)

@@ -80,3 +80,46 @@ def test_subclasses_with_their_own_forward_stay_exact_and_the_plan_says_why():
     std_alone = StdConv2d(3, 8, 3, padding=1)
     std_alone.load_state_dict(model.std.state_dict())
     torch.testing.assert_close(model.std(x), std_alone(x), rtol=0, atol=0)  # training: unchanged too
+
+
+def parametrized_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(parametrizations.weight_norm(nn.Conv2d(3, 8, 3)), nn.ReLU(), nn.Flatten(),
+                         parametrizations.spectral_norm(nn.Linear(8 * 4 * 4, 16)), nn.ReLU(),
+                         parametrizations.weight_norm(nn.Linear(16, 5)))
+
+
+def test_parametrized_layers_sample_their_computed_weight():
+    x, target = torch.randn(4, 3, 6, 6), torch.randint(5, (4,))
+    exact, model = parametrized_net(), parametrized_net()
+    plan = approximate_(model, rules_from_dicts([{}], TOPK_ALL), example_input=x[:2])
+    assert [row.policy for row in plan.rows if row.type in ("Linear", "Conv2d")] == ["topk"] * 3
+    assert isinstance(model[0], ApproxConv2d) and isinstance(model[3], ApproxLinear)
+    assert parametrize.is_parametrized(model[0], "weight") and parametrize.is_parametrized(model[3], "weight")
+    assert sorted(model.state_dict()) == sorted(exact.state_dict())
+    exact.train(), model.train()
+    torch.testing.assert_close(model(x), exact(x))  # ratio 1.0: every pair kept
+    F.cross_entropy(model(x), target).backward()
+    F.cross_entropy(exact(x), target).backward()
+    for (name, gradient), (_, expected) in zip(model.named_parameters(), exact.named_parameters()):
+        torch.testing.assert_close(gradient.grad, expected.grad, msg=name)
+    parametrize.remove_parametrizations(model[5], "weight")  # leaves an approximate layer
+    assert type(model[5]) is ApproxLinear
+
+
+def test_parametrized_layers_train_at_half_ratio():
+    torch.manual_seed(1)
+    x, target = torch.randn(16, 3, 6, 6), torch.randint(5, (16,))
+    model = parametrized_net()
+    plan = approximate_(model, rules_from_dicts([{}], TOPK_HALF), example_input=x[:2])
+    assert plan.compute_reduction > 0.3
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.train()
+    losses = []
+    for _ in range(30):
+        loss = F.cross_entropy(model(x), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]  # it fits the 16 examples (exact training: 1.6 -> 0.15)
