@@ -351,3 +351,15 @@ def test_a_run_dir_outside_the_working_dir_is_said(compose_cfg, tmp_path, monkey
     release(work / "runs" / "a"), release(elsewhere)
     assert capsys.readouterr().err.splitlines() == [
         f"approxtrain: hydra.run.dir is outside the working dir {work}: the run is written to {elsewhere}"]
+
+
+def test_a_write_that_hits_a_file_size_limit_names_the_file_and_the_cause(tmp_path):
+    """torch.save on a full disk says ``inline_container.cc: unexpected pos``; the run says which file and why."""
+    script = ("import resource, signal, sys, torch; from approxtrain.run.checkpoint import save_checkpoint\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
+              "try:\n    save_checkpoint(sys.argv[1], {'weight': torch.zeros(100_000)})\n"
+              "except OSError as error:\n    print(error)\n")
+    path = tmp_path / "checkpoints" / "last.pt"
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == f"[Errno 27] cannot write {path}: File too large", done.stdout + done.stderr[-2000:]
+    assert not path.exists() and not list(path.parent.glob(".*.tmp"))

@@ -178,18 +178,42 @@ def _new_temporary(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"no free temporary name next to {str(path)!r}")
 
 
+class _Writes:
+    """A binary file that remembers the first ``OSError`` its writes met (torch.save turns it into
+    ``RuntimeError: ... unexpected pos``, which names neither the file nor the cause)."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self.handle, self.error = handle, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.handle, name)
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(handle)`` on a temporary sibling of ``path``, then move it into place."""
+    """Call ``write(handle)`` on a temporary sibling of ``path``, then move it into place. A write that
+    fails (a full disk, a file-size limit) raises ``OSError`` naming ``path`` and the cause."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _new_temporary(path)
+    handle = None
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with os.fdopen(fd, "wb") as raw:
+            handle = _Writes(raw)
             write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        cause = handle.error if handle is not None and handle.error is not None else error
+        if isinstance(cause, OSError) and cause.errno is not None:
+            raise OSError(cause.errno, f"cannot write {path}: {cause.strerror}") from None
         raise
 
 
