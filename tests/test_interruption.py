@@ -156,6 +156,12 @@ def test_one_sigint_is_an_interruption_not_a_second_sigint(run_cfg, run_dir):
     assert read_results(run_dir)["status"] == "interrupted"
 
 
+def test_a_stop_with_the_last_step_leaves_a_finished_run(run_cfg, run_dir):
+    """The stop is noticed between epochs; after the last epoch there is nothing to continue: finished, not interrupted."""
+    results = Trainer(run_cfg(*DIGITS, "sampler=topk"), run_dir, [SignalAt(58)]).fit()  # 2 epochs x 29 steps
+    assert results.status == "finished" and read_results(run_dir)["status"] == "finished" and results.steps == 58
+
+
 def _pids_running(*texts: str) -> list[int]:
     return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and all(_cmdline_mentions(pid, text) for text in texts)]
 

@@ -234,7 +234,9 @@ class Trainer:
                     self._emit("on_epoch_start", epoch)
                     record = self.train_epoch(epoch)
                     self.end_epoch(record)
-                    if self.stop_requests.agreed(self.dist):  # between epochs: the epoch's checkpoint is written
+                    # between epochs (the epoch's checkpoint is written); a stop that comes with the last step
+                    # leaves a complete run: it finishes (self.done is the same on every rank, so all skip the vote)
+                    if not self.done and self.stop_requests.agreed(self.dist):
                         self._interrupt()
         except RunInterrupted:
             raise
