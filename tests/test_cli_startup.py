@@ -82,3 +82,64 @@ def test_a_bad_override_is_refused_without_torch():
     assert done.returncode == 2
     assert "approxtrain: error: sampler=nope is unknown" in done.stderr
     assert not torch_imported(done)
+
+
+def test_help_is_the_help_hydra_renders(tmp_path):
+    """The quick ``--help`` prints what Hydra's own ``--help`` prints (forced here by a ``hydra.*``
+    override, which the quick one leaves to Hydra), a ``--config-dir``'s groups included."""
+    extra = tmp_path / "configs" / "sampler"
+    extra.mkdir(parents=True)
+    (extra / "mine.yaml").write_text("defaults:\n  - /sampler_fields@_here_\nname: topk\n")
+    (tmp_path / "configs" / "extras" / "deep").mkdir(parents=True)
+    (tmp_path / "configs" / "extras" / "deep" / "one.yaml").write_text("a: 1\n")
+    for flags in ([], ["--config-dir", str(tmp_path / "configs")]):
+        quick, hydra = run_cli("--help", *flags), run_cli("--help", *flags, "hydra.job.name=help")
+        assert quick.returncode == hydra.returncode == 0, quick.stderr[-3000:] + hydra.stderr[-3000:]
+        assert quick.stdout == hydra.stdout
+        assert not torch_imported(quick)
+    assert "sampler: bernoulli, exact, mine, nps" in quick.stdout
+    assert "extras/deep: one" in quick.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["model=wrn", "ratio=0.3"],
+        ["-m", "sampler=topk,nps", "ratio=0.3,0.5"],
+        ["--cfg", "job", "model=cnn", "--resolve"],
+        ["-c", "hydra", "-p", "hydra.run"],
+        ["--config-dir", "/tmp/x", "-cn", "other", "sampler=nps"],
+        ["-cd=/tmp/y", "--config-path", "/tmp/z", "seed=1"],
+        ["--help", "model=wrn"],
+        ["-h"],
+        ["--hydra-help"],
+        ["--info"],
+        ["--info", "defaults"],
+        ["-sc", "install=bash"],
+        ["--version"],
+        ["--cfg", "nope"],
+        ["--bogus"],
+        ["a=1", "--cfg", "job", "b=2"],
+        ["--experimental-rerun", "x.pickle"],
+    ],
+)
+def test_the_command_line_is_read_as_hydra_reads_it(args):
+    """:func:`read_command_line` against Hydra's own parser (an internal module, read only here, to
+    catch a Hydra release that changes its flags)."""
+    from hydra._internal.utils import get_args_parser
+
+    from approxtrain.cli.command_line import read_command_line
+
+    ours = read_command_line(args)
+    try:
+        hydras = get_args_parser().parse_args(args)
+    except SystemExit:  # a usage error (or --version): Hydra reports it, we compose nothing
+        assert ours is None
+        return
+    if hydras.hydra_help or hydras.info or hydras.shell_completion or hydras.experimental_rerun:
+        assert ours is None
+        return
+    assert ours is not None
+    assert (list(ours.overrides), ours.multirun, ours.cfg, ours.help, ours.config_dir, ours.config_path, ours.config_name) == (
+        hydras.overrides, hydras.multirun, hydras.cfg, hydras.help, hydras.config_dir, hydras.config_path, hydras.config_name)

@@ -51,6 +51,12 @@ def last_value(overrides: Sequence[Override], key: str) -> Override | None:
     return next((override for override in reversed(overrides) if override.key_or_group == key), None)
 
 
+def resume_override(overrides: Sequence[Override]) -> Override | None:
+    """The ``resume=<run dir>`` that wins among ``overrides``; None when there is none or it is null or empty."""
+    resume = last_value(overrides, RESUME_KEY)
+    return None if resume is None or resume.value() in (None, "") else resume
+
+
 def _identity(override: Override) -> tuple[str, str | None]:
     return override.key_or_group, override.package
 
@@ -128,10 +134,36 @@ def check_run_dir(run_dir: Path) -> None:
     verify_checkpoint(checkpoint_path(run_dir))
 
 
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _composed(compose: Callable[[list[str]], DictConfig], own: Sequence[str], merged: list[str], resume: Override) -> DictConfig:
+    """The config ``merged`` composes; ``ValueError`` (one line) when it does not: the command line's
+    reason, or, when the run's own overrides no longer compose either, that."""
+    try:
+        return compose([*merged, resume.input_line])
+    except Exception as error:  # noqa: BLE001 - told apart below, then one line
+        try:
+            compose([*merge_overrides(own, []), resume.input_line])
+        except Exception:  # noqa: BLE001 - e.g. a group option the project no longer has
+            raise ValueError(f"its config no longer composes: {_first_line(error)}") from None
+        raise ValueError(_first_line(error)) from None
+
+
+def _plain(cfg: DictConfig) -> dict[str, Any]:
+    container = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(container, dict)
+    container.pop("hydra", None)
+    return container
+
+
 def resume_overrides(resume: Override, given: Sequence[Override], compose: Callable[[list[str]], DictConfig]) -> list[str]:
     """The overrides that continue the run ``resume`` names with ``given`` (the command line's, hydra's
-    left out) on top; ``compose(overrides)`` composes a config as the command line would.
-    ``ValueError`` with the reason in one line when the run cannot be continued so; reads only."""
+    left out) on top; ``compose(overrides)`` composes a config as the command line would -- once, and
+    a second time (the run's own overrides alone) only for a run whose saved config lacks keys this
+    version composes. ``ValueError`` with the reason in one line when the run cannot be continued so;
+    reads only."""
     run_dir = Path(str(resume.value()))
     check_run_dir(run_dir)
     overrides_file = run_dir / HYDRA_DIR / "overrides.yaml"
@@ -139,17 +171,14 @@ def resume_overrides(resume: Override, given: Sequence[Override], compose: Calla
     try:
         merged = merge_overrides(own, given)
     except Exception as error:  # noqa: BLE001 - not a list of overrides: one line naming the file
-        raise ValueError(f"{overrides_file} is damaged ({(str(error).strip().splitlines() or [type(error).__name__])[0]})") from None
-    try:
-        cfg = compose([*merged, resume.input_line])
-        current = OmegaConf.to_container(compose([*merge_overrides(own, []), resume.input_line]), resolve=False)
-    except Exception as error:  # noqa: BLE001 - e.g. a group option the project no longer has
-        raise ValueError(f"its config no longer composes: {str(error).strip().splitlines()[0]}") from None
-    resumed = OmegaConf.to_container(cfg, resolve=False)
+        raise ValueError(f"{overrides_file} is damaged ({_first_line(error)})") from None
+    cfg = _composed(compose, own, merged, resume)
+    resumed = _plain(cfg)
     saved = OmegaConf.to_container(load_record(run_dir / HYDRA_DIR / "config.yaml"), resolve=False)
-    assert isinstance(resumed, dict) and isinstance(saved, dict) and isinstance(current, dict)
-    for config in (resumed, current):
-        config.pop("hydra", None)
+    assert isinstance(saved, dict)
+    current = None
+    if flatten(resumed).keys() - flatten(saved).keys():  # written by an earlier version
+        current = _plain(_composed(compose, own, merge_overrides(own, []), resume))
     refused = refused_changes(saved, resumed, current)
     if refused:
         raise ValueError(f"would change what the checkpoint means: {'; '.join(refused)}; {ALLOWED_LINE}")

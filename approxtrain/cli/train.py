@@ -19,7 +19,6 @@ process that launched them.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
@@ -36,17 +35,15 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-import approxtrain.cli.config_store  # noqa: F401  (stores the config nodes made from code before anything is composed)
 from approxtrain.cli.allocator import retain_freed_memory
-from approxtrain.cli.resume import RESUME_KEY, RecordResume, last_value, parse_overrides, requeued_run, resume_overrides
-from approxtrain.extras import missing_cluster_line, missing_option_line
+from approxtrain.cli.command_line import CommandLine, read_command_line
+from approxtrain.cli.compose import CONFIG_NAME, CONFIG_PACKAGE, check_group_overrides, checked_config, composition_error
+from approxtrain.cli.help import help_text
+from approxtrain.cli.resume import RecordResume, last_value, parse_overrides, requeued_run, resume_override, resume_overrides
 from approxtrain.run.rundir import checkpoint_path, claim_new_dir, hold, holder, recorded_run, release
 from approxtrain.run.schema import FINISHED, read_results
 
 log = logging.getLogger("approxtrain")
-CONFIG_PACKAGE = "approxtrain.configs"
-CONFIG_NAME = "train"
-GROUPS = ("model", "dataset", "sampler", "layers", "logger", "experiment", "trainer", "search", "callbacks")
 # Exit codes: 0 finished; RUN_FAILED a run (or a sweep's job) failed, recorded in its results.json;
 # USAGE_ERROR the command line cannot be composed (nothing ran); 128 + N stopped by signal N
 # (130 SIGINT, 143 SIGTERM) at a step boundary, with a checkpoint to continue from.
@@ -59,142 +56,21 @@ if not OmegaConf.has_resolver("unique_dir"):
     OmegaConf.register_new_resolver("unique_dir", claim_new_dir, use_cache=True)
 
 
-def _options(group: str, config_dirs: list[str]) -> list[str]:
-    """The options of a config group: shipped with the package or in the user's ``--config-dir``s."""
-    from importlib.resources import files
-
-    folders = [files(CONFIG_PACKAGE).joinpath(group), *(Path(folder) / group for folder in config_dirs)]
-    return sorted({entry.name[:-5] for folder in folders if folder.is_dir() for entry in folder.iterdir() if entry.name.endswith(".yaml")})
-
-
-def _config_dirs(args: list[str]) -> list[str]:
-    dirs = []
-    for index, arg in enumerate(args):
-        if arg in ("--config-dir", "-cd") and index + 1 < len(args):
-            dirs.append(args[index + 1])
-        elif arg.startswith("--config-dir="):
-            dirs.append(arg.partition("=")[2])
-    return dirs
-
-
-def check_group_overrides(args: list[str]) -> str | None:
-    """A one-line error for ``group=option`` overrides naming an option that does not exist, else None.
-
-    Sweep values (``sampler=topk,nps``) are checked one by one; options in ``--config-dir``
-    count; with a ``hydra.searchpath`` override, and for sweep functions, Hydra decides.
-    """
-    if any(arg.startswith("hydra.searchpath") for arg in args):
-        return None
-    config_dirs = _config_dirs(args)
-    for arg in args:
-        if arg.startswith(("-", "+", "~", "hydra")) or "=" not in arg:
-            continue
-        key, _, value = arg.partition("=")
-        key = key.removeprefix("override ").strip()
-        if key not in GROUPS or "(" in value or value in ("", "null"):
-            continue
-        options = _options(key, config_dirs)
-        for choice in value.split(","):
-            if options and choice not in options and "/" not in choice:
-                return f"{key}={choice} is unknown; allowed: {', '.join(options)}"
-    return None
-
-
-def _first_of_each_sweep(overrides: list[str]) -> list[str]:
-    """The overrides of one job of the sweep they describe (``ratio=0.3,0.5`` -> ``ratio=0.3``); sweeps
-    without a list of values (``interval(...)``, for the Optuna sweeper) are left out."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    single = []
-    for override in OverridesParser.create().parse_overrides(overrides):
-        if not override.is_sweep_override():
-            single.append(override.input_line)
-            continue
-        try:
-            value = next(iter(override.sweep_string_iterator()))
-        except Exception:  # noqa: BLE001 - not a list-like sweep: nothing to pick
-            continue
-        single.append(f"{override.get_key_element()}={value}")
-    return single
-
-
-def parse_args(args: list[str]) -> argparse.Namespace | None:
-    """Hydra's reading of the command line, or None for one that composes nothing (argparse's own
-    usage error, which Hydra reports; ``--help``, ``--info``, shell completion)."""
-    from hydra._internal.utils import get_args_parser
-
-    try:
-        parsed = get_args_parser().parse_args(args)
-    except SystemExit:
-        return None
-    if parsed.help or parsed.hydra_help or parsed.shell_completion or parsed.info:
-        return None
-    return parsed
-
-
-def compose(parsed: argparse.Namespace, overrides: list[str]) -> DictConfig:
-    """The config ``overrides`` compose, as Hydra will compose it for the command line ``parsed``."""
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_config_search_path
-    from hydra.core.global_hydra import GlobalHydra
-
-    search_path = create_config_search_path(f"pkg://{CONFIG_PACKAGE}")
-    if parsed.config_dir is not None:
-        search_path.prepend("command-line", f"file://{os.path.abspath(parsed.config_dir)}")
-    try:
-        return Hydra.create_main_hydra2(task_name=CONFIG_NAME, config_search_path=search_path).compose_config(
-            parsed.config_name or CONFIG_NAME, overrides, run_mode=RunMode.RUN)
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def composition_error(args: list[str]) -> str | None:
-    """Compose the config the command line asks for, as Hydra will, and return the reason it
-    cannot be composed in one line (None when it can). A sweep is checked through its first job."""
-    parsed = parse_args(args)
-    if parsed is None:
-        return None
-    try:
-        cfg = compose(parsed, _first_of_each_sweep(parsed.overrides) if parsed.multirun else parsed.overrides)
-        OmegaConf.to_container(cfg.model, resolve=True)  # a model argument's ${...} (model=custom) fails here, not in the job
-    except Exception as error:  # noqa: BLE001 - every composition error becomes one line
-        from approxtrain.models.custom import dataset_fact_hint
-
-        return missing_option_line(str(error)) or composition_error_line(str(error), args) + dataset_fact_hint(str(error))
-    return missing_cluster_line(str(cfg.hydra.launcher.get("_target_", ""))) or objective_error(cfg)
-
-
-def objective_error(cfg: DictConfig) -> str | None:
-    """Why the composed config's ``objective`` (and, for ``ratio_within_margin``, ``search.*``) cannot be
-    computed, in one line; None when it can -- checked before a sweep spends its trials."""
-    from approxtrain.cli.objective import objective_names
-
-    keys = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
-            for key in ("objective", "search") if key in cfg}
-    try:
-        objective_names(keys)
-    except ValueError as error:
-        return str(error)
-    return None
-
-
 def settle_run_dir(args: list[str]) -> list[str]:
     """The command line to run, its run dir settled and held by this process: for ``resume=DIR`` the
     run's own command line (:func:`resumed_args`); an explicit ``hydra.run.dir`` (``hydra.sweep.dir``
     with ``-m``) as given. ``ValueError`` (one line) when the dir is held by a live run, holds a run
     (other than for ``resume=``) or cannot be resumed so; nothing is written then. The default dir
     is left to ``${unique_dir:...}``."""
-    parsed = parse_args(args)
-    if parsed is None or parsed.cfg:  # --cfg prints the config and runs nothing
+    command_line = read_command_line(args)
+    if command_line is None or not command_line.trains:  # --help and --cfg print and run nothing
         return args
     try:
-        overrides = parse_overrides(parsed.overrides)
+        overrides = parse_overrides(command_line.overrides)
     except Exception:  # noqa: BLE001 - malformed (only reached with HYDRA_FULL_ERROR=1): Hydra reports it
         return args
-    resume = last_value(overrides, RESUME_KEY)
-    if resume is not None and resume.value() in (None, ""):
-        resume = None
-    target = resume or last_value(overrides, "hydra.sweep.dir" if parsed.multirun else "hydra.run.dir")
+    resume = resume_override(overrides)
+    target = resume or last_value(overrides, "hydra.sweep.dir" if command_line.multirun else "hydra.run.dir")
     if target is None or "${" in str(target.value()):
         return args  # the default dir (claimed by unique_dir) or one Hydra has to resolve: its jobs hold it
     run_dir = Path(str(target.value()))
@@ -202,66 +78,32 @@ def settle_run_dir(args: list[str]) -> list[str]:
     if pid is not None:
         raise ValueError(f"{target.input_line}: the dir is held by a live run (pid {pid}); allowed: a dir no live run holds")
     if resume is not None:
-        args = resumed_args(args, parsed, overrides, resume)
+        args = resumed_args(args, command_line, overrides, resume)
     elif (found := recorded_run(run_dir)) is not None:
         raise ValueError(f"{target.input_line}: the dir already holds a run ({found}); allowed: a new or empty dir"
-                         + ("" if parsed.multirun else f", or resume={target.get_value_element_as_str()} to continue it"))
+                         + ("" if command_line.multirun else f", or resume={target.get_value_element_as_str()} to continue it"))
     hold(run_dir)
     return args
 
 
-def resumed_args(args: list[str], parsed: argparse.Namespace, overrides: list[Override], resume: Override) -> list[str]:
+def resumed_args(args: list[str], command_line: CommandLine, overrides: list[Override], resume: Override) -> list[str]:
     """The command line that continues the run ``resume`` names: its saved overrides with the command
     line's on top (:func:`~approxtrain.cli.resume.resume_overrides`), run in its dir without Hydra
     rewriting its ``.hydra`` files (:class:`~approxtrain.cli.resume.RecordResume` does, once the
-    checkpoint is restored). ``ValueError`` (one line) when it cannot be continued so."""
-    if parsed.multirun:
+    checkpoint is restored). ``ValueError`` (one line) when it cannot be continued so. The config the
+    command line continues with is composed and checked here, once (:func:`checked_config`)."""
+    if command_line.multirun:
         raise ValueError(f"{resume.input_line}: resume continues one run; it cannot be part of a sweep (-m)")
     if last_value(overrides, "hydra.run.dir") is not None:
         raise ValueError(f"{resume.input_line}: the run continues in its own dir; leave out hydra.run.dir")
     try:
         merged = resume_overrides(resume, [o for o in overrides if not o.is_hydra_override()],
-                                  lambda overrides: compose(parsed, overrides))
+                                  lambda overrides: checked_config(command_line, overrides, args))
     except ValueError as error:
         raise ValueError(f"{resume.input_line}: {str(error).removeprefix('resume: ')}") from None
-    flags = [arg for arg in args if arg not in parsed.overrides]
+    flags = [arg for arg in args if arg not in command_line.overrides]
     return [*flags, *merged, *(o.input_line for o in overrides if o.is_hydra_override()), resume.input_line,
             f"hydra.run.dir={resume.get_value_element_as_str()}", "hydra.output_subdir=null"]
-
-
-def _config_keys(path: str, args: list[str]) -> list[str] | None:
-    """The keys under ``path`` (top level for ``""``) of the config the group choices in ``args`` compose, or None."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    choices = [arg for arg in args if "=" in arg and arg.partition("=")[0].lstrip("+") in GROUPS and "," not in arg]
-    try:
-        GlobalHydra.instance().clear()
-        with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
-            cfg = compose(CONFIG_NAME, overrides=choices)
-        node = OmegaConf.select(cfg, path) if path else cfg
-    except Exception:  # noqa: BLE001 - e.g. an option from --config-dir: no list rather than a wrong one
-        return None
-    return sorted(str(key) for key in node.keys()) if isinstance(node, DictConfig) else None
-
-
-def composition_error_line(text: str, args: list[str]) -> str:
-    """One line for Hydra's reason not to compose the config.
-
-    An override of a key that does not exist names the key, its value and the keys
-    allowed there; any other message is folded into one line.
-    """
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("Set the environment variable HYDRA_FULL_ERROR")]
-    match = re.match(r"Could not override '([^']+)'", lines[0]) if lines else None
-    if match:
-        key = match.group(1)
-        value = next((arg.partition("=")[2] for arg in args if arg.partition("=")[0].removeprefix("override ").strip() == key), "...")
-        parent = key.rpartition(".")[0]
-        keys = _config_keys(parent, args)
-        where = f"allowed under {parent}: " if parent else "allowed: "
-        allowed = f"; {where}{', '.join(keys)}" if keys else ""
-        return f"{key}={value} is not a config key{allowed} (to add a new key: +{key}={value})"
-    return "; ".join(lines) if lines else "Hydra could not compose the config"
 
 
 # ANSI escape sequences: CSI (colour, cursor: ESC [ ... final byte), OSC (hyperlinks, titles: ESC ] ... BEL
@@ -426,20 +268,35 @@ class SweepEndCallback(HydraCallback):
             raise SystemExit(RUN_FAILED)
 
 
+def _composes_before_running(command_line: CommandLine | None) -> bool:
+    """Whether :func:`main` composes the command line's config to check it: for a run, a sweep and
+    ``--cfg``; not for ``resume=`` (:func:`resumed_args` composes the config the run continues with),
+    nor with ``HYDRA_FULL_ERROR=1`` (Hydra shows its full trace)."""
+    if command_line is None or command_line.help or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return False
+    try:
+        return resume_override(parse_overrides(command_line.overrides)) is None
+    except Exception:  # noqa: BLE001 - malformed: the composition says why in one line
+        return True
+
+
 def main() -> None:
     """Console entry point: checks the command line (one-line errors, exit 2), then runs Hydra.
 
     ``HYDRA_FULL_ERROR=1`` skips the composition check, so Hydra shows its full trace.
     """
     args = sys.argv[1:]
-    parsed = parse_args(args)
-    if parsed is not None and not parsed.cfg:  # a command that trains (--help, --cfg, completion only print)
+    command_line = read_command_line(args)
+    if command_line is not None and command_line.trains:  # (--help, --cfg and shell completion only print)
         from approxtrain.run.launch import follow, launched
 
         if (launch := launched()).follows_from_the_start:  # rank 0 runs Hydra and sends the jobs
             raise SystemExit(follow(launch))
     error = check_group_overrides(args)
-    if error is None and os.environ.get("HYDRA_FULL_ERROR") != "1":
+    if error is None and command_line is not None and command_line.help and (text := help_text(command_line)) is not None:
+        print(text)
+        raise SystemExit(0)  # as Hydra's --help ends
+    if error is None and _composes_before_running(command_line):
         error = composition_error(args)
     if error is None:
         try:
