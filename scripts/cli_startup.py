@@ -6,6 +6,7 @@ the median is reported with the ratio to ``python -c "import hydra, rich"``.
 
     python scripts/cli_startup.py                 # 7 runs each
     python scripts/cli_startup.py --repeat 11 --json outputs/cli_startup.json
+    PYTHONPATH=/path/to/other/checkout python scripts/cli_startup.py --module   # another version's CLI
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7, help="runs per command (the median is reported)")
     parser.add_argument("--json", help="also write the medians (seconds) to this file")
+    parser.add_argument("--module", action="store_true",
+                        help="run python -m approxtrain.cli.train (the approxtrain on sys.path) instead of the installed script")
     args = parser.parse_args()
-    installed = shutil.which("approxtrain")
+    installed = None if args.module else shutil.which("approxtrain")
     app = [installed] if installed else [sys.executable, "-m", "approxtrain.cli.train"]
     rows = {name: [] for name in commands(app)}
     for _ in range(args.repeat):  # round by round, so a burst of load hits every command alike

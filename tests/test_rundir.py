@@ -175,6 +175,25 @@ def test_a_run_from_an_older_version_resumes(run_copy):
                         "sampler.k_rounding=floor"])
 
 
+def test_a_resume_composes_its_config_once_before_hydra(run_copy, monkeypatch):
+    """The config the run continues with is composed (and checked) once; the run's own overrides a
+    second time only when its saved config lacks keys this version composes."""
+    import approxtrain.cli.compose as composing
+
+    calls = []
+    compose = composing.compose
+    monkeypatch.setattr(composing, "compose", lambda *arguments: calls.append(arguments) or compose(*arguments))
+    settle_run_dir([f"resume={run_copy}", "trainer.epochs=3", "trainer.max_steps=null"])
+    release(run_copy)
+    assert len(calls) == 1
+    config = OmegaConf.load(run_copy / ".hydra" / "config.yaml")
+    config.sampler.pop("k_rounding")
+    (run_copy / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    settle_run_dir([f"resume={run_copy}", "trainer.epochs=3", "trainer.max_steps=null"])
+    release(run_copy)
+    assert len(calls) == 3
+
+
 def test_resume_runs_the_runs_own_command_line_in_its_dir(run_copy):
     args = settle_run_dir(["--config-name", "train", f"resume={run_copy}", "trainer.epochs=3", "trainer.max_steps=null"])
     try:

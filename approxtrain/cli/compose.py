@@ -129,7 +129,11 @@ def sweep_line(command_line: CommandLine) -> str | None:
     """For a sweep's values without ``-m`` (``ratio=0.3,0.5``), the ways to say what was meant; else None."""
     if command_line.multirun:
         return None
-    for override in OverridesParser.create().parse_overrides(list(command_line.overrides)):
+    try:
+        overrides = OverridesParser.create().parse_overrides(list(command_line.overrides))
+    except Exception:  # noqa: BLE001 - malformed: the composition's own line says where
+        return None
+    for override in overrides:
         if override.value_type == ValueType.SIMPLE_CHOICE_SWEEP:
             key, value = override.get_key_element(), override.input_line.partition("=")[2]
             other_ways = (", or one of them" if key.removeprefix("override ") in GROUPS
@@ -144,7 +148,10 @@ def composition_error(args: list[str]) -> str | None:
     command_line = read_command_line(args)
     if command_line is None:
         return None
-    overrides = first_of_each_sweep(command_line.overrides) if command_line.multirun else command_line.overrides
+    try:
+        overrides = first_of_each_sweep(command_line.overrides) if command_line.multirun else command_line.overrides
+    except Exception as error:  # noqa: BLE001 - a malformed override: Hydra's reason in one line
+        return composition_error_line(str(error), command_line, args)
     try:
         checked_config(command_line, overrides, args)
     except ValueError as error:
