@@ -164,7 +164,8 @@ class ApproxConv2d(nn.Conv2d):
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         if groups != 1:
             raise ValueError(f"ApproxConv2d groups={groups} is not supported; allowed: groups=1 (grouped convolutions stay exact)")
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device=device, dtype=dtype)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+                         device=device, dtype=dtype)
         self.sampling = sampling
         self.generator = generator
         self.compute: LayerCompute | None = None

@@ -41,6 +41,7 @@ from torch.utils.hooks import RemovableHandle
 from approxtrain.modules import ApproxConv2d, ApproxLinear
 from approxtrain.schedule import discarded_share, layer_pairs, pair_scores, sampled_layers
 
+
 @dataclass
 class LayerTelemetry:
     """One sampled layer at one telemetry step (a row of ``results.json``'s ``telemetry``)."""

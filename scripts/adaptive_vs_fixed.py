@@ -24,15 +24,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hydra import compose, initialize_config_module  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
-import approxtrain.cli.config_store  # noqa: E402, F401  (the config nodes made from code)
-from approxtrain.config import layer_rules  # noqa: E402
-from approxtrain.data import build_loaders  # noqa: E402
-from approxtrain.models import build_model  # noqa: E402
-from approxtrain.run.trainer import Trainer, example_input  # noqa: E402
-from approxtrain.surgery import approximate_  # noqa: E402
+import approxtrain.cli.config_store  # noqa: F401  (the config nodes made from code)
+from approxtrain.config import layer_rules
+from approxtrain.data import build_loaders
+from approxtrain.models import build_model
+from approxtrain.run.trainer import Trainer, example_input
+from approxtrain.surgery import approximate_
 
 # Each model sized to minutes of a shared 2-core CPU: its paper experiment, cut short (early training only).
 MODELS = {

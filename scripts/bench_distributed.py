@@ -38,14 +38,13 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import _batch, _optimizer, _run_config, _step, _sync  # noqa: E402
-
-from approxtrain import approximate_  # noqa: E402
-from approxtrain.config import layer_rules  # noqa: E402
-from approxtrain.data.synthetic import like_info  # noqa: E402
-from approxtrain.models import build_model  # noqa: E402
-from approxtrain.modules import ApproxConv2d, ApproxLinear  # noqa: E402
-from approxtrain.run.distributed import Communication, Distributed  # noqa: E402
+from approxtrain import approximate_
+from approxtrain.config import layer_rules
+from approxtrain.data.synthetic import like_info
+from approxtrain.models import build_model
+from approxtrain.modules import ApproxConv2d, ApproxLinear
+from approxtrain.run.distributed import Communication, Distributed
+from bench_train import _batch, _optimizer, _run_config, _step, _sync
 
 # (name, sampler ratio or None for exact, gradient all-reduce, selection)
 CONFIGS = (
@@ -199,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     _link_model(rows)
     print("\nmodelled step (compute + ring all-reduce of the bytes, no overlap), speedup vs exact/full:")
     for row in rows:
-        links = "  ".join(f"{gbps:>3} Gb/s {row[f'step_{gbps}gbps_s'] * 1e3:8.1f} ms ({row[f'speedup_{gbps}gbps']:.2f}x)" for gbps in LINKS_GBPS)
+        links = "  ".join(f"{gbps:>3} Gb/s {row[f'step_{gbps}gbps_s'] * 1e3:8.1f} ms ({row[f'speedup_{gbps}gbps']:.2f}x)"
+                          for gbps in LINKS_GBPS)
         print(f"{row['model']:9s} {row['config']:22s} {links}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -35,21 +35,21 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 try:
-    import approxtrain  # noqa: F401
+    import approxtrain  # noqa: F401 - only whether it imports
 except ModuleNotFoundError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from approxtrain.cli.allocator import retain_freed_memory
 from approxtrain.functional import approx_conv2d, approx_linear
-from approxtrain.profiling import GATHER_RANGE, SCATTER_RANGE, SELECT_RANGE, device_name, range_seconds
 from approxtrain.policies import get_policy
+from approxtrain.profiling import GATHER_RANGE, SCATTER_RANGE, SELECT_RANGE, device_name, range_seconds
 from approxtrain.sampling import POLICIES, SamplingConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -322,7 +322,8 @@ def print_table(rows: list[dict]) -> None:
               f"{r['approx_ms']['median']:>11.2f}{r['approx_ms']['iqr']:>8.2f}{r['speedup']:>8.2f}x"
               f"{r['speedup_quartiles']['q1']:>6.2f}-{r['speedup_quartiles']['q3']:<5.2f}{r['speedup_of_medians']:>10.2f}x{r['flop_bound']:>6.2f}x"
               f"{r['fraction_of_bound']:>10.0%}{r['selection_share']:>8.1%}{r['scatter_share']:>9.1%}{saved + saved_all:>26}")
-    print("speedup = median over rounds of exact/approx in the same round (IQR of that ratio); 'of medians' = exact median / approx median;")
+    print("speedup = median over rounds of exact/approx in the same round (IQR of that ratio); "
+          "'of medians' = exact median / approx median;")
     print("select = (norms + sampler + gathers) / exact fwd+bwd; scatter = spreading gradients to full size / exact fwd+bwd")
     print("(both from the op's profiler ranges over real steps);")
     print("saved = bytes saved for backward without the weight parameter (all saved tensors in parentheses).")
@@ -357,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conv", nargs="+", default=["64,256,256,3,32"],
                         help="B,C,O,K,H of each conv case, padding K//2 (default 64,256,256,3,32); 'none' skips the conv")
     parser.add_argument("--ratios", default="1.0,0.5,0.25", help="sampling ratios, comma separated (default 1.0,0.5,0.25)")
-    parser.add_argument("--policy", default="topk", choices=[p for p in POLICIES if get_policy(p).samples], help="sampler policy (default topk)")
+    parser.add_argument("--policy", default="topk", choices=[p for p in POLICIES if get_policy(p).samples],
+                        help="sampler policy (default topk)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--channels-last", action="store_true", help="conv input and weight in channels_last")
@@ -422,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     checks = targets(rows)
     print("\nTargets:")
     for c in checks:
-        value = f"{c['measured']:.2f}x" if "speedup" in c["target"] else f"{c['measured']:+.1%}" if "overhead" in c["target"] else f"{c['measured']:.1%}"
+        value = (f"{c['measured']:.2f}x" if "speedup" in c["target"]
+                 else f"{c['measured']:+.1%}" if "overhead" in c["target"] else f"{c['measured']:.1%}")
         where = f" (worst, at ratio {c['at_ratio']:g})" if "at_ratio" in c else ""
         print(f"[{'PASS' if c['pass'] else 'FAIL'}] {c['case']}: {c['target']}: measured {value}{where}")
     share = meta.get("other_processes_cpu_share")

@@ -34,21 +34,21 @@ import torch.nn.functional as F
 from torch import nn
 
 try:
-    import approxtrain  # noqa: F401
+    import approxtrain
 except ModuleNotFoundError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hydra import compose, initialize_config_module  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
-import approxtrain.cli.config_store  # noqa: E402, F401  (the config nodes made from code)
-from approxtrain import ComputeMeter, approximate_, attach_meter, kernels  # noqa: E402
-from approxtrain.cli.allocator import retain_freed_memory  # noqa: E402
-from approxtrain.config import layer_rules  # noqa: E402
-from approxtrain.data import DatasetInfo  # noqa: E402
-from approxtrain.data.synthetic import like_info  # noqa: E402
-from approxtrain.models import build_model, list_models  # noqa: E402
-from approxtrain.profiling import GATHER_RANGE, SCATTER_RANGE, SELECT_RANGE, device_name, kernel_table, range_seconds  # noqa: E402
+import approxtrain.cli.config_store  # noqa: F401  (the config nodes made from code)
+from approxtrain import ComputeMeter, approximate_, attach_meter, kernels
+from approxtrain.cli.allocator import retain_freed_memory
+from approxtrain.config import layer_rules
+from approxtrain.data import DatasetInfo
+from approxtrain.data.synthetic import like_info
+from approxtrain.models import build_model, list_models
+from approxtrain.profiling import GATHER_RANGE, SCATTER_RANGE, SELECT_RANGE, device_name, kernel_table, range_seconds
 
 # Batches other than the paper dataset's batch_size, sized to one device: CUDA, CPU.
 CUDA_BATCH = {"resnet50": 128}
@@ -194,7 +194,7 @@ def _write_kernel_profile(path: Path, name: str, models: list[tuple[float, nn.Mo
                 f"torch {torch.__version__}; one training step (forward, backward, SGD step) per table\n"]
     for ratio, model, backend in models:
         optimizer = _optimizer(model)
-        step = lambda: _step(model, optimizer, x, y, info, amp, device)  # noqa: E731
+        step = lambda: _step(model, optimizer, x, y, info, amp, device)  # noqa: E731, B023 - run within this iteration only
         step()
         sections.append(f"== {name}, {_config_name(ratio, backend)} ==\n{kernel_table(step, device)}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--compile-backend={args.compile_backend!r} is unknown; allowed: {', '.join(backends)}")
     retain_freed_memory()  # like the CLI: glibc keeps freed memory (APPROXTRAIN_MALLOC=system: off)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     if any(not 0 < r <= 1 for r in args.ratios):
@@ -247,8 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.benchmark = True
 
     rows = []
-    print(f"device: {_device_name(device)}, torch {torch.__version__}, amp {amp}, warmup {warmup}, repeats {repeats or 'auto (~3 s, 5-200)'}")
-    header = f"{'model':<9} {'batch':>5} {'config':<18} {'step ms':>9} {'speedup':>8} {'reduction':>9} {'bound':>6} {'of bound':>8} {'select':>7} {'gath/sc':>7} {'act MB':>8} {'step MB':>8}"
+    print(f"device: {_device_name(device)}, torch {torch.__version__}, amp {amp}, warmup {warmup}, "
+          f"repeats {repeats or 'auto (~3 s, 5-200)'}")
+    header = (f"{'model':<9} {'batch':>5} {'config':<18} {'step ms':>9} {'speedup':>8} {'reduction':>9} {'bound':>6} "
+              f"{'of bound':>8} {'select':>7} {'gath/sc':>7} {'act MB':>8} {'step MB':>8}")
     print(header)
     for name, batch_choice in [(name, batch) for name in args.models for batch in (args.batch or [None])]:
         cfg = _run_config(name, args.align_k)

@@ -24,20 +24,20 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ops import synchronize, time_call, time_interleaved  # noqa: E402
+from bench_ops import synchronize, time_call, time_interleaved
 
-from approxtrain import SamplingConfig, approx_conv2d, approx_linear, kernels  # noqa: E402
-from approxtrain._layout import norms, spread, take  # noqa: E402
-from approxtrain.functional import _choose  # noqa: E402
-from approxtrain.modules import _store_column_major_  # noqa: E402
-from approxtrain.sampling import Selection  # noqa: E402
+from approxtrain import SamplingConfig, approx_conv2d, approx_linear, kernels
+from approxtrain._layout import norms, spread, take
+from approxtrain.functional import _choose
+from approxtrain.modules import _store_column_major_
+from approxtrain.sampling import Selection
 
 GOAL_OF_CEILING = 0.85
 GOAL_PIECES_SHARE = 0.10
@@ -99,8 +99,9 @@ def linear_ops(m: int, n: int, out: int, k: int, ratio: float, device, dtype) ->
 
 def conv_ops(batch: int, c: int, out: int, size: int, k: int, ratio: float, device, dtype) -> tuple[dict, dict, torch.Tensor]:
     cl = torch.channels_last
-    x, w = leaf(batch, c, size, size, device=device, dtype=dtype, memory_format=cl), leaf(out, c, 3, 3, device=device, dtype=dtype, memory_format=cl)
-    xs, ws = leaf(batch, k, size, size, device=device, dtype=dtype, memory_format=cl), leaf(out, k, 3, 3, device=device, dtype=dtype, memory_format=cl)
+    on = {"device": device, "dtype": dtype, "memory_format": cl}
+    x, w = leaf(batch, c, size, size, **on), leaf(out, c, 3, 3, **on)
+    xs, ws = leaf(batch, k, size, size, **on), leaf(out, k, 3, 3, **on)
     g = torch.randn(batch, out, size, size, device=device, dtype=dtype).contiguous(memory_format=cl)
     config, exact1 = SamplingConfig("topk", ratio=ratio), SamplingConfig("topk", ratio=1.0)
     steps = {"exact": fwd_bwd(lambda: F.conv2d(x, w, padding=1), g, [x, w]),
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", nargs="+", default=None, help="only these shapes (names as printed)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 10)
     repeats = args.repeats if args.repeats is not None else (2 if args.smoke else 30)

@@ -167,7 +167,8 @@ def observations(rows: list[dict]) -> list[tuple[str, bool, list[str]]]:
         holds &= ok
         lower = sum(mean[case, "topk", r] < mean[case, "nps_norepl_noscale", r] for r in similar)
         lines.append(f"case {case}: max |topk - nps_norepl_noscale| / nps_norepl_noscale over ratios <= {SIMILAR_MAX_RATIO:.0%} = "
-                     f"{gaps[worst]:.1%} at {worst:.0%} ({mean[case, 'topk', worst]:.4f} vs {mean[case, 'nps_norepl_noscale', worst]:.4f}); "
+                     f"{gaps[worst]:.1%} at {worst:.0%} "
+                     f"({mean[case, 'topk', worst]:.4f} vs {mean[case, 'nps_norepl_noscale', worst]:.4f}); "
                      f"threshold {SIMILAR_TOLERANCE:.0%}; top-k lower at {lower}/{len(similar)} ratios")
         lines.append(f"case {case}: relative gap per ratio: " + ", ".join(f"{r:.0%} {gaps[r]:.1%}" for r in similar))
     results.append((f"(2) deterministic top-k is similar to NPS without replacement and without scaling "
@@ -201,7 +202,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=["case", "variant", "ratio", "k", "mean_error", "std_error", "draws"])
         writer.writeheader()
         for r in rows:
-            writer.writerow({**r, "ratio": f"{r['ratio']:.1f}", "mean_error": f"{r['mean_error']:.6g}", "std_error": f"{r['std_error']:.6g}"})
+            writer.writerow({**r, "ratio": f"{r['ratio']:.1f}", "mean_error": f"{r['mean_error']:.6g}",
+                             "std_error": f"{r['std_error']:.6g}"})
 
 
 def plot(rows: list[dict], size: int, draws: int, path: Path) -> None:

@@ -30,8 +30,8 @@ MNIST = DatasetInfo("mnist", "image", 1, (28, 28), 10)
 
 
 def load(root: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    from torchvision.datasets import MNIST as Dataset
-    data = Dataset(root=root, train=train, download=False)
+    from torchvision.datasets import MNIST
+    data = MNIST(root=root, train=train, download=False)
     x = (data.data.float() / 255.0 - 0.1307) / 0.3081
     return x.unsqueeze(1), data.targets
 

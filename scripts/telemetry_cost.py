@@ -18,11 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from adaptive_vs_fixed import MODELS, run_config  # noqa: E402
-
-from approxtrain.run.callbacks import Batch, TelemetryCallback  # noqa: E402
-from approxtrain.run.trainer import Trainer  # noqa: E402
-from approxtrain.telemetry import Telemetry  # noqa: E402
+from approxtrain.run.callbacks import Batch, TelemetryCallback
+from approxtrain.run.trainer import Trainer
+from approxtrain.telemetry import Telemetry
+from adaptive_vs_fixed import MODELS, run_config
 
 
 def main() -> None:

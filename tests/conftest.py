@@ -67,7 +67,7 @@ def to_run_config(cfg: DictConfig) -> dict[str, Any]:
     return container
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def saved_config(overrides: tuple[str, ...]) -> str:
     """``.hydra/config.yaml`` as Hydra saves it for ``overrides``: the task config, unresolved."""
     return OmegaConf.to_yaml(compose_config(*overrides, return_hydra_config=False))
@@ -129,7 +129,8 @@ def approxtrain_command() -> list[str]:
 def cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
     """Factory: run ``approxtrain *args`` in a subprocess (cwd = tmp_path, env += ``env``); returns the completed process."""
 
-    def run(*args: str, env: dict[str, str | None] | None = None, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    def run(*args: str, env: dict[str, str | None] | None = None, timeout: float = 300,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
         environment = {key: value for key, value in os.environ.items() if key not in ("HYDRA_FULL_ERROR", "WANDB_MODE")}
         environment["COLUMNS"] = "200"  # the sweep table unwrapped
         for key, value in (env or {}).items():  # None removes a variable

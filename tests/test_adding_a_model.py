@@ -14,7 +14,7 @@ import yaml
 from torch import nn
 
 from approxtrain.data import DatasetInfo
-from approxtrain.models import POSITIVE_INT, build_model, list_models, model_spec, registry, register_model
+from approxtrain.models import POSITIVE_INT, build_model, list_models, model_spec, register_model, registry
 from approxtrain.run.schema import read_results
 
 MODELS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "models.md"

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 import approxtrain.run.trainer as trainer_module
 from approxtrain.cli.resume import requeued_run
 from approxtrain.cli.train import main
-from approxtrain.run.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from approxtrain.run.checkpoint import FORMAT, load_checkpoint
 from approxtrain.run.rundir import BEST_CHECKPOINT, checkpoint_path
 from approxtrain.run.schema import read_results
 from approxtrain.run.trainer import Trainer
@@ -107,7 +107,8 @@ def test_flipped_bytes_in_tensor_data_are_refused(run_copy):
     record = flip_tensor_bytes(path)
     with pytest.raises(ValueError) as refused:
         load_checkpoint(path)
-    assert str(refused.value) == f"resume: {str(path)!r} is not a readable checkpoint (corrupt: the record {record} does not match its checksum)"
+    assert str(refused.value) == (f"resume: {str(path)!r} is not a readable checkpoint "
+                                  f"(corrupt: the record {record} does not match its checksum)")
 
 
 def test_resume_of_a_corrupt_checkpoint_writes_nothing(run_copy, monkeypatch, capsys):

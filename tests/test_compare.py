@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import write_run_dir
 
 from approxtrain.accounting import ProductMACs
 from approxtrain.cli.compare import main
@@ -20,7 +19,6 @@ from approxtrain.compare import build_rows, collect_runs, print_sweep_table, to_
 from approxtrain.compare.matching import flatten, setting_key, varying_keys
 from approxtrain.compare.plots import pareto_front
 from approxtrain.compare.table import Table
-from approxtrain.run.schema import STATUSES as SCHEMA_STATUSES
 from approxtrain.run.schema import (
     ACCURACY,
     FAILED,
@@ -33,7 +31,9 @@ from approxtrain.run.schema import (
     results_path,
     summary_of,
 )
+from approxtrain.run.schema import STATUSES as SCHEMA_STATUSES
 from approxtrain.surgery import PlanRow
+from conftest import write_run_dir
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -569,8 +569,8 @@ def test_wandb_epochs_done_counts_history_rows_a_diverged_epoch_included() -> No
 
 def test_wandb_runs_logged_before_the_named_metrics_still_read() -> None:
     """Runs logged with dotted config keys and a ``test_metric`` history read the same."""
-    from approxtrain.compare.wandb_source import convert_run
     from approxtrain.compare.matching import flatten
+    from approxtrain.compare.wandb_source import convert_run
 
     api_run = fake_wandb_run("topk-s0", "topk", 0, 0.94, 0.005)
     api_run.config = flatten(api_run.config)

@@ -46,7 +46,7 @@ def test_compiled_training_step_counts_the_same_macs() -> None:
     compiled, compiled_meter = _cnn("topk")
     step = torch.compile(compiled)
     x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
-    for model, run in ((eager, eager), (compiled, step)):
+    for _model, run in ((eager, eager), (compiled, step)):
         torch.nn.functional.cross_entropy(run(x), y).backward()
     assert compiled_meter.actual == eager_meter.actual and compiled_meter.exact == eager_meter.exact
     torch.testing.assert_close(compiled.fc1.weight.grad, eager.fc1.weight.grad, rtol=1e-4, atol=1e-5)

@@ -277,7 +277,8 @@ def test_validate_rejects_bad_values_in_one_line(overrides, message, compose_cfg
         (["-m", "sampler=exact,topk,nps", "ratio=0.3,0.5"], None),
         (["experiment=lstm_ptb", "layers=gates", "logger=none", "dataset=synthetic"], None),
         (["model=wrn", "model/paper_dataset=cifar10"], None),
-        (["sampler=nope"], "sampler=nope is unknown; allowed: bernoulli, exact, nps, nps_unscaled, topk, topk_backward, uniform, uniform_replacement, uniform_unscaled"),
+        (["sampler=nope"], "sampler=nope is unknown; allowed: bernoulli, exact, nps, nps_unscaled, topk, topk_backward, uniform, "
+                           "uniform_replacement, uniform_unscaled"),
         (["-m", "sampler=topk,nope"], "sampler=nope is unknown"),
         (["model=nope"], "model=nope is unknown; allowed: cnn, custom, lstm, mlp, resnet50, torchvision, transformer, wrn"),
         (["experiment=nope"], "experiment=nope is unknown"),

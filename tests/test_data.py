@@ -70,7 +70,9 @@ def test_digits_test_split_is_fixed_and_stratified() -> None:
 
 
 def test_train_shuffle_is_seeded() -> None:
-    first = lambda seed: next(iter(loaders("digits", batch_size=32, seed=seed)[0]))[1]  # noqa: E731
+    def first(seed: int) -> torch.Tensor:
+        return next(iter(loaders("digits", batch_size=32, seed=seed)[0]))[1]
+
     assert torch.equal(first(0), first(0))
     assert not torch.equal(first(0), first(1))
     train, _, _ = loaders("digits", batch_size=32, seed=0)

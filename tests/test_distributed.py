@@ -1,7 +1,8 @@
 """Data-parallel training (``approxtrain.run.distributed``): sharding, the pair-scoring seam, the
 sampled all-reduce comm hook, and 2-rank gloo runs on the CPU against one process on the global batch.
 
-Every multi-process run is bounded: rank 0 trains in a thread joined with a timeout, and the ranks' collectives time out after ``timeout_s``.
+Every multi-process run is bounded: rank 0 trains in a thread joined with a timeout, and the ranks'
+collectives time out after ``timeout_s``.
 """
 
 from __future__ import annotations
@@ -27,14 +28,13 @@ from approxtrain.data.text import TokenBatches
 from approxtrain.extras import MissingExtra
 from approxtrain.functional import PairScoring, approx_linear
 from approxtrain.modules import ApproxLinear
+from approxtrain.run.checkpoint import load_checkpoint
 from approxtrain.run.distributed import Distributed, GradientAllReduce, _comm_hook
 from approxtrain.run.launch import Launch, launched, lead
-from approxtrain.run.checkpoint import load_checkpoint
 from approxtrain.run.rundir import checkpoint_path
 from approxtrain.run.schema import read_results
 from approxtrain.run.trainer import Trainer
 from approxtrain.sampling import SamplingConfig
-
 from conftest import approxtrain_command
 
 RUN_TIMEOUT_S = 240  # a whole 2-rank test run; a hung rank fails the test after this

@@ -5,10 +5,10 @@ stops with one line that says what to install (the plain install runs everything
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from approxtrain.cli.train import composition_error
 from approxtrain.extras import EXTRAS, MissingExtra, installed, missing_option_line, require
@@ -54,7 +54,8 @@ def test_a_plain_install_names_the_extra_an_option_needs(extra):
 def test_the_slurm_launcher_off_a_cluster_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no srun
     error = composition_error(["-m", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug", "model=mlp", "dataset=digits"])
-    assert error == "hydra/launcher=submitit_slurm needs a SLURM cluster (srun is not on PATH); on one machine: hydra/launcher=submitit_local"
+    assert error == ("hydra/launcher=submitit_slurm needs a SLURM cluster (srun is not on PATH); "
+                     "on one machine: hydra/launcher=submitit_local")
     (tmp_path / "srun").write_text("#!/bin/sh\n")
     (tmp_path / "srun").chmod(0o755)
     assert composition_error(["-m", "hydra/launcher=submitit_slurm", "model=mlp", "dataset=digits"]) is None

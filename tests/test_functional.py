@@ -610,18 +610,20 @@ def test_input_kept_by_its_producer_is_saved_instead_of_a_sampled_copy(op, sprea
         a = torch.randn(6, 10, generator=gen(0), dtype=DOUBLE)
         weight = torch.randn(5, 10, generator=gen(1), dtype=DOUBLE)
         grad_out = torch.randn(6, 5, generator=gen(2), dtype=DOUBLE)
-        apply = lambda x, w: approx_linear(x, w, None, config)  # noqa: E731
+        def apply(x, w):
+            return approx_linear(x, w, None, config)
     else:
         a = torch.randn(2, 8, 5, 5, generator=gen(0), dtype=DOUBLE)
         weight = torch.randn(3, 8, 3, 3, generator=gen(1), dtype=DOUBLE)
         grad_out = torch.randn(2, 3, 5, 5, generator=gen(2), dtype=DOUBLE)
-        apply = lambda x, w: approx_conv2d(x, w, None, 1, 1, 1, config)  # noqa: E731
+        def apply(x, w):
+            return approx_conv2d(x, w, None, 1, 1, 1, config)
 
     results = []
     for kept in (True, False):
         a_leaf, w_leaf = leaves(a, weight)
         x = torch.relu(a_leaf) if kept else torch.relu(a_leaf).clone()  # clone: a new tensor nobody saves
-        saved = saved_storages(lambda: results.append((apply(x, w_leaf), x)))
+        saved = saved_storages(lambda: results.append((apply(x, w_leaf), x)))  # noqa: B023 - called at once
         y, x = results[-1]
         new = {ptr: size for ptr, size in saved.items() if ptr != x.untyped_storage().data_ptr()}
         if kept:  # the ReLU keeps x: the layer saves x itself and nothing input-sized besides

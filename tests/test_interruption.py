@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from approxtrain.run.callbacks import Callback
-from approxtrain.run.errors import RunInterrupted, TrainingDiverged
 from approxtrain.run.checkpoint import load_checkpoint
+from approxtrain.run.errors import RunInterrupted, TrainingDiverged
 from approxtrain.run.rundir import checkpoint_path
 from approxtrain.run.schema import improves, read_results
 from approxtrain.run.trainer import Trainer

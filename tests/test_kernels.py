@@ -16,8 +16,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytestmark = pytest.mark.skip(reason="needs CUDA, or TRITON_INTERPRET=1 from the start (test_kernels_interpreted.py)")
 
-from approxtrain import SamplingConfig, approx_conv2d, approx_linear, kernels  # noqa: E402
-from approxtrain.modules import _store_column_major_  # noqa: E402
+from approxtrain import SamplingConfig, approx_conv2d, approx_linear, kernels  # noqa: E402 - after the skip's reason
+from approxtrain.modules import _store_column_major_  # noqa: E402 - after the skip's reason
 
 
 @pytest.fixture
@@ -139,7 +139,7 @@ def test_compiled_sampled_mlp_with_triton_kernels_has_no_graph_break_and_equal_r
     explanation = dynamo.explain(lambda t: compiled(t).sum())(x)
     assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
     step = torch.compile(compiled, backend="aot_eager", fullgraph=True)
-    for model, run in ((eager, eager), (compiled, step)):
+    for _model, run in ((eager, eager), (compiled, step)):
         run(x).square().sum().backward()
     for a, b in zip(compiled.parameters(), eager.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)

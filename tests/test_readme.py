@@ -263,10 +263,10 @@ def run_python(block: Block, workdir: Path, monkeypatch) -> None:
     tree = ast.parse(block.text, filename=f"README.md:{block.line}")
     imports = ast.Module([node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))], type_ignores=[])
     namespace: dict = {"__name__": "readme_block"}
-    exec(compile(imports, f"README.md:{block.line}", "exec"), namespace)  # noqa: S102 - the README's own code
+    exec(compile(imports, f"README.md:{block.line}", "exec"), namespace)
     bound = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
     try:
-        exec(compile(tree, f"README.md:{block.line}", "exec"), namespace)  # noqa: S102
+        exec(compile(tree, f"README.md:{block.line}", "exec"), namespace)
     except NameError as error:
         if error.name in bound or hasattr(builtins, str(error.name)):
             raise
@@ -274,7 +274,8 @@ def run_python(block: Block, workdir: Path, monkeypatch) -> None:
 
 
 def test_commands_are_read_as_a_reader_types_them():
-    block = Block("bash", "# a comment\napproxtrain -m a=1,2,3 \\\n    b=x,y  # trailing\npip install -e \".[dev]\"\nls outputs/<each sweep dir>\n", 1)
+    block = Block("bash", "# a comment\napproxtrain -m a=1,2,3 \\\n    b=x,y  # trailing\npip install -e \".[dev]\"\n"
+                          "ls outputs/<each sweep dir>\n", 1)
     assert commands(block) == ["approxtrain -m a=1,2,3 b=x,y", "pip install -e '.[dev]'", "ls 'outputs/<each_sweep_dir>'"]
     assert not_run(commands(block)[1]) and not not_run(commands(block)[0])
     assert shortened_sweep(["model=mlp", "sampler=exact,topk,nps", "ratio=0.3,0.5"])[:3] == ["model=mlp", "sampler=exact,topk", "ratio=0.3"]

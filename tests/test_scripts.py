@@ -85,7 +85,7 @@ def test_bench_ops_tiny_shapes_write_json(tmp_path: Path) -> None:
     for op in ("linear", "conv2d"):
         by_ratio = {r["ratio"]: r for r in results if r["op"] == op}
         assert set(by_ratio) == {1.0, 0.5, 0.25}
-        for ratio, r in by_ratio.items():
+        for r in by_ratio.values():
             assert r["speedup"] > 0 and r["exact_ms"]["median"] > 0 and r["approx_ms"]["median"] > 0
             assert r["flop_bound"] == pytest.approx(r["n"] / r["k"])
             assert r["saved_bytes"]["approx"]["all"] > 0

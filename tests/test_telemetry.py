@@ -77,9 +77,8 @@ def test_telemetry_run_records_rows_and_trains_the_same(run_cfg, tmp_path):
 
 
 def _written_run(run_dir, seed: int, *overrides: str, telemetry: bool = False):
-    from conftest import write_run_dir
-
     from approxtrain.run.schema import Results
+    from conftest import write_run_dir
 
     rows = [{"step": step, "epoch": 1, "layer": layer, "k": 10, "n": 64, "forward_error": 0.1 * step + (layer == "fc2"),
              "discarded_share": 0.2, "grad_cosine": 0.9} for step in (0, 5) for layer in ("fc1", "fc2")] if telemetry else []

@@ -12,9 +12,9 @@ import torch
 
 from approxtrain.run import rundir as results_module
 from approxtrain.run.checkpoint import load_checkpoint, save_checkpoint
+from approxtrain.run.optim import build_optimizer, build_scheduler
 from approxtrain.run.rundir import write_results
 from approxtrain.run.schema import read_results
-from approxtrain.run.optim import build_optimizer, build_scheduler
 from approxtrain.run.trainer import train
 from conftest import EPOCH_KEYS, PLAN_ROW_KEYS, RESULT_KEYS
 

@@ -10,15 +10,16 @@ from importlib.resources import files
 
 import pytest
 import yaml
+from test_cli import SMALL, assert_clean_failure
 
 from approxtrain.config import ConfigError, validate
 from approxtrain.run.rundir import claim_new_dir, hold
 from approxtrain.run.schema import read_results
 from approxtrain.run.trainer import Trainer
 from conftest import compose_config, to_run_config
-from test_cli import SMALL, assert_clean_failure
 
 # override -> the whole message validate gives
+MILESTONES = "a list of increasing integers >= 1, e.g. [30, 60]"
 BAD_VALUES = {
     "trainer.grad_clip=-1": "trainer.grad_clip=-1 is invalid; allowed: a number > 0, or null",
     "trainer.grad_clip=0": "trainer.grad_clip=0 is invalid; allowed: a number > 0, or null",
@@ -30,9 +31,9 @@ BAD_VALUES = {
     "trainer.max_steps=0": "trainer.max_steps=0 is invalid; allowed: an integer >= 1, or null",
     "trainer.channels_last=1": "trainer.channels_last=1 is invalid; allowed: auto, true, false",
     "trainer.deterministic=yes": "trainer.deterministic='yes' is invalid; allowed: true, false",
-    "trainer.scheduler.milestones=abc": "trainer.scheduler.milestones='abc' is invalid; allowed: a list of increasing integers >= 1, e.g. [30, 60]",
-    "trainer.scheduler.milestones=[60,30]": "trainer.scheduler.milestones=[60, 30] is invalid; allowed: a list of increasing integers >= 1, e.g. [30, 60]",
-    "trainer.scheduler.milestones=[0,10]": "trainer.scheduler.milestones=[0, 10] is invalid; allowed: a list of increasing integers >= 1, e.g. [30, 60]",
+    "trainer.scheduler.milestones=abc": "trainer.scheduler.milestones='abc' is invalid; allowed: " + MILESTONES,
+    "trainer.scheduler.milestones=[60,30]": "trainer.scheduler.milestones=[60, 30] is invalid; allowed: " + MILESTONES,
+    "trainer.scheduler.milestones=[0,10]": "trainer.scheduler.milestones=[0, 10] is invalid; allowed: " + MILESTONES,
     "trainer.scheduler.gamma=abc": "trainer.scheduler.gamma='abc' is invalid; allowed: a number > 0",
     "trainer.scheduler.gamma=0": "trainer.scheduler.gamma=0 is invalid; allowed: a number > 0",
     "trainer.scheduler.start=-1": "trainer.scheduler.start=-1 is invalid; allowed: an integer >= 0",
@@ -64,7 +65,8 @@ def test_bad_value_is_one_line_naming_key_value_and_allowed(override):
 @pytest.mark.parametrize("overrides, message", [
     (["dataset=ptb", "dataset.seq_len=abc"], "dataset.seq_len='abc' is invalid; allowed: an integer >= 1"),
     (["trainer.optimizer.name=sgd", "trainer.optimizer.momentum=0", "trainer.optimizer.nesterov=true"],
-     "trainer.optimizer.nesterov=true is invalid with trainer.optimizer.momentum=0; allowed: nesterov=true with a momentum > 0, or nesterov=false"),
+     "trainer.optimizer.nesterov=true is invalid with trainer.optimizer.momentum=0; "
+     "allowed: nesterov=true with a momentum > 0, or nesterov=false"),
 ])
 def test_bad_combination_or_dataset_field_is_one_line(overrides, message):
     with pytest.raises(ConfigError) as error:

@@ -103,7 +103,7 @@ class FakeWandb:
     def Settings(self, **settings) -> dict:  # noqa: N802 - wandb's name
         return settings
 
-    def Table(self, columns: list, data: list) -> tuple:  # noqa: N802
+    def Table(self, columns: list, data: list) -> tuple:  # noqa: N802 - wandb's name
         return columns, data
 
     def init(self, mode: str | None = None, settings: dict | None = None, **init_args) -> FakeRun:

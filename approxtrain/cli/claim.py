@@ -22,7 +22,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from approxtrain.run.rundir import claim
 
-
 OURS = "ValueError raised while resolving interpolation: "  # how OmegaConf words a resolver's ValueError
 
 

@@ -200,7 +200,7 @@ class RecordResume(Callback):
         hydra_dir = trainer.run_dir / HYDRA_DIR
         for name, node in (("config.yaml", self.cfg), ("overrides.yaml", OmegaConf.create(self.overrides))):
             text = OmegaConf.to_yaml(node)
-            atomic_write(hydra_dir / name, lambda handle: handle.write(text.encode()))
+            atomic_write(hydra_dir / name, lambda handle: handle.write(text.encode()))  # noqa: B023 - called before the next iteration
         self.write_config_tree()
 
 

@@ -159,7 +159,7 @@ def open_run(wandb: Any, mode: str, timeout_s: float, **init_args: Any) -> Any:
         return _open_online(wandb, resolved, timeout_s, init_args, _online_requested_by(mode))
     try:
         return wandb.init(mode=resolved, **init_args)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:  # noqa: BLE001 - W&B never ends a run: whatever fails, training goes on
         log.warning("W&B: cannot start (%s); training goes on without W&B", failure_message(error))
         return None
 
@@ -179,7 +179,7 @@ def _open_online(wandb: Any, mode: str | None, timeout_s: float, init_args: Mapp
 def _open_offline(wandb: Any, reason: str, init_args: Mapping[str, Any]) -> Any:
     try:
         run = wandb.init(mode="offline", **init_args)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:  # noqa: BLE001 - W&B never ends a run: whatever fails, training goes on
         log.warning("W&B: %s; offline logging failed too (%s); training goes on without W&B", reason, failure_message(error))
         return None
     where = run.settings.sync_dir
@@ -196,7 +196,7 @@ def _never_raises(hook: Callable[..., None]) -> Callable[..., None]:
             return
         try:
             hook(self, *args)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:  # noqa: BLE001 - a W&B error during training only ends the logging
             log.warning("W&B: %s failed (%s); training goes on without W&B", hook.__name__, failure_message(error))
             self.run = None
 
@@ -207,7 +207,7 @@ def wandb_callback(cfg: Mapping[str, Any], run_dir: Path, group: str | None) -> 
     """The W&B logger of a ``logger=wandb`` run; None, with a one-line hint, when wandb cannot be imported
     (the run goes on as with ``logger=none``)."""
     try:
-        import wandb  # noqa: F401
+        import wandb  # noqa: F401 - only whether it imports
     except ImportError as error:
         log.warning("W&B: cannot import wandb (%s); logging as logger=none (install it: pip install wandb)", error)
         return None

@@ -76,7 +76,7 @@ def write_figures(tables: Sequence[Table], out_dir: Path, formats: Sequence[str]
             figure = _figure(tables, draw)
             for fmt in formats:
                 path = out_dir / f"{name}.{fmt}"
-                atomic_write(path, lambda handle, fmt=fmt: figure.savefig(handle, format=fmt, dpi=PNG_DPI if fmt == "png" else None))
+                atomic_write(path, lambda handle, fmt=fmt: figure.savefig(handle, format=fmt, dpi=PNG_DPI if fmt == "png" else None))  # noqa: B023 - called at once
                 paths[path.name] = path
     return paths
 

@@ -52,7 +52,7 @@ def fetch_wandb_runs(project: str, group: str | None = None) -> tuple[list[Run],
     try:
         api = wandb.Api(timeout=API_TIMEOUT_S)
         api_runs = list(api.runs(project, filters={"group": group} if group else None))
-    except Exception as error:  # noqa: BLE001 - any API failure is reported in one line
+    except Exception as error:
         raise WandbSourceError(
             f"cannot read W&B project {project!r} (offline or not logged in?): {_one_line(error)}; "
             "compare local run dirs instead: approxtrain-compare outputs/"

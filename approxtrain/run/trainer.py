@@ -39,11 +39,11 @@ from approxtrain.data import DatasetInfo, build_loaders
 from approxtrain.data.order import shutdown_workers
 from approxtrain.models import build_model
 from approxtrain.run.callbacks import Batch, Callback, RatioControlCallback, RecurrentState, StepReport, TelemetryCallback
+from approxtrain.run.checkpoint import load_checkpoint, repair_best, save_checkpoint
 from approxtrain.run.device import StepTimer, peak_memory_bytes, training_device
 from approxtrain.run.distributed import Distributed
 from approxtrain.run.errors import RunInterrupted, TrainingDiverged, failure_message
 from approxtrain.run.optim import build_optimizer, build_scheduler
-from approxtrain.run.checkpoint import load_checkpoint, repair_best, save_checkpoint
 from approxtrain.run.rundir import BEST_CHECKPOINT, checkpoint_path
 from approxtrain.run.schema import FINISHED, INTERRUPTED, PERPLEXITY, EpochRecord, Results, improves
 from approxtrain.run.signals import StopRequests, stop_signals
