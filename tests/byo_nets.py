@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import torch
 from torch import Tensor, nn
 
 
@@ -17,3 +21,31 @@ class SmallConvNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv(x).relu().mean(dim=(2, 3))
         return self.head(self.hidden(x).relu())
+
+
+class DropoutProbe(nn.Module):
+    """Average pool to 4x4 -> ``hidden`` -> ReLU -> dropout -> ``head``; saves its first training
+    step's dropout mask and the seed of the stream it came from (``torch.initial_seed()``) to
+    ``$DROPOUT_PROBE_DIR/rank<rank>.pt`` (the tests of per-rank dropout)."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 64, p: float = 0.5) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.hidden = nn.Linear(in_channels * 16, width)
+        self.head = nn.Linear(width, num_classes)
+        self.p, self.saved = p, False
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.hidden(self.pool(x).flatten(1)).relu()
+        if self.training:
+            mask = torch.nn.functional.dropout(torch.ones_like(x), self.p)  # what nn.Dropout draws
+            self._save(mask != 0)
+            x = x * mask
+        return self.head(x)
+
+    def _save(self, mask: Tensor) -> None:
+        folder = os.environ.get("DROPOUT_PROBE_DIR")
+        if folder and not self.saved:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            torch.save({"mask": mask, "seed": torch.initial_seed()}, Path(folder) / f"rank{rank}.pt")
+            self.saved = True

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from approxtrain.data.order import EpochShuffle
+from approxtrain.data.order import EpochShuffle, derived_seed
 from approxtrain.data.text import TokenBatches
 from approxtrain.extras import MissingExtra
 from approxtrain.functional import PairScoring, approx_linear
@@ -33,7 +33,7 @@ from approxtrain.run.distributed import Distributed, GradientAllReduce, _comm_ho
 from approxtrain.run.launch import Launch, launched, lead
 from approxtrain.run.rundir import checkpoint_path
 from approxtrain.run.schema import read_results
-from approxtrain.run.trainer import Trainer
+from approxtrain.run.trainer import RANK_STREAM, Trainer
 from approxtrain.sampling import SamplingConfig
 from conftest import approxtrain_command
 
@@ -188,6 +188,28 @@ def test_two_ranks_train_as_one_process_on_the_global_batch(run_cfg, tmp_path, s
     assert results["world_size"] == 2 and results["global_batch_size"] == 200 and results["steps"] == 3
     if sampler == "topk":
         assert results["communication"]["reduction"] > 0.3
+
+
+DROPOUT_PROBE = ("model=custom", "model._target_=byo_nets.DropoutProbe", "+model.in_channels=${dataset_info:in_channels}",
+                 "+model.num_classes=${dataset_info:num_classes}")
+
+
+def test_each_rank_draws_its_own_dropout_masks(run_cfg, tmp_path, monkeypatch):
+    """Under trainer.devices=2 each rank's default stream (dropout) is seeded by (seed, rank), so the
+    ranks' masks differ; the samplers' generator stays shared (the global-batch tests above). An exact
+    run records the ratio it trains with, 1.0."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("DROPOUT_PROBE_DIR", str(tmp_path))
+    cfg = run_cfg(*DIGITS, *DROPOUT_PROBE, "layers=all", "sampler=exact", "ratio=0.5", "seed=3", "trainer.devices=2",
+                  "dataset.batch_size=100")
+    train(cfg, tmp_path / "run")
+    probes = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    masks = [probe["mask"] for probe in probes]
+    assert masks[0].shape == masks[1].shape == (100, 64)
+    assert (masks[0] == masks[1]).float().mean() < 0.6  # independent masks agree at about half the positions
+    assert [probe["seed"] for probe in probes] == [derived_seed(3, RANK_STREAM, rank) for rank in (0, 1)]
+    results = read_results(tmp_path / "run")
+    assert results["ratio"] == 1.0 and [epoch["ratio"] for epoch in results["epochs"]] == [1.0]
 
 
 @pytest.mark.slow

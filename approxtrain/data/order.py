@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 _MIX = 1_000_003  # spreads (seed, epoch, index) over distinct generator seeds
 
 
-def _seed(*key: int) -> int:
+def derived_seed(*key: int) -> int:
+    """One generator seed per key tuple (``(seed, epoch)``, ``(seed, epoch, index)``, ...), stable across processes."""
     seed = 0
     for part in key:
         seed = (seed * _MIX + part) % (2**63 - 1)
@@ -47,7 +48,7 @@ class EpochShuffle(Sampler[tuple[int, int]]):
         self.epoch, self.start = epoch, start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(_seed(self.seed, self.epoch)))
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(derived_seed(self.seed, self.epoch)))
         if self.world_size > 1:
             order = order.repeat(-(-len(self) * self.world_size // self.num_samples))[: len(self) * self.world_size]
             order = order[self.rank :: self.world_size]
@@ -70,7 +71,7 @@ class SeededItems(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed(self.seed, epoch, index))
+            torch.manual_seed(derived_seed(self.seed, epoch, index))
             return self.dataset[index]
 
 

@@ -79,6 +79,14 @@ class Distributed:
         """``t`` averaged over the ranks (in place)."""
         return self.sum(t).div_(self.world_size) if self.world_size > 1 else t
 
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (picklable), in rank order."""
+        if self.world_size == 1:
+            return [value]
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value, group=self.group)
+        return values
+
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any rank (a stop request: every rank stops at the same step)."""
         if self.world_size == 1:

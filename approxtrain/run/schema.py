@@ -57,7 +57,7 @@ class EpochRecord:
     time_s: float  # wall time of its training and evaluation
     step_time_s: float | None  # median training step
     lr: float  # the learning rate it trained with
-    # the forward ratio in effect, averaged over its steps: the top-level ratio as the schedule set it
+    # the forward ratio in effect, averaged over its steps: the top-level ratio as the schedule set it (exact: 1.0)
     # (schedule=adaptive: the share of pairs the sampled layers kept, sum k / sum n)
     ratio: float | None = None
     layer_k: dict[str, int] | None = None  # each sampled layer's k at its end (when a schedule sets them)
@@ -69,7 +69,7 @@ class Results:
     model: str  # the model's name (``model.name``)
     dataset: str  # the dataset's name (``dataset.name``)
     sampler: str  # the sampler's name (``sampler.name``; ``exact`` for the baseline)
-    ratio: float  # the top-level ``ratio``
+    ratio: float  # the top-level ``ratio``; 1.0 for exact training (sampler=exact ignores ``ratio``)
     seed: int  # the run's ``seed``
     layers_rule_set: str  # the layer rules' name (``layers.name``)
     metric_name: str = ACCURACY  # ``accuracy`` (a fraction) or ``perplexity``

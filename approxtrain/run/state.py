@@ -69,20 +69,29 @@ class TrainState:
         sent.exact_bytes = sent.actual_bytes = 0
 
 
-def rng_state(sampler: torch.Generator, device: torch.device) -> dict[str, Any]:
+def rank_rng_state(device: torch.device) -> dict[str, Any]:
+    """The generators that are each rank's own under DDP: torch's default CPU and CUDA streams (dropout)."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def rng_state(sampler: torch.Generator, device: torch.device, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Every random generator a run draws from -- the samplers' own, torch's (CPU, CUDA), NumPy's,
-    Python's -- as tensors and plain numbers, so a checkpoint is read with ``weights_only=True``."""
+    Python's -- as tensors and plain numbers, so a checkpoint is read with ``weights_only=True``;
+    ``ranks``: every rank's :func:`rank_rng_state` in a multi-rank run."""
     name, key, pos, has_gauss, cached_gaussian = np.random.get_state()
     version, python_state, gauss_next = random.getstate()
-    return {"sampler": sampler.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    return {"sampler": sampler.get_state(), **rank_rng_state(device),
             "numpy": {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-            "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss_next": gauss_next}}
+            "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss_next": gauss_next},
+            "ranks": ranks}
 
 
-def set_rng_state(rng: dict[str, Any], sampler: torch.Generator, device: torch.device) -> None:
-    """Continue every generator from :func:`rng_state`'s ``rng``."""
+def set_rng_state(rng: dict[str, Any], sampler: torch.Generator, device: torch.device, rank: int = 0, world_size: int = 1) -> None:
+    """Continue every generator from :func:`rng_state`'s ``rng``, torch's streams from rank ``rank``'s own
+    (a checkpoint without them, one-process or older: from the writing rank's)."""
+    ranks = rng.get("ranks") or []
+    rng = {**rng, **ranks[rank]} if len(ranks) == world_size else rng
     sampler.set_state(rng["sampler"])
     torch.set_rng_state(rng["torch"])
     if device.type == "cuda" and rng["cuda"] is not None:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from approxtrain.accounting import ComputeMeter, compute_reduction
 from approxtrain.config import all_exact_warning, layer_rules, lookup, validate
 from approxtrain.data import DatasetInfo, build_loaders
-from approxtrain.data.order import shutdown_workers
+from approxtrain.data.order import derived_seed, shutdown_workers
 from approxtrain.models import build_model
 from approxtrain.run.callbacks import Batch, Callback, RatioControlCallback, RecurrentState, StepReport, TelemetryCallback
 from approxtrain.run.checkpoint import load_checkpoint, repair_best, save_checkpoint
@@ -47,7 +47,7 @@ from approxtrain.run.optim import build_optimizer, build_scheduler
 from approxtrain.run.rundir import BEST_CHECKPOINT, checkpoint_path
 from approxtrain.run.schema import FINISHED, INTERRUPTED, PERPLEXITY, EpochRecord, Results, improves
 from approxtrain.run.signals import StopRequests, stop_signals
-from approxtrain.run.state import EpochProgress, RunRecord, TrainState, rng_state, set_rng_state
+from approxtrain.run.state import EpochProgress, RunRecord, TrainState, rank_rng_state, rng_state, set_rng_state
 from approxtrain.schedule import build_ratio_control
 from approxtrain.surgery import Plan, approximate_, attach_meter
 from approxtrain.telemetry import Telemetry
@@ -73,6 +73,21 @@ def text_loss(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     averaged over the batch, as Zaremba et al.'s TF model trains (lr 1 and clip 5 assume it)."""
     per_token = F.cross_entropy(output.reshape(-1, output.shape[-1]).float(), target.reshape(-1))
     return per_token * target.shape[1], per_token
+
+
+RANK_STREAM = -1  # derived_seed(seed, RANK_STREAM, rank): a rank's own torch stream (epochs, the other keys, are >= 1)
+
+
+def seed_rank_stream(seed: int, dist: Distributed) -> None:
+    """Under DDP, seed this rank's default torch (and CUDA) stream from ``(seed, rank)``: each rank draws
+    its own dropout masks. The samplers draw from their own generator, seeded alike on every rank."""
+    if dist.world_size > 1:
+        torch.manual_seed(derived_seed(seed, RANK_STREAM, dist.rank))
+
+
+def ratio_in_effect(cfg: Mapping[str, Any]) -> float | None:
+    """The forward ratio a run trains with: 1.0 for exact training (which ignores ``ratio``), else ``ratio``."""
+    return 1.0 if lookup(cfg, "sampler.name") == "exact" else cfg.get("ratio")
 
 
 def example_input(info: DatasetInfo, dataset: Mapping[str, Any], device: torch.device) -> Tensor:
@@ -131,7 +146,7 @@ class Trainer:
         self.cfg, self.run_dir, self.is_main = cfg, Path(run_dir), is_main and self.dist.is_main
         self.callbacks = [callback for callback in callbacks if self.is_main or callback.all_ranks]
         results = Results(model=lookup(cfg, "model.name"), dataset=lookup(cfg, "dataset.name"),
-                          sampler=lookup(cfg, "sampler.name"), ratio=cfg.get("ratio"), seed=cfg.get("seed"),
+                          sampler=lookup(cfg, "sampler.name"), ratio=ratio_in_effect(cfg), seed=cfg.get("seed"),
                           layers_rule_set=lookup(cfg, "layers.name") or "custom")
         # a resumed run's results.json is the earlier run's until its checkpoint has been read
         self.record = RunRecord(results, self.run_dir, writes=self.is_main, owns_run_dir=not cfg.get("resume"))
@@ -161,6 +176,7 @@ class Trainer:
         self.scheduler_per_step = self.scheduler is not None and trainer["scheduler"]["interval"] == "step"
         on_every_rank = training_callbacks(cfg, self.model, self.steps_per_epoch)
         self.callbacks = [*on_every_rank, *self.callbacks, *(configured_callbacks(cfg.get("callbacks")) if self.is_main else [])]
+        seed_rank_stream(cfg["seed"], self.dist)
         if cfg["resume"]:
             self.restore(load_checkpoint(checkpoint_path(cfg["resume"])))
         wrapped = self.dist.wrap(self.model, self.device)
@@ -207,7 +223,7 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scheduler is not None and checkpoint["scheduler"] is not None:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
-        set_rng_state(checkpoint["rng"], self.generator, self.device)
+        set_rng_state(checkpoint["rng"], self.generator, self.device, self.dist.rank, self.dist.world_size)
         self.state = TrainState.from_dict(checkpoint["state"])
         if self.is_main:
             repair_best(self.cfg["resume"], checkpoint["state"])
@@ -397,17 +413,17 @@ class Trainer:
         return EpochRecord(epoch=epoch, step=self.state.step, train_loss=train_loss, test_metric=math.nan,
                            compute_reduction=compute_reduction(progress.exact_macs, progress.actual_macs), time_s=progress.time_s,
                            step_time_s=statistics.median(progress.step_times) if progress.step_times else None,
-                           lr=progress.lr, ratio=self.cfg.get("ratio"))
+                           lr=progress.lr, ratio=self.results.ratio)
 
     # ------------------------------------------------------------------------------------------ outputs
 
-    def checkpoint(self) -> dict[str, Any]:
-        """Everything :meth:`restore` needs to continue exactly."""
+    def checkpoint(self, ranks_rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Everything :meth:`restore` needs to continue exactly (``ranks_rng``: every rank's own streams)."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "rng": rng_state(self.generator, self.device),
+            "rng": rng_state(self.generator, self.device, ranks_rng),
             "state": asdict(self.state),
             "callbacks": {callback.state_key: state for callback in self.callbacks if (state := callback.state_dict())},
             "config": dict(self.cfg),
@@ -415,9 +431,10 @@ class Trainer:
 
     def save_checkpoint(self, best: bool = False) -> None:
         """Write ``checkpoints/last.pt`` (and ``best.pt``) atomically; only the writing process does."""
+        ranks_rng = self.dist.gather(rank_rng_state(self.device)) if self.dist.world_size > 1 else None  # every rank calls this
         if not self.is_main:
             return
-        checkpoint = self.checkpoint()
+        checkpoint = self.checkpoint(ranks_rng)
         save_checkpoint(checkpoint_path(self.run_dir), checkpoint)
         if best:  # after last.pt, which records the best epoch: a crash between is repaired on resume
             save_checkpoint(checkpoint_path(self.run_dir, BEST_CHECKPOINT), checkpoint)
