@@ -71,7 +71,7 @@ def planned_reduction(cfg: dict[str, Any], info: Any, ratio: float) -> float:
 
 def matching_ratio(cfg: dict[str, Any], reduction: float) -> float:
     """The fixed ratio whose planned compute reduction is ``reduction`` (to 3 decimals)."""
-    _, _, info = build_loaders(cfg["dataset"], num_workers=0, seed=0, pin_memory=False)
+    info = build_loaders(cfg["dataset"], num_workers=0, seed=0, pin_memory=False).info
     low, high = 0.001, 1.0  # reduction falls as the ratio grows
     for _ in range(12):
         middle = (low + high) / 2

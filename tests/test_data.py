@@ -26,8 +26,8 @@ def dataset_config(name: str, **fields) -> dict:
 
 
 def loaders(name: str, *, seed: int = 0, **fields):
-    """``build_loaders`` of the shipped config of dataset ``name`` with ``fields`` replaced."""
-    return build_loaders(dataset_config(name, **fields), num_workers=0, seed=seed, pin_memory=False)
+    """``build_loaders`` of the shipped config of dataset ``name`` with ``fields`` replaced: (train, test, info)."""
+    return build_loaders(dataset_config(name, **fields), num_workers=0, seed=seed, pin_memory=False)[:3]
 
 
 def assert_one_line_not_found(error: pytest.ExceptionInfo, name: str, root: Path | str) -> None:
@@ -47,7 +47,7 @@ def collect(loader) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_digits_shapes_and_info() -> None:
-    train, test, info = loaders("digits", batch_size=64)
+    train, test, info = loaders("digits", batch_size=64, val_fraction=0.0)
     assert info == DatasetInfo("digits", "image", in_channels=1, image_size=(8, 8), num_classes=10)
     assert len(train.dataset) + len(test.dataset) == 1797
     assert len(test.dataset) == 360
@@ -172,8 +172,8 @@ def test_vocabulary_sorted_by_frequency_then_word() -> None:
 def test_mnist_from_shared_folder() -> None:
     train, test, info = loaders("mnist", root=str(SHARED_DATA), download=False, batch_size=50, eval_batch_size=50)
     assert info == DatasetInfo("mnist", "image", in_channels=1, image_size=(28, 28), num_classes=10)
-    assert len(train.dataset) == 5000 and len(test.dataset) == 10_000
-    assert len(train) == 100 and len(test) == 200
+    assert len(train.dataset) == 4500 and len(test.dataset) == 10_000  # 500 of the 5000 held out for validation
+    assert len(train) == 90 and len(test) == 200
     inputs, targets = next(iter(test))
     assert inputs.shape == (50, 1, 28, 28) and inputs.dtype == torch.float32
     assert targets.shape == (50,) and targets.dtype == torch.int64
@@ -312,8 +312,39 @@ def test_every_shipped_dataset_config_has_exactly_its_fields(name: str, tmp_path
     if name == "synthetic":  # `like` is the model's paper dataset in a run
         config.update(like="mnist", num_samples=4)
     try:
-        _, _, info = build_loaders(config, num_workers=0, seed=0, pin_memory=False)
+        info = build_loaders(config, num_workers=0, seed=0, pin_memory=False).info
     except DatasetNotFound:
         assert name not in ("digits", "synthetic")
     else:
         assert info.name == name
+
+
+def test_image_datasets_hold_out_a_fixed_validation_part() -> None:
+    config = dataset_config("digits", batch_size=50)
+    assert config["val_fraction"] == 0.1
+    first = build_loaders(config, num_workers=0, seed=0, pin_memory=False)
+    other_seed = build_loaders(config, num_workers=0, seed=7, pin_memory=False)
+    train, val = first.train.dataset.dataset, first.val.dataset  # ShuffledLoader wraps SeededItems(Subset)
+    assert len(val) == round(0.1 * 1437) == 144 and len(train) == 1437 - 144
+    assert not set(train.indices) & set(val.indices)  # disjoint, together the whole training set
+    assert sorted(train.indices + val.indices) == list(range(1437))
+    assert val.indices == other_seed.val.dataset.indices  # the same items whatever the run's seed
+    none = build_loaders({**config, "val_fraction": 0.0}, num_workers=0, seed=0, pin_memory=False)
+    assert none.val is None and len(none.train.dataset) == 1437
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1, "a", True])
+def test_bad_val_fraction_is_one_line(value) -> None:
+    with pytest.raises(ValueError, match=r"^dataset.val_fraction=.* is invalid; allowed: a number in \[0, 1\)"):
+        build_loaders(dataset_config("digits", val_fraction=value), num_workers=0, seed=0, pin_memory=False)
+
+
+def test_ptb_validates_on_valid_unless_it_trains_on_it(tmp_path) -> None:
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"ptb.{split}.txt").write_text(" ".join(f"w{i % 50}" for i in range(3000)) + "\n")
+    on_train = build_loaders(dataset_config("ptb", root=str(tmp_path), batch_size=4, eval_batch_size=4, seq_len=5),
+                             num_workers=0, seed=0, pin_memory=False)
+    assert on_train.val is not None and len(on_train.val) > 0
+    on_valid = build_loaders(dataset_config("ptb", root=str(tmp_path), batch_size=4, eval_batch_size=4, seq_len=5,
+                                            train_split="valid"), num_workers=0, seed=0, pin_memory=False)
+    assert on_valid.val is None

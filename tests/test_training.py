@@ -96,7 +96,8 @@ def test_mlp_digits_two_epochs_learns(run_cfg, run_dir):
     check_results(results, run_dir, model="mlp", dataset="digits")
     assert [record["epoch"] for record in results["epochs"]] == [1, 2]
     assert results["best_metric"] > 0.8, results["epochs"]
-    assert results["best_metric"] == max(record["test_metric"] for record in results["epochs"])
+    assert results["best_metric"] == max(record["val_metric"] for record in results["epochs"])  # chosen on validation
+    assert results["test_metric_at_best"] == results["epochs"][results["best_epoch"] - 1]["test_metric"]
     assert results["compute_reduction"] == pytest.approx(results["planned_compute_reduction"], abs=1e-6)
     assert results["compute_reduction"] == pytest.approx(0.5, abs=1e-6)
     assert (run_dir / "checkpoints" / "last.pt").exists() and (run_dir / "checkpoints" / "best.pt").exists()

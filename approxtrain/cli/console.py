@@ -16,6 +16,7 @@ from rich.tree import Tree
 
 from approxtrain.run.callbacks import Callback, StepReport
 from approxtrain.run.rundir import BEST_CHECKPOINT, checkpoint_path
+from approxtrain.run.schema import VALIDATION
 from approxtrain.surgery import Plan
 
 if TYPE_CHECKING:
@@ -177,9 +178,11 @@ class ConsoleCallback(Callback):
         table.add_column(style="bold")
         table.add_column()
         name = results.metric_name
+        chosen = f"epoch {results.best_epoch}, chosen on {results.selected_on}" if results.best_epoch else "-"
         for key, value in (
             ("status", results.status),
-            (f"best {name}", _format_metric(name, results.best_metric)),
+            (f"best {name} (test)", f"{_format_metric(name, results.test_metric_at_best)} ({chosen})"),
+            (f"best validation {name}", _format_metric(name, results.best_metric) if results.selected_on == VALIDATION else "-"),
             (f"final {name}", _format_metric(name, results.final_metric)),
             ("compute reduction (measured)", reduction),
             ("epochs / steps", f"{len(results.epochs)} / {results.steps}"),
@@ -191,5 +194,5 @@ class ConsoleCallback(Callback):
         ):
             table.add_row(key, str(value))
         self.console.print(table)
-        log.info("%s: best %s %s, compute reduction %s; run dir %s; best checkpoint %s", results.status, name,
-                 _format_metric(name, results.best_metric), reduction, trainer.run_dir, best_checkpoint)
+        log.info("%s: best %s %s (test, %s), compute reduction %s; run dir %s; best checkpoint %s", results.status, name,
+                 _format_metric(name, results.test_metric_at_best), chosen, reduction, trainer.run_dir, best_checkpoint)

@@ -1,6 +1,8 @@
 """What the app returns to a sweeper (``objective``): the numbers an Optuna search optimises.
 
-``objective: best_metric`` (the default) returns one number; ``objective: [best_metric,
+``objective: best_metric`` (the default) returns one number -- the best *validation* metric
+(where the run has validation data), so a search chooses on validation and the test metric
+(``test_metric_at_best``) stays for reporting; ``objective: [best_metric,
 compute_reduction]`` a list, one per ``hydra.sweeper.direction`` (a multi-objective search,
 its Pareto front in ``optimization_results.yaml``). Each name is a number of ``results.json``,
 or ``ratio_within_margin``: the run's ratio when its best metric stays within ``search.margin``

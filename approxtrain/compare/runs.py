@@ -62,7 +62,7 @@ class Run:
     seed: int | None
     layers: str | None
     metric_name: str
-    best_metric: float | None
+    best_metric: float | None  # what compare reports: the test metric at the best epoch (see run_from_results)
     final_metric: float | None
     compute_reduction: float | None
     step_time_s: float | None  # median training step of the run
@@ -229,7 +229,7 @@ def run_from_results(
         seed=_integer(_first(results.get("seed"), flat.get("seed"))),
         layers=_text(_first(results.get("layers_rule_set"), flat.get("layers.name"), flat.get("layers"))),
         metric_name=str(results.get("metric_name") or "metric"),
-        best_metric=_number(results.get("best_metric")),
+        best_metric=_reported_metric(results),
         final_metric=_number(results.get("final_metric")),
         compute_reduction=_number(results.get("compute_reduction")),
         step_time_s=_number(results.get("step_time_s")),
@@ -242,7 +242,22 @@ def run_from_results(
         overrides=list(overrides or []),
         error=_text(results.get("error")),
         has_config=config is not None,
+        notes=_selection_notes(results),
     )
+
+
+def _reported_metric(results: Mapping[str, Any]) -> float | None:
+    """The test metric at the epoch chosen on validation (``test_metric_at_best``); a run written
+    before validation splits records only ``best_metric``, its best test metric."""
+    reported = _number(results.get("test_metric_at_best"))
+    return reported if reported is not None else _number(results.get("best_metric"))
+
+
+def _selection_notes(results: Mapping[str, Any]) -> list[str]:
+    if results.get("selected_on") == schema.VALIDATION or results.get("best_metric") is None:
+        return []
+    why = "no validation data" if results.get("selected_on") == schema.TEST else "written before validation splits"
+    return [f"best epoch chosen on the test metric ({why}): its metric is optimistic"]
 
 
 def _config_from_results(results: Mapping[str, Any]) -> dict[str, Any]:

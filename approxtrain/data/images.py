@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import datasets, transforms
 
 from approxtrain.data.info import DatasetInfo, not_found
@@ -29,6 +29,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Mean and std of all 1797 digits after scaling pixels to [0, 1] (values / 16).
 DIGITS_MEAN, DIGITS_STD = 0.3053, 0.3760
 DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED = 0.2, 0
+VAL_SPLIT_SEED = 0  # which training items are held out for validation: fixed, whatever the run's seed
 
 
 class PerImageStandardization:
@@ -43,6 +44,17 @@ class PerImageStandardization:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def split_validation(train: Dataset, train_as_test: Dataset, val_fraction: float) -> tuple[Dataset, Dataset | None]:
+    """Hold out ``round(val_fraction * len(train))`` training items as the validation set, chosen by a
+    permutation from :data:`VAL_SPLIT_SEED` (the same items for every run seed), read with the test
+    transform (``train_as_test``: the training items without augmentation); returns (train, validation)."""
+    count = round(val_fraction * len(train))  # type: ignore[arg-type]
+    if count == 0:
+        return train, None
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED)).tolist()  # type: ignore[arg-type]
+    return Subset(train, sorted(order[count:])), Subset(train_as_test, sorted(order[:count]))
 
 
 def make_loaders(
@@ -60,9 +72,13 @@ def make_loaders(
     and in-order test loader, both ``drop_last=False``; ``shard``: this rank's share of training, ``(rank, world_size)``."""
     train_loader = ShuffledLoader(train_set, batch_size=batch_size, seed=seed, num_workers=num_workers, pin_memory=pin_memory,
                                   shard=shard)
-    test_loader = DataLoader(test_set, batch_size=eval_batch_size, shuffle=False, drop_last=False, pin_memory=pin_memory,
-                             **worker_options(num_workers))
-    return train_loader, test_loader
+    return train_loader, eval_loader(test_set, eval_batch_size=eval_batch_size, num_workers=num_workers, pin_memory=pin_memory)
+
+
+def eval_loader(dataset: Dataset, *, eval_batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
+    """An in-order, ``drop_last=False`` loader for evaluation (test or validation)."""
+    return DataLoader(dataset, batch_size=eval_batch_size, shuffle=False, drop_last=False, pin_memory=pin_memory,
+                      **worker_options(num_workers))
 
 
 def _resize(image_size: int | None, native: int) -> list[Callable]:
@@ -94,7 +110,7 @@ def _torchvision_dataset(factory: Callable[..., Dataset], name: str, root: str, 
     return dataset
 
 
-def mnist(root: str, download: bool, image_size: int | None) -> tuple[Dataset, Dataset, DatasetInfo]:
+def mnist(root: str, download: bool, image_size: int | None) -> tuple[Dataset, Dataset, DatasetInfo, Dataset]:
     """MNIST (torchvision layout ``root/MNIST/raw``), normalised with the usual mean/std."""
     size = image_size or 28
     transform = transforms.Compose(
@@ -103,10 +119,10 @@ def mnist(root: str, download: bool, image_size: int | None) -> tuple[Dataset, D
     train = _torchvision_dataset(datasets.MNIST, "mnist", root, download, train=True, transform=transform)
     test = _torchvision_dataset(datasets.MNIST, "mnist", root, download, train=False, transform=transform)
     info = DatasetInfo("mnist", "image", in_channels=1, image_size=(size, size), num_classes=10)
-    return train, test, info
+    return train, test, info, train
 
 
-def cifar(name: str, root: str, download: bool, image_size: int | None) -> tuple[Dataset, Dataset, DatasetInfo]:
+def cifar(name: str, root: str, download: bool, image_size: int | None) -> tuple[Dataset, Dataset, DatasetInfo, Dataset]:
     """CIFAR-10 or CIFAR-100: pad-4 random crop + flip for training, per-image standardisation."""
     factory, num_classes = {"cifar10": (datasets.CIFAR10, 10), "cifar100": (datasets.CIFAR100, 100)}[name]
     size = image_size or 32
@@ -115,11 +131,12 @@ def cifar(name: str, root: str, download: bool, image_size: int | None) -> tuple
     test_transform = transforms.Compose(tail)
     train = _torchvision_dataset(factory, name, root, download, train=True, transform=train_transform)
     test = _torchvision_dataset(factory, name, root, download, train=False, transform=test_transform)
+    train_as_test = _torchvision_dataset(factory, name, root, download, train=True, transform=test_transform)
     info = DatasetInfo(name, "image", in_channels=3, image_size=(size, size), num_classes=num_classes)
-    return train, test, info
+    return train, test, info, train_as_test
 
 
-def imagenet(root: str, image_size: int | None) -> tuple[Dataset, Dataset, DatasetInfo]:
+def imagenet(root: str, image_size: int | None) -> tuple[Dataset, Dataset, DatasetInfo, Dataset]:
     """ImageNet from class folders ``root/train`` and ``root/val`` (never downloaded).
 
     Train: RandomResizedCrop(224) + flip; val: Resize(256) + CenterCrop(224); both
@@ -136,13 +153,14 @@ def imagenet(root: str, image_size: int | None) -> tuple[Dataset, Dataset, Datas
     try:
         train = datasets.ImageFolder(str(Path(root) / "train"), transform=train_transform)
         test = datasets.ImageFolder(str(Path(root) / "val"), transform=test_transform)
+        train_as_test = datasets.ImageFolder(str(Path(root) / "train"), transform=test_transform)
     except (OSError, RuntimeError):
         raise not_found("imagenet", root, what="expects class folders in train/ and val/") from None
     info = DatasetInfo("imagenet", "image", in_channels=3, image_size=(size, size), num_classes=len(train.classes))
-    return train, test, info
+    return train, test, info, train_as_test
 
 
-def digits(image_size: int | None) -> tuple[Dataset, Dataset, DatasetInfo]:
+def digits(image_size: int | None) -> tuple[Dataset, Dataset, DatasetInfo, Dataset]:
     """scikit-learn's 1797 real 8x8 handwritten digits (bundled, offline).
 
     Pixels scaled to [0, 1] (values / 16), then normalised with the dataset's mean/std.
@@ -169,4 +187,4 @@ def digits(image_size: int | None) -> tuple[Dataset, Dataset, DatasetInfo]:
     test = TensorDataset(images[test_index], targets[test_index])
     size = images.shape[-1]
     info = DatasetInfo("digits", "image", in_channels=1, image_size=(size, size), num_classes=10)
-    return train, test, info
+    return train, test, info, train

@@ -102,8 +102,9 @@ def find_ptb_folder(root: str, needed: Sequence[str]) -> Path | None:
 
 def ptb(
     root: str, seq_len: int, train_split: str, *, batch_size: int, eval_batch_size: int
-) -> tuple[TokenBatches, TokenBatches, DatasetInfo]:
-    """Penn Treebank: train on ``ptb.{train_split}.txt``, evaluate on ``ptb.test.txt``.
+) -> tuple[TokenBatches, TokenBatches, DatasetInfo, TokenBatches | None]:
+    """Penn Treebank: train on ``ptb.{train_split}.txt``, evaluate on ``ptb.test.txt``, validate on
+    ``ptb.valid.txt`` when it is not the training split (else there is no validation data: ``None``).
 
     The vocabulary covers every PTB file present in the folder, so every word has an id.
     """
@@ -124,5 +125,7 @@ def ptb(
 
     train = TokenBatches(encode(corpora[train_split]), batch_size, seq_len, name=f"ptb {train_split}")
     test = TokenBatches(encode(corpora["test"]), eval_batch_size, seq_len, name="ptb test")
+    has_val = train_split != "valid" and "valid" in corpora
+    val = TokenBatches(encode(corpora["valid"]), eval_batch_size, seq_len, name="ptb valid") if has_val else None
     info = DatasetInfo("ptb", "text", vocab_size=max(len(vocabulary), PTB_VOCAB_SIZE), metric="perplexity")
-    return train, test, info
+    return train, test, info, val

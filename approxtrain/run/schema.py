@@ -35,6 +35,26 @@ def test_metric_key(metric_name: str) -> str:
     return f"test/{metric_name}"
 
 
+VALIDATION, TEST = "validation", "test"  # what a run's best epoch is chosen on (``selected_on``)
+
+
+def selected_on(epochs: list[dict[str, Any]]) -> str:
+    """``validation`` when the run's epochs record a validation metric, else ``test`` (no validation data)."""
+    return VALIDATION if any(epoch.get("val_metric") is not None for epoch in epochs) else TEST
+
+
+def best_epoch_record(epochs: list[dict[str, Any]], metric_name: str) -> dict[str, Any] | None:
+    """The run's best epoch: the first with the best validation metric -- or, without validation
+    data, test metric --, in the metric's direction; None before a finite one."""
+    key = "val_metric" if selected_on(epochs) == VALIDATION else "test_metric"
+    best: dict[str, Any] | None = None
+    for epoch in epochs:
+        value = epoch.get(key)
+        if value is not None and improves(metric_name, value, None if best is None else best[key]):
+            best = epoch
+    return best
+
+
 def improves(metric_name: str, value: float, best: float | None) -> bool:
     """Whether ``value`` beats ``best`` (None: nothing yet) in the metric's direction; a
     non-finite value (a diverged run) never does."""
@@ -61,6 +81,7 @@ class EpochRecord:
     # (schedule=adaptive: the share of pairs the sampled layers kept, sum k / sum n)
     ratio: float | None = None
     layer_k: dict[str, int] | None = None  # each sampled layer's k at its end (when a schedule sets them)
+    val_metric: float | None = None  # the exact validation metric at its end; None without validation data
 
 @dataclass
 class Results:
@@ -76,7 +97,13 @@ class Results:
     # running, finished, failed (``error`` says why, in one line) or interrupted (by SIGINT/SIGTERM/SIGUSR2 at
     # a step boundary, with a checkpoint to continue from; ``error`` says which signal at which step)
     status: str = RUNNING
-    best_metric: float | None = None  # the best exact test metric over the epochs, in the metric's direction
+    # the metric that chose the best epoch, at that epoch: the best exact validation metric, in the
+    # metric's direction (written before validation splits, and still without validation data: the
+    # best exact test metric, with ``selected_on: test``)
+    best_metric: float | None = None
+    best_epoch: int | None = None  # the epoch chosen on ``best_metric`` (the first of equals)
+    test_metric_at_best: float | None = None  # the exact test metric at ``best_epoch``: the number to report
+    selected_on: str | None = None  # what chose ``best_epoch``: ``validation``, or ``test`` without validation data
     final_metric: float | None = None  # the last epoch's exact test metric
     # the share of the Linear/Conv2d (and LSTM gate) MACs, forward and backward, saved against exact
     # training, counted from what really ran

@@ -16,7 +16,7 @@ import torch
 from approxtrain.accounting import compute_reduction
 from approxtrain.run.distributed import Communication
 from approxtrain.run.rundir import write_results
-from approxtrain.run.schema import FAILED, Results
+from approxtrain.run.schema import FAILED, VALIDATION, Results, best_epoch_record, selected_on
 
 log = logging.getLogger("approxtrain")
 
@@ -113,7 +113,11 @@ class RunRecord:
     def update(self, state: TrainState, world_size: int) -> None:
         """Bring the results up to ``state``."""
         results = self.results
-        results.best_metric = state.best_metric
+        best, chosen_on = best_epoch_record(state.history, results.metric_name), selected_on(state.history)
+        results.selected_on = chosen_on if state.history else None
+        results.best_epoch = None if best is None else best["epoch"]
+        results.best_metric = None if best is None else best["val_metric" if chosen_on == VALIDATION else "test_metric"]
+        results.test_metric_at_best = None if best is None else best["test_metric"]
         results.final_metric = state.history[-1]["test_metric"] if state.history else None
         results.compute_reduction = compute_reduction(state.exact_macs, state.actual_macs) if state.exact_macs else None
         results.epochs = state.history

@@ -166,7 +166,7 @@ class Trainer:
         self.device = training_device(trainer["device"], self.dist.world_size, self.dist.local_rank)
         use_amp = trainer["amp"] == "bf16" or trainer["amp"] == "auto" and self.device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if use_amp else None
-        self.train_loader, self.test_loader, self.info = build_loaders(
+        self.train_loader, self.test_loader, self.info, self.val_loader = build_loaders(
             cfg["dataset"], num_workers=trainer["num_workers"], seed=cfg["seed"], pin_memory=self.device.type == "cuda",
             shard=(self.dist.rank, self.dist.world_size))
         self.steps_per_epoch = len(self.train_loader)
@@ -260,7 +260,7 @@ class Trainer:
             self.record_failure(error)
             raise
         finally:
-            for loader in (getattr(self, "train_loader", None), getattr(self, "test_loader", None)):
+            for loader in (getattr(self, "train_loader", None), getattr(self, "val_loader", None), getattr(self, "test_loader", None)):
                 shutdown_workers(loader)
         self.record.end(FINISHED)
         self._emit("on_end")
@@ -306,7 +306,9 @@ class Trainer:
             self.scheduler.step()
         record = self._epoch_record(epoch, progress, loss_sum)
         self._emit("on_train_epoch_end", record)
-        record.test_metric = self.evaluate() if self.is_main else math.nan
+        if self.is_main:  # the validation metric chooses the best epoch; the test metric is reported
+            record.val_metric = self.evaluate(self.val_loader) if self.val_loader is not None else None
+            record.test_metric = self.evaluate(self.test_loader)
         record.time_s = time.perf_counter() - started
         return record
 
@@ -335,13 +337,15 @@ class Trainer:
         return loss, loss
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Exact evaluation on the test split: accuracy (a fraction) for images, perplexity for text."""
+    def evaluate(self, loader: Any = None) -> float:
+        """Exact evaluation on ``loader`` (default: the test split): accuracy (a fraction) for images,
+        perplexity for text."""
+        loader = self.test_loader if loader is None else loader
         self.model.eval()
         self._emit("on_eval_start")
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        count, batches = 0, len(self.test_loader)
-        for batch, (input, target) in enumerate(self.test_loader, 1):
+        count, batches = 0, len(loader)
+        for batch, (input, target) in enumerate(loader, 1):
             input, target = self.to_device(input, target)
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                 output = logits(self.model(input))
@@ -359,9 +363,10 @@ class Trainer:
 
     def end_epoch(self, record: EpochRecord) -> None:
         """Book an evaluated epoch: state, checkpoints, ``results.json``, callbacks."""
-        improved = improves(self.info.metric, record.test_metric, self.state.best_metric)
+        chosen_on = record.test_metric if record.val_metric is None else record.val_metric  # what chooses the best epoch
+        improved = improves(self.info.metric, chosen_on, self.state.best_metric)
         if improved:
-            self.state.best_metric, self.state.best_epoch = record.test_metric, record.epoch
+            self.state.best_metric, self.state.best_epoch = chosen_on, record.epoch
         self.state.history.append(asdict(record))
         self.state.epoch = record.epoch
         self.state.wall_time_s = time.perf_counter() - self.started
