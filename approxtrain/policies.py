@@ -123,12 +123,29 @@ def _registry() -> dict[str, SamplerPolicy]:
 
 
 def policy_names() -> tuple[str, ...]:
-    """The registered policies' names, built-ins first, in registration order."""
+    """The registered policies' names, built-ins first, in registration order.
+
+    Examples::
+
+        >>> policy_names()[:5]
+        ('exact', 'topk', 'nps', 'uniform', 'bernoulli')
+    """
     return tuple(_registry())
 
 
 def get_policy(name: Any) -> SamplerPolicy:
-    """The registered policy ``name``; ``ValueError`` naming the registered ones when there is none."""
+    """The registered policy ``name``; ``ValueError`` naming the registered ones when there is none.
+
+    Examples::
+
+        >>> nps = get_policy("nps")
+        >>> nps.random, nps.unbiased(replacement=True, scale=True), nps.unbiased(replacement=False, scale=True)
+        (True, True, False)
+        >>> get_policy("halves")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: unknown sampler policy 'halves'; allowed: exact, topk, nps, uniform, bernoulli...
+    """
     registry = _registry()
     if not isinstance(name, str) or name not in registry:
         raise ValueError(f"unknown sampler policy {name!r}; allowed: {', '.join(registry)}")
