@@ -8,11 +8,11 @@ import json
 from dataclasses import asdict
 
 import pytest
-from conftest import write_run_dir
 
 from approxtrain.compare import build_rows, collect_runs
 from approxtrain.run.schema import TEST, VALIDATION, EpochRecord, Results, read_results, results_path
 from approxtrain.run.trainer import train
+from conftest import write_run_dir
 
 SHORT = ("model=mlp", "dataset=digits", "sampler=topk", "ratio=0.3", "trainer.epochs=3")
 
