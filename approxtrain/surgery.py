@@ -31,6 +31,8 @@ from approxtrain.modules import ApproxConv2d, ApproxLinear, _rebind, weight_requ
 from approxtrain.sampling import SamplingConfig
 
 LAYER_TYPES = ("Linear", "Conv2d")
+_NO_LAYERS = ("none (the model has no nn.Linear/nn.Conv2d layer: products it computes with torch.nn.functional "
+              "or raw Parameters cannot be sampled)")
 POSITIONS = ("first", "last")
 _RULE_KEYS = ("match", "type", "exact", "position")
 
@@ -359,12 +361,29 @@ def approximate_(
         rows.append(_swap_layer(model, name, module, index, rules[index] if index is not None else None, generator))
     for index, rule in enumerate(rules):
         if not used[index]:
-            names = ", ".join(name for name, module in layers if _layer_type(module) in LAYER_TYPES)
+            names = ", ".join(name for name, module in layers if _layer_type(module) in LAYER_TYPES) or _NO_LAYERS
             raise ValueError(f"layer rule #{index + 1} ({rule.describe()}) matches no layer; layers: {names}")
     plan = Plan(rows, batch_size)
     if example_input is not None:
         _fill_macs(model, plan, example_input, batch_size)
     return plan
+
+
+def nothing_sampled_warning(plan: Plan, rules: Sequence[LayerRule]) -> str | None:
+    """One line when ``rules`` ask for sampling but the plan samples no layer, naming the layers
+    asked for and why each stays exact (never called as a module, a subclass with its own forward,
+    a grouped convolution); None otherwise."""
+    if any(row.policy != "exact" for row in plan.rows):
+        return None
+    asked = [row for row in plan.rows if row.rule is not None and not rules[row.rule].exact]
+    if not asked:
+        return None
+    reasons: dict[str, list[str]] = {}
+    for row in asked:
+        reasons.setdefault(row.note.split(": its products")[0] or "kept exact", []).append(row.name)
+    said = "; ".join(f"{', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}: {reason}"
+                     for reason, names in reasons.items())
+    return f"nothing is sampled although the layer rules ask for it: {said}; compute_reduction is 0.0"
 
 
 @dataclass

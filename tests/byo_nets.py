@@ -49,3 +49,17 @@ class DropoutProbe(nn.Module):
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             torch.save({"mask": mask, "seed": torch.initial_seed()}, Path(folder) / f"rank{rank}.pt")
             self.saved = True
+
+
+class FunctionalNet(nn.Module):
+    """Linear layers whose weights the forward uses itself (``F.linear``): no layer is called as a
+    module, so surgery reaches none of its products."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 8) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(in_channels * 64, width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.nn.functional.linear(x.flatten(1), self.hidden.weight, self.hidden.bias).relu()
+        return torch.nn.functional.linear(x, self.head.weight, self.head.bias)

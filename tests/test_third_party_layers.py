@@ -4,6 +4,7 @@ whose products surgery cannot see says so instead of reporting nothing."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -12,6 +13,8 @@ from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
 from approxtrain.modules import ApproxConv2d, ApproxLinear
+from approxtrain.run.schema import read_results
+from approxtrain.run.trainer import Trainer
 from approxtrain.sampling import SamplingConfig
 from approxtrain.surgery import approximate_, rules_from_dicts
 
@@ -122,3 +125,25 @@ def test_parametrized_layers_train_at_half_ratio():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]  # it fits the 16 examples (exact training: 1.6 -> 0.15)
+
+
+FUNCTIONAL_NET = ("model=custom", "model._target_=byo_nets.FunctionalNet", "+model.in_channels=${dataset_info:in_channels}",
+                  "+model.num_classes=${dataset_info:num_classes}", "dataset=digits", "dataset.batch_size=200", "layers=all")
+
+
+def test_a_run_that_samples_nothing_says_why_and_reports_zero(run_cfg, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="approxtrain"):
+        results = Trainer(run_cfg(*FUNCTIONAL_NET, "trainer.max_steps=2"), tmp_path / "run").fit()
+    assert results.compute_reduction == 0.0 and results.planned_compute_reduction == 0.0
+    assert read_results(tmp_path / "run")["compute_reduction"] == 0.0  # a number, not null
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert warnings[0].startswith("nothing is sampled although the layer rules ask for it: hidden, head: never called as a module")
+    assert warnings[0].endswith("compute_reduction is 0.0")
+
+
+def test_a_rule_on_a_model_without_layers_names_the_cause():
+    model = nn.Sequential(nn.ReLU())
+    model.weight = nn.Parameter(torch.ones(3, 3))
+    with pytest.raises(ValueError, match=r"matches no layer; layers: none \(the model has no nn.Linear/nn.Conv2d"):
+        approximate_(model, rules_from_dicts([{}], TOPK_HALF))

@@ -119,7 +119,8 @@ class RunRecord:
         results.best_metric = None if best is None else best["val_metric" if chosen_on == VALIDATION else "test_metric"]
         results.test_metric_at_best = None if best is None else best["test_metric"]
         results.final_metric = state.history[-1]["test_metric"] if state.history else None
-        results.compute_reduction = compute_reduction(state.exact_macs, state.actual_macs) if state.exact_macs else None
+        measured = state.exact_macs or state.step  # trained without a counted product: 0.0, not "not yet measured"
+        results.compute_reduction = compute_reduction(state.exact_macs, state.actual_macs) if measured else None
         results.epochs = state.history
         results.telemetry = state.telemetry
         results.wall_time_s, results.steps = state.wall_time_s, state.step

@@ -49,7 +49,7 @@ from approxtrain.run.schema import FINISHED, INTERRUPTED, PERPLEXITY, EpochRecor
 from approxtrain.run.signals import StopRequests, stop_signals
 from approxtrain.run.state import EpochProgress, RunRecord, TrainState, rank_rng_state, rng_state, set_rng_state
 from approxtrain.schedule import build_ratio_control
-from approxtrain.surgery import Plan, approximate_, attach_meter
+from approxtrain.surgery import Plan, approximate_, attach_meter, nothing_sampled_warning
 from approxtrain.telemetry import Telemetry
 
 log = logging.getLogger("approxtrain")
@@ -196,7 +196,7 @@ class Trainer:
         self.plan = approximate_(self.model, layer_rules(cfg), generator=self.generator,
                                  example_input=example_input(self.info, cfg["dataset"], device),
                                  batch_size=cfg["dataset"]["batch_size"])
-        if self.is_main and (warning := all_exact_warning(cfg, self.plan)):
+        if self.is_main and (warning := all_exact_warning(cfg, self.plan) or nothing_sampled_warning(self.plan, layer_rules(cfg))):
             log.warning(warning)
         self.meter = ComputeMeter()
         attach_meter(self.model, self.meter)
