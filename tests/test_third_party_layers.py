@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
