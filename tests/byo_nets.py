@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -63,3 +65,25 @@ class FunctionalNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = torch.nn.functional.linear(x.flatten(1), self.hidden.weight, self.hidden.bias).relu()
         return torch.nn.functional.linear(x, self.head.weight, self.head.bias)
+
+
+@dataclass
+class ClassifierOutput:
+    """What a transformers classifier returns (``SequenceClassifierOutput``): loss, logits, hidden states."""
+
+    logits: Tensor
+    loss: Tensor | None = None
+
+
+class OutputNet(SmallConvNet):
+    """:class:`SmallConvNet` returning its logits as ``returns`` says: ``dataclass`` (a transformers-style
+    output), ``dict``, ``tuple`` (``(logits, features)``) or ``str`` (no logits: an error)."""
+
+    def __init__(self, in_channels: int, num_classes: int, returns: str = "dataclass") -> None:
+        super().__init__(in_channels, num_classes)
+        self.returns = returns
+
+    def forward(self, x: Tensor) -> Any:
+        logits = super().forward(x)
+        return {"dataclass": lambda: ClassifierOutput(logits), "dict": lambda: {"logits": logits},
+                "tuple": lambda: (logits, x), "str": lambda: "logits"}[self.returns]()

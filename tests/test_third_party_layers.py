@@ -148,3 +148,21 @@ def test_a_rule_on_a_model_without_layers_names_the_cause():
     model.weight = nn.Parameter(torch.ones(3, 3))
     with pytest.raises(ValueError, match=r"matches no layer; layers: none \(the model has no nn.Linear/nn.Conv2d"):
         approximate_(model, rules_from_dicts([{}], TOPK_HALF))
+
+
+OUTPUT_NET = ("model=custom", "model._target_=byo_nets.OutputNet", "+model.in_channels=${dataset_info:in_channels}",
+              "+model.num_classes=${dataset_info:num_classes}", "dataset=digits", "dataset.batch_size=200", "trainer.max_steps=2")
+
+
+@pytest.mark.parametrize("returns", ["dataclass", "dict", "tuple"])
+def test_a_transformers_style_output_trains_and_evaluates(run_cfg, tmp_path, returns):
+    results = Trainer(run_cfg(*OUTPUT_NET, f"+model.returns={returns}"), tmp_path / "run").fit()
+    assert results.steps == 2 and 0 <= results.final_metric <= 1 and results.compute_reduction > 0
+
+
+def test_an_output_without_logits_is_one_line_naming_its_type(run_cfg, tmp_path):
+    with pytest.raises(TypeError) as error:
+        Trainer(run_cfg(*OUTPUT_NET, "+model.returns=str"), tmp_path / "run").fit()
+    assert str(error.value) == ("the model returned a str; allowed: a Tensor of logits, or an output holding one "
+                                "as .logits, ['logits'] or [0] (a transformers ModelOutput, a dict, a tuple)")
+    assert read_results(tmp_path / "run")["error"].endswith(str(error.value))

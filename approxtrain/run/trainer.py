@@ -64,8 +64,20 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def logits(output: Any) -> Tensor:
-    """The tensor of class scores in a model's ``output`` (the one place a model's output is read)."""
-    return output
+    """The tensor of class scores in a model's ``output`` (the one place a model's output is read):
+    the output itself, or its ``.logits`` / ``["logits"]`` / ``[0]`` (a transformers ``ModelOutput``,
+    a dict, a tuple); anything else is a ``TypeError`` naming its type."""
+    if isinstance(output, Tensor):
+        return output
+    found = getattr(output, "logits", None)
+    if found is None and isinstance(output, Mapping):
+        found = output.get("logits")
+    if found is None and isinstance(output, (tuple, list)) and output:
+        found = output[0]
+    if isinstance(found, Tensor):
+        return found
+    raise TypeError(f"the model returned a {type(output).__name__}; allowed: a Tensor of logits, or an output holding one "
+                    "as .logits, ['logits'] or [0] (a transformers ModelOutput, a dict, a tuple)")
 
 
 def text_loss(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
