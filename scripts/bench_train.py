@@ -175,8 +175,8 @@ def _measure(models: list, info, batch, device, amp, channels_last, image_size, 
     return results
 
 
-def _config_name(ratio: float, backend: str = "torch") -> str:
-    name = "exact" if ratio == 1.0 else f"topk {ratio:g}"
+def _config_name(ratio: float, backend: str = "torch", every: int = 1) -> str:
+    name = "exact" if ratio == 1.0 else f"topk {ratio:g}" + (f" reselect {every}" if every > 1 else "")
     return name if backend == "torch" else f"{name} [{backend}]"
 
 
@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--batch", type=int, nargs="+", default=None,
                         help="batch size(s), each run for every model (default: paper batch on CUDA, a CPU-sized one on CPU)")
+    parser.add_argument("--reselect-every", type=int, default=1, help="also run the first ratio with "
+                        "sampler.reselect_every=N (under the last --kernels backend); 1: not")
     parser.add_argument("--kernels", nargs="+", default=["torch"], choices=list(kernels.BACKENDS),
                         help="kernel backends of the approximate configurations (default torch; triton: approxtrain.kernels)")
     parser.add_argument("--image-size", type=int, default=None, help="override H=W of image models (e.g. 64 for a quick ResNet-50)")
@@ -264,18 +266,20 @@ def main(argv: list[str] | None = None) -> int:
         if channels_last:
             base = base.to(memory_format=torch.channels_last)
         example = _batch(info, 2, device, channels_last, args.image_size, seq_len)[0]
-        variants = [(1.0, "torch")] + [(ratio, backend) for ratio in args.ratios for backend in args.kernels]
+        variants = [(1.0, "torch", 1)] + [(ratio, backend, 1) for ratio in args.ratios for backend in args.kernels]
+        if args.reselect_every > 1:  # and the first ratio reusing its selections, under the last backend
+            variants.append((args.ratios[0], args.kernels[-1], args.reselect_every))
         configs = []  # (ratio, planned reduction, meter, model as stepped)
-        for ratio, backend in variants:
+        for ratio, backend, every in variants:
             model = _with_kernels(copy.deepcopy(base), backend)
             reduction = 0.0
             if ratio < 1.0:
-                rules = layer_rules({**cfg, "ratio": ratio})
+                rules = layer_rules({**cfg, "ratio": ratio, "sampler": {**cfg["sampler"], "reselect_every": every}})
                 reduction = approximate_(model, rules, example_input=example, batch_size=batch).compute_reduction
             meter = ComputeMeter()
             attach_meter(model, meter)
             configs.append((ratio, reduction, meter, model))
-        profile = [args.profile_steps if ratio < 1.0 else 0 for ratio, _ in variants]
+        profile = [args.profile_steps if ratio < 1.0 else 0 for ratio, *_ in variants]
         measure = (info, batch, device, amp, channels_last, args.image_size, seq_len, warmup, repeats)
         if args.compile:
             # a fresh compile per configuration, measured before the next one is compiled, as in a
@@ -283,22 +287,23 @@ def main(argv: list[str] | None = None) -> int:
             # the sampled configurations first: a run cut short by a time limit has printed theirs
             measured = {}
             for i in [*range(1, len(configs)), 0]:
-                (ratio, _, _, model), (_, backend) = configs[i], variants[i]
+                (ratio, _, _, model), (_, backend, every) = configs[i], variants[i]
                 torch._dynamo.reset()
                 started = time.perf_counter()
                 measured[i] = _measure([torch.compile(model, backend=args.compile_backend)], *measure, [profile[i]])[0]
-                print(f"{name}: {_config_name(ratio, backend)} compiled ({args.compile_backend}) and measured in "
+                print(f"{name}: {_config_name(ratio, backend, every)} compiled ({args.compile_backend}) and measured in "
                       f"{time.perf_counter() - started:.0f} s, median step {measured[i]['median_s'] * 1000:.1f} ms", flush=True)
             results = [measured[i] for i in range(len(configs))]
         else:
             results = _measure([model for *_, model in configs], *measure, profile)
         exact_times = results[0]["times_s"]
-        for (ratio, reduction, meter, _), (_, backend), result in zip(configs, variants, results):
+        for (ratio, reduction, meter, _), (_, backend, every), result in zip(configs, variants, results):
             # per-round ratios pair each step with the exact step of the same round (compiled: the plain ratio of medians)
             paired = [e / a for e, a in zip(exact_times, result["times_s"])]
             speedup = statistics.median(paired) if not args.compile else results[0]["median_s"] / result["median_s"]
             bound = 1 / (1 - reduction) if reduction < 1 else float("inf")
-            row = {"model": name, "batch": batch, "ratio": ratio, "config": _config_name(ratio, backend), "kernels": backend,
+            row = {"model": name, "batch": batch, "ratio": ratio, "config": _config_name(ratio, backend, every), "kernels": backend,
+                   "reselect_every": every,
                    "planned_compute_reduction": reduction, "measured_compute_reduction": meter.compute_reduction,
                    "speedup": speedup, "speedup_of_medians": results[0]["median_s"] / result["median_s"],
                    "flop_bound": bound, "fraction_of_bound": speedup / bound, **result}
@@ -308,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{bound:5.2f}x {row['fraction_of_bound']:8.2f} {result['select_share']:7.1%} {result['gather_scatter_share']:7.1%} "
                   f"{result['saved_activation_bytes'] / 2**20:8.1f} {peak}", flush=True)
         if args.kernel_profile:  # exact and each backend's first ratio; the first batch's as profile_<model>.txt
-            profiled = [(ratio, model, backend) for (ratio, _, _, model), (_, backend) in zip(configs, variants)
-                        if ratio in (1.0, args.ratios[0])]
+            profiled = [(ratio, model, backend) for (ratio, _, _, model), (_, backend, every) in zip(configs, variants)
+                        if ratio in (1.0, args.ratios[0]) and every == 1]
             suffix = "" if args.batch is None or batch_choice == args.batch[0] else f"_b{batch}"
             _write_kernel_profile(args.kernel_profile / f"profile_{name}{suffix}.txt", name, profiled, info, batch, device, amp,
                                   channels_last, args.image_size, seq_len)

@@ -144,11 +144,13 @@ def test_bench_train_writes_kernel_profile_of_exact_and_first_ratio(tmp_path: Pa
 def test_bench_train_runs_each_batch_and_kernel_backend(tmp_path: Path) -> None:
     out = tmp_path / "bench_train.json"
     run_script("bench_train.py", "--device", "cpu", "--models", "mlp", "--batch", "2", "3", "--ratios", "0.5",
-               "--kernels", "torch", "triton", "--warmup", "0", "--repeats", "1", "--profile-steps", "0", "--json", str(out))
+               "--kernels", "torch", "triton", "--reselect-every", "3", "--warmup", "0", "--repeats", "1",
+               "--profile-steps", "0", "--json", str(out))
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["batch"], r["config"], r["kernels"]) for r in rows] == [
-        (batch, config, kernels) for batch in (2, 3)
-        for config, kernels in (("exact", "torch"), ("topk 0.5", "torch"), ("topk 0.5 [triton]", "triton"))]
+    assert [(r["batch"], r["config"], r["kernels"], r["reselect_every"]) for r in rows] == [
+        (batch, config, kernels, every) for batch in (2, 3)
+        for config, kernels, every in (("exact", "torch", 1), ("topk 0.5", "torch", 1), ("topk 0.5 [triton]", "triton", 1),
+                                       ("topk 0.5 reselect 3 [triton]", "triton", 3))]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -234,7 +236,8 @@ def test_gpu_check_smoke_runs_every_stage_without_wandb(tmp_path: Path) -> None:
     assert [(r["config"], r["rc"], r["status"]) for r in stages["e2e"]["results"]["rows"]] == \
         [("exact", 0, "finished"), ("topk 0.5 [torch]", 0, "finished")]
     for stage, model in (("train", "cnn"), ("train_resnet50", "mlp")):
-        assert [(r["model"], r["config"]) for r in stages[stage]["results"]["rows"]] == [(model, "exact"), (model, "topk 0.5")]
+        expected = ["exact", "topk 0.5"] + (["topk 0.5 reselect 4"] if stage == "train" else [])
+        assert [(r["model"], r["config"]) for r in stages[stage]["results"]["rows"]] == [(model, c) for c in expected]
         profile = (out / f"profile_{model}.txt").read_text()
         assert f"== {model}, exact ==" in profile and f"== {model}, topk 0.5 ==" in profile
     assert [r["config"] for r in stages["compile_wrn"]["results"]["rows"]] == ["exact", "topk 0.5"]
