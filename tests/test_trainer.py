@@ -145,7 +145,7 @@ def _counter(trainer: Trainer) -> StepCounter:
 
 
 def test_callbacks_from_the_config_run_every_hook_and_resume_with_their_state(run_cfg, run_dir):
-    configured = (*DIGITS, "+callbacks.counter._target_=test_trainer.StepCounter")
+    configured = (*DIGITS, "trainer.epochs=2", "+callbacks.counter._target_=test_trainer.StepCounter")
     trainer = Trainer(run_cfg(*configured, "trainer.max_steps=3"), run_dir)
     trainer.fit()
     assert _counter(trainer).hooks == [(hook, step) for step in range(3)

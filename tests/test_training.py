@@ -16,6 +16,7 @@ from approxtrain.run.optim import build_optimizer, build_scheduler
 from approxtrain.run.rundir import write_results
 from approxtrain.run.schema import read_results
 from approxtrain.run.trainer import train
+from approxtrain.spec import trainer_spec
 from conftest import EPOCH_KEYS, PLAN_ROW_KEYS, RESULT_KEYS
 
 
@@ -243,10 +244,11 @@ def test_training_killed_while_checkpointing_keeps_last_good_outputs(run_cfg, ru
 
 # Learning-rate schedules as the presets configure them.
 
-def epoch_rates(settings: dict, optimizer_settings: dict, intervals: int) -> list[float]:
-    """The learning rate of each of ``intervals`` scheduler intervals (epochs or steps)."""
-    optimizer = build_optimizer(optimizer_settings, [torch.nn.Parameter(torch.zeros(1))])
-    scheduler = build_scheduler(settings, optimizer)
+def epoch_rates(trainer: dict, intervals: int) -> list[float]:
+    """The learning rate of each of ``intervals`` scheduler intervals (epochs or steps) of the ``trainer`` config."""
+    spec = trainer_spec(trainer)
+    optimizer = build_optimizer(spec.optimizer, [torch.nn.Parameter(torch.zeros(1))])
+    scheduler = build_scheduler(spec.scheduler, optimizer)
     rates = []
     for _ in range(intervals):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -257,7 +259,7 @@ def epoch_rates(settings: dict, optimizer_settings: dict, intervals: int) -> lis
 
 def test_lstm_ptb_schedule_decays_after_six_epochs(run_cfg):
     trainer = run_cfg("experiment=lstm_ptb")["trainer"]
-    rates = epoch_rates(trainer["scheduler"], trainer["optimizer"], 39)
+    rates = epoch_rates(trainer, 39)
     assert rates[:6] == [1.0] * 6  # Zaremba et al.: lr 1 for 6 epochs, then x0.8 per epoch
     assert rates[6:] == pytest.approx([0.8**i for i in range(1, 34)])
 
@@ -265,7 +267,7 @@ def test_lstm_ptb_schedule_decays_after_six_epochs(run_cfg):
 def test_wrn_schedule_steps_at_40k_and_60k_iterations(run_cfg):
     trainer = run_cfg("experiment=wrn_cifar100")["trainer"]
     assert trainer["scheduler"]["interval"] == "step"
-    rates = epoch_rates(trainer["scheduler"], trainer["optimizer"], 60_001)
+    rates = epoch_rates(trainer, 60_001)
     assert rates[0] == rates[39_999] == 0.1
     assert rates[40_000] == pytest.approx(0.01) and rates[59_999] == pytest.approx(0.01)
     assert rates[60_000] == pytest.approx(0.001)

@@ -4,6 +4,8 @@
   its default, from :class:`~approxtrain.sampling_fields.SamplingFields`. Each
   ``configs/sampler/*.yaml`` includes it (``- /sampler_fields@_here_``) and states only
   its name and what differs.
+* ``trainer_fields`` (a root config): every ``trainer`` field with its default, from
+  :class:`~approxtrain.spec.TrainerSpec`; ``configs/trainer/default.yaml`` includes it.
 * group ``model/paper_dataset``: one option per dataset whose shapes are known
   (``mnist``, ``ptb``, ...). A model config picks the paper's dataset in its defaults list
   (``- paper_dataset: mnist``), which sets ``model.paper_dataset``; ``train.yaml``'s
@@ -21,6 +23,7 @@ from omegaconf import OmegaConf
 
 from approxtrain.data.info import LIKES
 from approxtrain.sampling_fields import sampler_defaults
+from approxtrain.spec import trainer_fields
 
 
 def dataset_fact(key: str) -> str:
@@ -34,6 +37,7 @@ def dataset_fact(key: str) -> str:
 def store_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="sampler_fields", node=sampler_defaults())
+    store.store(name="trainer_fields", node=trainer_fields())
     for dataset in LIKES:
         store.store(group="model/paper_dataset", name=dataset, node={"paper_dataset": dataset}, package="model")
     if not OmegaConf.has_resolver("dataset_info"):

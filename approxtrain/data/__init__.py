@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
+from approxtrain.checks import POSITIVE_INT, or_null
 from approxtrain.data.info import IMAGE_SHAPES, OFFLINE_CHOICES, DatasetInfo, DatasetNotFound
 
 __all__ = [
@@ -56,10 +57,6 @@ def _val_fraction(value: Any) -> float:
 _LOADER_KEYS = ("name", "batch_size", "eval_batch_size")
 
 
-def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def _from_fields(source: Callable, name: str, fields: Mapping[str, Any], **context: Any) -> Any:
     """``source(**fields, **context)``, where ``fields`` must be exactly ``source``'s other parameters."""
     expected = [parameter for parameter in inspect.signature(source).parameters if parameter not in context]
@@ -95,12 +92,9 @@ def build_loaders(
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
     batch_size, eval_batch_size = fields.pop("batch_size", None), fields.pop("eval_batch_size", None)
-    for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-        if not _is_positive_int(value):
-            raise ValueError(f"dataset.{key}={value!r} is invalid; allowed: an integer >= 1")
-    image_size = fields.get("image_size")
-    if image_size is not None and not _is_positive_int(image_size):
-        raise ValueError(f"dataset.image_size={image_size!r} is invalid; allowed: null or an integer >= 1")
+    POSITIVE_INT("dataset.batch_size", batch_size)
+    POSITIVE_INT("dataset.eval_batch_size", eval_batch_size)
+    or_null(POSITIVE_INT, "null or an integer >= 1")("dataset.image_size", fields.get("image_size"))
 
     from approxtrain.data import images, synthetic, text
 

@@ -15,10 +15,11 @@ import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from torch import nn
 
+from approxtrain.checks import Check, choice, fraction, integer
 from approxtrain.data import DATASETS, DatasetInfo
 from approxtrain.data.synthetic import IMAGE_SHAPES, TEXT_VOCABULARIES
 
@@ -27,25 +28,10 @@ KINDS = ("image", "text")
 CONFIG_KEYS = ("name", "module", "paper_dataset", "paper_rules")
 
 
-class OptionCheck(NamedTuple):
-    """An option's test and the allowed values as an error message names them."""
-
-    test: Callable[[Any], bool]
-    allowed: str
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-POSITIVE_INT = OptionCheck(lambda value: _is_int(value) and value >= 1, "an integer >= 1")
-DROPOUT = OptionCheck(
-    lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1, "a number in [0, 1)"
-)
-
-
-def one_of(*choices: Any) -> OptionCheck:
-    return OptionCheck(lambda value: value in choices, ", ".join(map(str, choices)))
+OptionCheck = Check  # an option's test and the allowed values as an error message names them
+POSITIVE_INT = integer(1)
+DROPOUT = fraction()
+one_of = choice
 
 
 @dataclass(frozen=True)
@@ -81,7 +67,7 @@ class ModelSpec:
             allowed = ", ".join(self.checks) or "none"
             raise TypeError(f"unknown option {unknown[0]!r} for model {self.name!r}; allowed: {allowed}")
         for option, value in options.items():
-            if option in self.checks and not self.checks[option].test(value):
+            if option in self.checks and not self.checks[option].accepts(value):
                 raise ValueError(f"model.{option}={value!r} is invalid; allowed: {self.checks[option].allowed}")
 
 

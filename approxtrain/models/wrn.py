@@ -9,7 +9,7 @@ from approxtrain.models.registry import DROPOUT, POSITIVE_INT, OptionCheck, regi
 
 # WRN-d-k: d = 6n + 4 (n basic blocks per group, 3 groups)
 DEPTH = OptionCheck(
-    lambda value: POSITIVE_INT.test(value) and value >= 10 and (value - 4) % 6 == 0,
+    lambda value: POSITIVE_INT.accepts(value) and value >= 10 and (value - 4) % 6 == 0,
     "6n + 4 with n >= 1 (10, 16, 22, 28, ...)",
 )
 

@@ -15,7 +15,6 @@ and counts the bytes sent.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,10 +23,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from approxtrain.config import lookup
 from approxtrain.functional import PairScoring
 from approxtrain.modules import ApproxConv2d, ApproxLinear
 from approxtrain.run.selection_modes import get_selection_mode
+from approxtrain.spec import DistributedSpec
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -57,13 +56,11 @@ class Distributed:
     device: torch.device = torch.device("cpu")  # where the reductions' tensors live (set by :meth:`wrap`)
 
     @classmethod
-    def of(cls, cfg: Mapping[str, Any], rank: int = 0, world_size: int = 1, local_rank: int = 0, group: Any = None) -> Distributed:
+    def of(cls, settings: DistributedSpec, rank: int = 0, world_size: int = 1, local_rank: int = 0, group: Any = None) -> Distributed:
         """Rank ``rank`` of ``world_size`` in the training ``group``, with the run's ``trainer.distributed`` settings."""
-        settings = lookup(cfg, "trainer.distributed") or {}
-        selection = settings.get("selection", "global")
-        sampled = settings.get("sampled_allreduce", "auto")
-        sampled = get_selection_mode(selection).same_on_every_rank if sampled == "auto" else sampled
-        return cls(rank, world_size, local_rank, group, selection, "sampled" if sampled else "full")
+        sampled = settings.sampled_allreduce
+        sampled = get_selection_mode(settings.selection).same_on_every_rank if sampled == "auto" else sampled
+        return cls(rank, world_size, local_rank, group, settings.selection, "sampled" if sampled else "full")
 
     @property
     def is_main(self) -> bool:

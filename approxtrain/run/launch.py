@@ -35,12 +35,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from approxtrain.config import lookup
 from approxtrain.extras import require
 from approxtrain.run.device import training_device
 from approxtrain.run.distributed import Distributed, resolve_backend
 from approxtrain.run.errors import RunInterrupted, failure_message
 from approxtrain.run.trainer import Trainer
+from approxtrain.spec import TrainerSpec, trainer_spec
 
 # How long the ranks wait for each other outside training: for a job to be sent, for the others to join.
 HANDSHAKE_TIMEOUT = timedelta(minutes=30)
@@ -95,13 +95,12 @@ def _start_control_group(launch: Launch, timeout: timedelta = HANDSHAKE_TIMEOUT)
         dist.init_process_group("gloo", init_method="env://", rank=launch.rank, world_size=launch.world_size, timeout=timeout)
 
 
-def _distributed(cfg: Mapping[str, Any], launch: Launch) -> Distributed:
-    """This rank of the job ``cfg``: its training group (a new one per job) and the run's distributed settings."""
-    trainer = cfg["trainer"]
-    device = training_device(trainer["device"], launch.world_size, launch.local_rank)
-    backend = resolve_backend(lookup(trainer, "distributed.backend"), device)
-    group = dist.new_group(backend=backend, timeout=timedelta(seconds=lookup(trainer, "distributed.timeout_s")))
-    return Distributed.of(cfg, launch.rank, launch.world_size, launch.local_rank, group)
+def _distributed(trainer: TrainerSpec, launch: Launch) -> Distributed:
+    """This rank of a job: its training group (a new one per job) and the run's distributed settings."""
+    device = training_device(trainer.device, launch.world_size, launch.local_rank)
+    backend = resolve_backend(trainer.distributed.backend, device)
+    group = dist.new_group(backend=backend, timeout=timedelta(seconds=trainer.distributed.timeout_s))
+    return Distributed.of(trainer.distributed, launch.rank, launch.world_size, launch.local_rank, group)
 
 
 def _send(job: tuple[dict[str, Any], str] | None) -> tuple[dict[str, Any], str] | None:
@@ -140,16 +139,16 @@ def _stop(ranks: list[subprocess.Popen], failed: bool) -> None:
             process.wait()
 
 
-def _ranks_to_spawn(cfg: Mapping[str, Any], launch: Launch) -> int:
+def _ranks_to_spawn(trainer: TrainerSpec, launch: Launch) -> int:
     """How many ranks this job starts itself (``trainer.devices``; 1: none), checked against the launcher and the GPUs."""
-    devices = lookup(cfg, "trainer.devices", 1)
+    devices = trainer.devices
     if launch.world_size > 1 and devices != 1:
         raise ValueError(f"trainer.devices={devices} is invalid under {launch.launcher} (its {launch.world_size} ranks "
                          "are the devices); allowed: trainer.devices=1")
-    if not isinstance(devices, int) or devices <= 1:  # (a bad value is left to the trainer's validation)
+    if devices == 1:
         return 1
     gpus = torch.cuda.device_count()
-    if lookup(cfg, "trainer.device") != "cpu" and 0 < gpus < devices:
+    if trainer.device != "cpu" and 0 < gpus < devices:
         raise ValueError(f"trainer.devices={devices} is invalid: this node has {gpus} GPU(s); allowed: 1 to {gpus}, "
                          "or trainer.device=cpu")
     return devices
@@ -158,19 +157,20 @@ def _ranks_to_spawn(cfg: Mapping[str, Any], launch: Launch) -> int:
 @contextlib.contextmanager
 def lead(cfg: Mapping[str, Any], run_dir: Path | str) -> Iterator[Distributed]:
     """Rank 0's side of one job: start (``trainer.devices > 1``) or join the other ranks, send them
-    the job, and yield the :class:`Distributed` to train with; one process: no group at all."""
-    launch, ranks = launched(), []
-    if (devices := _ranks_to_spawn(cfg, launch)) > 1:
+    the job, and yield the :class:`Distributed` to train with; one process: no group at all. The
+    ``trainer`` group is checked before anything is started (:class:`~approxtrain.checks.ConfigError`)."""
+    launch, ranks, trainer = launched(), [], trainer_spec(cfg["trainer"])
+    if (devices := _ranks_to_spawn(trainer, launch)) > 1:
         ranks = _spawn(devices)
         launch = Launch(0, devices, 0, "spawn")
     if launch.world_size == 1:
-        yield Distributed.of(cfg)
+        yield Distributed.of(trainer.distributed)
         return
     failed = True
     try:
-        _start_control_group(launch, timedelta(seconds=lookup(cfg, "trainer.distributed.timeout_s")))  # the others join
+        _start_control_group(launch, timedelta(seconds=trainer.distributed.timeout_s))  # the others join
         _send((dict(cfg), str(run_dir)))
-        yield _distributed(cfg, launch)
+        yield _distributed(trainer, launch)
         failed = False
     finally:
         _end_job(launch, failed)
@@ -203,7 +203,7 @@ def follow(launch: Launch | None = None) -> int:
     try:
         while (job := _send(None)) is not None:
             cfg, run_dir = job
-            Trainer(cfg, run_dir, dist=_distributed(cfg, launch)).fit()
+            Trainer(cfg, run_dir, dist=_distributed(trainer_spec(cfg["trainer"]), launch)).fit()
     except RunInterrupted as interrupt:  # every rank stopped at the same step; rank 0 says so
         return 128 + interrupt.signal_number
     except Exception as error:  # noqa: BLE001 - rank 0 records the run's failure; here one line

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from approxtrain.accounting import ComputeMeter, compute_reduction
-from approxtrain.config import all_exact_warning, layer_rules, lookup, validate
+from approxtrain.config import all_exact_warning, lookup, validate
 from approxtrain.data import DatasetInfo, build_loaders
 from approxtrain.data.order import derived_seed, shutdown_workers
 from approxtrain.models import build_model
@@ -49,6 +49,7 @@ from approxtrain.run.schema import FINISHED, INTERRUPTED, PERPLEXITY, EpochRecor
 from approxtrain.run.signals import StopRequests, stop_signals
 from approxtrain.run.state import EpochProgress, RunRecord, TrainState, rank_rng_state, rng_state, set_rng_state
 from approxtrain.schedule import build_ratio_control
+from approxtrain.spec import RunSpec
 from approxtrain.surgery import Plan, approximate_, attach_meter, nothing_sampled_warning
 from approxtrain.telemetry import Telemetry
 
@@ -109,18 +110,18 @@ def example_input(info: DatasetInfo, dataset: Mapping[str, Any], device: torch.d
     return torch.zeros(2, info.in_channels, *info.image_size, device=device)
 
 
-def training_callbacks(cfg: Mapping[str, Any], model: nn.Module, steps_per_epoch: int) -> list[Callback]:
+def training_callbacks(spec: RunSpec, model: nn.Module, steps_per_epoch: int) -> list[Callback]:
     """The callbacks a run's config asks for, which run on every rank: a recurrent model's state,
     the ratio control (``schedule``), telemetry (``trainer.telemetry_every``)."""
-    trainer, callbacks = cfg["trainer"], []
+    callbacks: list[Callback] = []
     if callable(getattr(model, "reset_state", None)):
         callbacks.append(RecurrentState())
-    control = build_ratio_control(cfg.get("schedule"), model, ratio=cfg["ratio"], epochs=trainer["epochs"],
+    control = build_ratio_control(spec.config.get("schedule"), model, ratio=spec.ratio, epochs=spec.trainer.epochs,
                                   steps_per_epoch=steps_per_epoch)
     if control is not None:
         callbacks.append(RatioControlCallback(control))
-    if trainer["telemetry_every"]:
-        callbacks.append(TelemetryCallback(Telemetry(model, trainer["telemetry_every"])))
+    if spec.trainer.telemetry_every:
+        callbacks.append(TelemetryCallback(Telemetry(model, spec.trainer.telemetry_every)))
     return callbacks
 
 
@@ -144,7 +145,8 @@ def configured_callbacks(callbacks: Mapping[str, Any] | None) -> list[Callback]:
 
 
 class Trainer:
-    """One training run of ``cfg`` (a resolved run config) into ``run_dir``.
+    """One training run of ``cfg`` (a resolved run config, or its checked :class:`~approxtrain.spec.RunSpec`)
+    into ``run_dir``.
 
     ``Trainer(cfg, run_dir, callbacks).fit()`` returns the final :class:`Results`, also
     written to ``run_dir/results.json`` after every epoch. A failure is recorded there
@@ -152,10 +154,13 @@ class Trainer:
     data-parallel run (default: one process).
     """
 
-    def __init__(self, cfg: Mapping[str, Any], run_dir: Path | str, callbacks: Sequence[Callback] = (), *,
+    def __init__(self, cfg: Mapping[str, Any] | RunSpec, run_dir: Path | str, callbacks: Sequence[Callback] = (), *,
                  is_main: bool = True, dist: Distributed | None = None) -> None:
-        self.dist = dist or Distributed.of(cfg)
-        self.cfg, self.run_dir, self.is_main = cfg, Path(run_dir), is_main and self.dist.is_main
+        # a plain mapping is checked (validate) in setup, so that a bad value is recorded as the run's failure
+        self.spec: RunSpec | None = cfg if isinstance(cfg, RunSpec) else None
+        cfg = cfg.config if isinstance(cfg, RunSpec) else cfg
+        self.dist: Distributed | None = dist  # (one process unless given: made from trainer.distributed in setup)
+        self.cfg, self.run_dir, self.is_main = cfg, Path(run_dir), is_main and (dist is None or dist.is_main)
         self.callbacks = [callback for callback in callbacks if self.is_main or callback.all_ranks]
         results = Results(model=lookup(cfg, "model.name"), dataset=lookup(cfg, "dataset.name"),
                           sampler=lookup(cfg, "sampler.name"), ratio=ratio_in_effect(cfg), seed=cfg.get("seed"),
@@ -172,43 +177,44 @@ class Trainer:
 
     def setup(self) -> None:
         """Validate, seed, build data, model, plan, meter, optimizer and callbacks; restore a checkpoint for ``resume=``."""
-        cfg, trainer = self.cfg, self.cfg["trainer"]
-        validate(cfg)
-        seed_everything(cfg["seed"], trainer["deterministic"])
-        self.device = training_device(trainer["device"], self.dist.world_size, self.dist.local_rank)
-        use_amp = trainer["amp"] == "bf16" or trainer["amp"] == "auto" and self.device.type == "cuda"
+        spec = self.spec = self.spec or validate(self.cfg)
+        trainer = spec.trainer
+        self.dist = self.dist or Distributed.of(trainer.distributed)
+        seed_everything(spec.seed, trainer.deterministic)
+        self.device = training_device(trainer.device, self.dist.world_size, self.dist.local_rank)
+        use_amp = trainer.amp == "bf16" or trainer.amp == "auto" and self.device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if use_amp else None
         self.train_loader, self.test_loader, self.info, self.val_loader = build_loaders(
-            cfg["dataset"], num_workers=trainer["num_workers"], seed=cfg["seed"], pin_memory=self.device.type == "cuda",
+            self.cfg["dataset"], num_workers=trainer.num_workers, seed=spec.seed, pin_memory=self.device.type == "cuda",
             shard=(self.dist.rank, self.dist.world_size))
         self.steps_per_epoch = len(self.train_loader)
         self._build_model()
-        self.optimizer = build_optimizer(trainer["optimizer"], self.model.parameters())
-        self.scheduler = build_scheduler(trainer["scheduler"], self.optimizer)
-        self.scheduler_per_step = self.scheduler is not None and trainer["scheduler"]["interval"] == "step"
-        on_every_rank = training_callbacks(cfg, self.model, self.steps_per_epoch)
-        self.callbacks = [*on_every_rank, *self.callbacks, *(configured_callbacks(cfg.get("callbacks")) if self.is_main else [])]
-        seed_rank_stream(cfg["seed"], self.dist)
-        if cfg["resume"]:
-            self.restore(load_checkpoint(checkpoint_path(cfg["resume"])))
+        self.optimizer = build_optimizer(trainer.optimizer, self.model.parameters())
+        self.scheduler = build_scheduler(trainer.scheduler, self.optimizer)
+        self.scheduler_per_step = self.scheduler is not None and trainer.scheduler.interval == "step"
+        on_every_rank = training_callbacks(spec, self.model, self.steps_per_epoch)
+        self.callbacks = [*on_every_rank, *self.callbacks, *(configured_callbacks(self.cfg.get("callbacks")) if self.is_main else [])]
+        seed_rank_stream(spec.seed, self.dist)
+        if spec.resume:
+            self.restore(load_checkpoint(checkpoint_path(spec.resume)))
         wrapped = self.dist.wrap(self.model, self.device)
-        self.step_model = torch.compile(wrapped) if trainer["compile"] else wrapped
+        self.step_model = torch.compile(wrapped) if trainer.compile else wrapped
         self.timer = StepTimer(self.device)
         self._describe_run()
 
     def _build_model(self) -> None:
         """The exact model, made approximate by the layer rules (the plan), with its MAC meter."""
-        cfg, device = self.cfg, self.device
-        self.model = build_model(cfg["model"], self.info).to(device)
-        channels_last = cfg["trainer"]["channels_last"]
+        spec, device = self.spec, self.device
+        assert spec is not None
+        self.model = build_model(self.cfg["model"], self.info).to(device)
+        channels_last = spec.trainer.channels_last
         self.channels_last = channels_last is True or (channels_last == "auto" and device.type == "cuda" and self.info.kind == "image")
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.generator = torch.Generator(device=device).manual_seed(cfg["seed"])
-        self.plan = approximate_(self.model, layer_rules(cfg), generator=self.generator,
-                                 example_input=example_input(self.info, cfg["dataset"], device),
-                                 batch_size=cfg["dataset"]["batch_size"])
-        if self.is_main and (warning := all_exact_warning(cfg, self.plan) or nothing_sampled_warning(self.plan, layer_rules(cfg))):
+        self.generator = torch.Generator(device=device).manual_seed(spec.seed)
+        self.plan = approximate_(self.model, spec.rules, generator=self.generator,
+                                 example_input=example_input(self.info, self.cfg["dataset"], device), batch_size=spec.batch_size)
+        if self.is_main and (warning := all_exact_warning(self.cfg, self.plan, spec.rules) or nothing_sampled_warning(self.plan, spec.rules)):
             log.warning(warning)
         self.meter = ComputeMeter()
         attach_meter(self.model, self.meter)
@@ -222,7 +228,7 @@ class Trainer:
         results.layers = self.plan.to_dicts()
         results.device = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         results.world_size = self.dist.world_size
-        results.global_batch_size = self.cfg["dataset"]["batch_size"] * self.dist.world_size
+        results.global_batch_size = self.spec.batch_size * self.dist.world_size
         self.record.update(self.state, self.dist.world_size)
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
@@ -230,7 +236,7 @@ class Trainer:
         try:
             self.model.load_state_dict(checkpoint["model"])
         except RuntimeError as error:
-            raise ValueError(f"resume={self.cfg['resume']!r} holds a checkpoint of another model "
+            raise ValueError(f"resume={self.spec.resume!r} holds a checkpoint of another model "
                              f"({str(error).splitlines()[0]})") from None
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scheduler is not None and checkpoint["scheduler"] is not None:
@@ -280,11 +286,11 @@ class Trainer:
 
     @property
     def done(self) -> bool:
-        return self.state.epoch >= self.cfg["trainer"]["epochs"] or self._out_of_steps
+        return self.state.epoch >= self.spec.trainer.epochs or self._out_of_steps
 
     @property
     def _out_of_steps(self) -> bool:
-        max_steps = self.cfg["trainer"]["max_steps"]
+        max_steps = self.spec.trainer.max_steps
         return max_steps is not None and self.state.step >= max_steps
 
     def train_epoch(self, epoch: int) -> EpochRecord:
@@ -295,8 +301,8 @@ class Trainer:
         started = time.perf_counter() - progress.time_s
         self._start_epoch(epoch, progress.batches)
         loss_sum = torch.tensor(progress.loss_sum, device=self.device)
-        window = _SpeedWindow(self.cfg["dataset"]["batch_size"], progress.batches)
-        log_every = self.cfg["trainer"]["log_every_n_steps"]
+        window = _SpeedWindow(self.spec.batch_size, progress.batches)
+        log_every = self.spec.trainer.log_every_n_steps
         for input, target in self.train_loader:
             batch = Batch(epoch, progress.batches, self.state.step, *self.to_device(input, target))
             self._emit("on_train_batch_start", batch)
@@ -326,13 +332,14 @@ class Trainer:
 
     def training_step(self, batch: Batch) -> Tensor:
         """Forward, backward and optimizer step on one batch; returns the reported loss (detached, on device)."""
-        model = self.model if batch.eager and self.cfg["trainer"]["compile"] else self.step_model
+        trainer = self.spec.trainer
+        model = self.model if batch.eager and trainer.compile else self.step_model
         loss, reported = self.loss(model, batch.input, batch.target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self._emit("on_after_backward", batch)
-        if self.cfg["trainer"]["grad_clip"]:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["trainer"]["grad_clip"])
+        if trainer.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), trainer.grad_clip)
         self._emit("on_before_optimizer_step", batch)
         self.optimizer.step()
         if self.scheduler_per_step:
@@ -384,7 +391,7 @@ class Trainer:
         self.state.wall_time_s = time.perf_counter() - self.started
         self.record.update(self.state, self.dist.world_size)
         self.results.peak_memory_bytes = peak_memory_bytes(self.device)
-        if self.cfg["trainer"]["checkpoint"]:
+        if self.spec.trainer.checkpoint:
             self.save_checkpoint(best=improved)
         self.record.write()
         self._emit("on_epoch", record)
@@ -478,7 +485,7 @@ class Trainer:
     def _interrupt(self) -> None:
         """Checkpoint, record ``interrupted``, tell the callbacks and raise :class:`RunInterrupted`."""
         signal_number = self.stop_requests.signal_number
-        if self.cfg["trainer"]["checkpoint"]:
+        if self.spec.trainer.checkpoint:
             self.save_checkpoint()
         self.record.end(INTERRUPTED, f"interrupted by {signal.Signals(signal_number).name} at step {self.state.step}")
         self._emit("on_end")

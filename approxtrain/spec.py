@@ -1,0 +1,171 @@
+"""The run spec: a run config as typed objects (:class:`RunSpec`); the ``trainer`` group's fields
+each declared once, with its default, its check and what it means.
+
+``configs/trainer/default.yaml`` takes every field from here (:func:`trainer_fields`, stored in
+Hydra's ConfigStore as ``trainer_fields``); :func:`trainer_spec` turns a composed config's
+``trainer`` mapping into a :class:`TrainerSpec`, checking every value (a bad one is a
+:class:`~approxtrain.checks.ConfigError` naming the key, the value and what is allowed).
+No torch here: the command line composes and checks configs before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from typing import Any
+
+from approxtrain.checks import SWITCH, Check, ConfigError, choice, integer, is_int, is_number, number, or_null
+from approxtrain.run.selection_modes import get_selection_mode, selection_mode_names
+
+
+def _is_betas(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(is_number(beta) and 0 <= beta < 1 for beta in value)
+
+
+def _is_milestones(value: Any) -> bool:
+    return (isinstance(value, (list, tuple)) and all(is_int(step) and step >= 1 for step in value)
+            and all(a < b for a, b in zip(value, value[1:])))
+
+
+def _field(default: Any, check: Check, doc: str) -> Any:
+    """A spec field: its default, its :class:`~approxtrain.checks.Check` and one line of what it means."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"check": check, "doc": doc})
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """``trainer.optimizer``."""
+
+    name: str = _field("adam", choice("adam", "sgd"), "adam | sgd")
+    lr: float = _field(0.001, number(0), "learning rate")
+    momentum: float = _field(0.9, number(0, inclusive=True), "sgd: momentum")
+    nesterov: bool = _field(False, SWITCH, "sgd: Nesterov momentum (needs momentum > 0)")
+    weight_decay: float = _field(0.0, number(0, inclusive=True), "L2 penalty")
+    betas: list = _field([0.9, 0.999], Check(_is_betas, "two numbers in [0, 1), e.g. [0.9, 0.999]"), "adam: betas")
+    eps: float = _field(1.0e-08, number(0), "adam: eps")
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """``trainer.scheduler``: the learning-rate schedule."""
+
+    name: str = _field("none", choice("none", "multistep", "exponential"), "none | multistep | exponential")
+    interval: str = _field("epoch", choice("epoch", "step"), "stepped per epoch or per optimizer step")
+    milestones: list = _field([], Check(_is_milestones, "a list of increasing integers >= 1, e.g. [30, 60]"),
+                              "multistep: x gamma at each of these intervals")
+    gamma: float = _field(0.1, number(0), "the factor per decay")
+    start: int = _field(0, integer(0), "exponential: decay by gamma per interval after this many")
+
+
+@dataclass(frozen=True)
+class DistributedSpec:
+    """``trainer.distributed``: how the ranks of a data-parallel run work together."""
+
+    backend: str = _field("auto", choice("auto", "gloo", "nccl"), "auto (nccl on GPU, gloo on CPU) | gloo | nccl")
+    timeout_s: float = _field(300, Check(lambda value: is_number(value) and 0 < value <= 10**7, "a number of seconds in (0, 1e7]"),
+                              "a collective waits this long for a dead or stuck rank; then the run fails")  # (timedelta overflows far above)
+    selection: str = _field("global", choice(*selection_mode_names()),
+                            "global (input norms all-reduced: one process on the global batch) | weights | local")
+    sampled_allreduce: Any = _field("auto", choice("auto", True, False),
+                                    "all-reduce only the kept slices of sampled weights' gradients; auto: on unless local")
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    """``trainer``: how a run trains."""
+
+    epochs: int = _field(20, integer(1, 10**6), "epochs to train")
+    max_steps: int | None = _field(None, or_null(integer(1)), "stop after this many optimizer steps (smoke runs, iteration-based schedules)")
+    device: str = _field("auto", choice("auto", "cpu", "cuda"), "auto | cpu | cuda")
+    devices: int = _field(1, integer(1), "processes (ranks) this run starts on this node, data-parallel; dataset.batch_size "
+                          "is per process (under torchrun or a SLURM job with several tasks the launcher's ranks are the devices: 1)")
+    distributed: DistributedSpec = field(default_factory=DistributedSpec)
+    amp: str = _field("auto", choice("auto", "bf16", "off"), "auto (bf16 on GPU, off on CPU) | bf16 | off")
+    compile: bool = _field(False, SWITCH, "torch.compile the model")
+    channels_last: Any = _field("auto", choice("auto", True, False), "auto (on GPU for image models) | true | false")
+    num_workers: int = _field(2, integer(0), "data loader worker processes")
+    deterministic: bool = _field(False, SWITCH, "deterministic algorithms (slower)")
+    grad_clip: float | None = _field(None, or_null(number(0)), "clip the gradients' global norm to this")
+    log_every_n_steps: int = _field(20, integer(1), "a logging step (loss read, console, W&B, stop vote) every N steps")
+    telemetry_every: int = _field(0, integer(0), "per sampled layer, every N steps: forward error, discarded score share, "
+                                  "weight-gradient cosine vs exact (one extra exact forward+backward on that batch); 0 = off")
+    checkpoint: bool = _field(True, SWITCH, "write checkpoints/last.pt and best.pt after every epoch")
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+
+    def __post_init__(self) -> None:
+        optimizer = self.optimizer
+        if optimizer.name == "sgd" and optimizer.nesterov and not optimizer.momentum > 0:  # torch's SGD rule
+            raise ConfigError(f"trainer.optimizer.nesterov=true is invalid with trainer.optimizer.momentum={optimizer.momentum!r}; "
+                              "allowed: nesterov=true with a momentum > 0, or nesterov=false")
+        selection = self.distributed.selection
+        if not get_selection_mode(selection).same_on_every_rank and self.distributed.sampled_allreduce is True:
+            shared = "/".join(name for name in selection_mode_names() if get_selection_mode(name).same_on_every_rank)
+            raise ConfigError(f"trainer.distributed.sampled_allreduce=true is invalid with trainer.distributed.selection={selection} "
+                              f"(the ranks keep different slices); allowed: false or auto, or selection={shared}")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A run's config, checked (:func:`approxtrain.config.validate` makes it): the trainer group as a
+    :class:`TrainerSpec`, the layer rules built once (each completed from the sampler group and the
+    top-level ratio), and the resolved ``config`` mapping itself (the model, dataset, schedule and
+    logger groups are read by their owners; checkpoints and W&B keep it whole)."""
+
+    trainer: TrainerSpec
+    rules: list  # approxtrain.surgery.LayerRule, in order
+    ratio: float
+    seed: int
+    resume: str | None
+    config: Mapping[str, Any]
+
+    @property
+    def batch_size(self) -> int:
+        """Examples per step and rank (``dataset.batch_size``)."""
+        return self.config["dataset"]["batch_size"]
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    """``cls`` from ``values`` (a composed config's mapping at ``prefix``), every field checked."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{prefix}={values!r} is invalid; allowed: a mapping of {', '.join(f.name for f in fields(cls))}")
+    arguments = {}
+    for spec_field in fields(cls):
+        key = f"{prefix}.{spec_field.name}"
+        if spec_field.name not in values:
+            raise ConfigError(f"{key} is missing; allowed: {_allowed(spec_field)}")
+        value = values[spec_field.name]
+        if "check" in spec_field.metadata:
+            arguments[spec_field.name] = spec_field.metadata["check"](key, value)
+        else:  # a nested group
+            arguments[spec_field.name] = _build(spec_field.default_factory, value, key)
+    return cls(**arguments)
+
+
+def _allowed(spec_field: Any) -> str:
+    return spec_field.metadata["check"].allowed if "check" in spec_field.metadata else "a mapping"
+
+
+def trainer_spec(trainer: Mapping[str, Any]) -> TrainerSpec:
+    """The ``trainer`` group of a composed config as a :class:`TrainerSpec` (:class:`ConfigError` on a bad value)."""
+    return _build(TrainerSpec, trainer, "trainer")
+
+
+def trainer_fields() -> dict[str, Any]:
+    """Every ``trainer`` field with its default (what ``configs/trainer/default.yaml`` starts from)."""
+    return asdict(TrainerSpec())
+
+
+def field_docs(cls: type = TrainerSpec, prefix: str = "trainer") -> dict[str, tuple[Any, str, str]]:
+    """``{dotted key: (default, allowed, meaning)}`` for every field of ``cls`` (for the docs and ``--help``)."""
+    docs = {}
+    for spec_field in fields(cls):
+        key = f"{prefix}.{spec_field.name}"
+        if "check" in spec_field.metadata:
+            default = spec_field.default if spec_field.default is not MISSING else spec_field.default_factory()
+            docs[key] = (default, spec_field.metadata["check"].allowed, spec_field.metadata["doc"])
+        elif is_dataclass(spec_field.default_factory):
+            docs.update(field_docs(spec_field.default_factory, key))
+    return docs
