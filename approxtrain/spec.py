@@ -88,7 +88,8 @@ class TrainerSpec:
     num_workers: int = _field(2, integer(0), "data loader worker processes")
     deterministic: bool = _field(False, SWITCH, "deterministic algorithms (slower)")
     grad_clip: float | None = _field(None, or_null(number(0)), "clip the gradients' global norm to this")
-    log_every_n_steps: int = _field(20, integer(1), "a logging step (loss read, console, W&B, stop vote) every N steps")
+    log_every_n_steps: int = _field(20, integer(1), "read the training loss (one host sync), check it is finite and report it "
+                                    "every N optimizer steps (several ranks also vote on a stop then)")
     telemetry_every: int = _field(0, integer(0), "per sampled layer, every N steps: forward error, discarded score share, "
                                   "weight-gradient cosine vs exact (one extra exact forward+backward on that batch); 0 = off")
     checkpoint: bool = _field(True, SWITCH, "write checkpoints/last.pt and best.pt after every epoch")

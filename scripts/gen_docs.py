@@ -318,6 +318,15 @@ def sampler_section() -> list[str]:
     return group_section("sampler", intro)
 
 
+def trainer_section() -> list[str]:
+    from approxtrain.spec import field_docs
+
+    rows = [(f"`{key}`", cell(default), allowed, meaning) for key, (default, allowed, meaning) in field_docs().items()]
+    intro = ["Every trainer field, declared once in `approxtrain.spec.TrainerSpec` (its default, what it allows,",
+             "what it means); `trainer=default` takes them all.", "", *table(("key", "default", "allowed", "meaning"), rows), ""]
+    return group_section("trainer", intro)
+
+
 # What each group's section says before its options (none: only the options).
 _INTROS = {
     "dataset": ["`dataset.name` is the option's name; each dataset takes exactly the keys listed.", ""],
@@ -342,6 +351,8 @@ def configuration_page() -> str:
             lines += model_section()
         elif group == "sampler":
             lines += sampler_section()
+        elif group == "trainer":
+            lines += trainer_section()
         else:
             lines += group_section(group, _INTROS.get(group, []))
     return "\n".join(lines).rstrip() + "\n"
