@@ -244,7 +244,7 @@ class Trainer:
         set_rng_state(checkpoint["rng"], self.generator, self.device, self.dist.rank, self.dist.world_size)
         self.state = TrainState.from_dict(checkpoint["state"])
         if self.is_main:
-            repair_best(self.cfg["resume"], checkpoint["state"])
+            repair_best(self.spec.resume, checkpoint["state"])
         states = checkpoint.get("callbacks", _earlier_callback_states(checkpoint))
         for callback in self.callbacks:
             if callback.state_key in states:
