@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from approxtrain.checks import SWITCH, Check, ConfigError, choice, fraction, integer, number, or_null
+from approxtrain.checks import SWITCH, Check, ConfigError, choice, fraction, integer, number
 from approxtrain.models import model_options, model_spec
 from approxtrain.policies import import_policy_module, policy_names
 from approxtrain.run.config_keys import lookup
@@ -19,7 +19,6 @@ from approxtrain.sampling_fields import sampler_defaults
 from approxtrain.schedule import INTERVALS, SCHEDULES, schedule_fields
 from approxtrain.spec import RunSpec, trainer_spec
 from approxtrain.surgery import LayerRule, Plan, rules_from_dicts
-
 
 _LOGGER_MODES = ("auto", "online", "offline", "disabled")
 _MISSING = object()

@@ -65,7 +65,8 @@ class DistributedSpec:
 
     backend: str = _field("auto", choice("auto", "gloo", "nccl"), "auto (nccl on GPU, gloo on CPU) | gloo | nccl")
     timeout_s: float = _field(300, Check(lambda value: is_number(value) and 0 < value <= 10**7, "a number of seconds in (0, 1e7]"),
-                              "a collective waits this long for a dead or stuck rank; then the run fails")  # (timedelta overflows far above)
+                              # (timedelta overflows far above 1e7 s)
+                              "a collective waits this long for a dead or stuck rank; then the run fails")
     selection: str = _field("global", choice(*selection_mode_names()),
                             "global (input norms all-reduced: one process on the global batch) | weights | local")
     sampled_allreduce: Any = _field("auto", choice("auto", True, False),
@@ -77,7 +78,8 @@ class TrainerSpec:
     """``trainer``: how a run trains."""
 
     epochs: int = _field(20, integer(1, 10**6), "epochs to train")
-    max_steps: int | None = _field(None, or_null(integer(1)), "stop after this many optimizer steps (smoke runs, iteration-based schedules)")
+    max_steps: int | None = _field(None, or_null(integer(1)),
+                                   "stop after this many optimizer steps (smoke runs, iteration-based schedules)")
     device: str = _field("auto", choice("auto", "cpu", "cuda"), "auto | cpu | cuda")
     devices: int = _field(1, integer(1), "processes (ranks) this run starts on this node, data-parallel; dataset.batch_size "
                           "is per process (under torchrun or a SLURM job with several tasks the launcher's ranks are the devices: 1)")

@@ -214,7 +214,8 @@ class Trainer:
         self.generator = torch.Generator(device=device).manual_seed(spec.seed)
         self.plan = approximate_(self.model, spec.rules, generator=self.generator,
                                  example_input=example_input(self.info, self.cfg["dataset"], device), batch_size=spec.batch_size)
-        if self.is_main and (warning := all_exact_warning(self.cfg, self.plan, spec.rules) or nothing_sampled_warning(self.plan, spec.rules)):
+        if self.is_main and (warning := all_exact_warning(self.cfg, self.plan, spec.rules)
+                                           or nothing_sampled_warning(self.plan, spec.rules)):
             log.warning(warning)
         self.meter = ComputeMeter()
         attach_meter(self.model, self.meter)
