@@ -211,11 +211,22 @@ _COMMON_MEANINGS = {
 }
 
 
+def _run_spec() -> dict[str, tuple[Any, str, str]]:
+    """The typed run spec's fields: ``{dotted key: (default, allowed, meaning)}``."""
+    from approxtrain.spec import field_docs
+
+    return field_docs()
+
+
 def _meaning(dotted: str, comment: str | None) -> str:
-    return comment or _COMMON_MEANINGS.get(dotted, "")
+    spec = _run_spec().get(dotted)
+    return spec[2] if spec else comment or _COMMON_MEANINGS.get(dotted, "")
 
 
 def _allowed(dotted: str) -> str:
+    spec = _run_spec().get(dotted)
+    if spec:
+        return spec[1]
     check = _checks().get(dotted)
     return check.allowed if check is not None else ""
 
@@ -340,7 +351,7 @@ _INTROS = {
 
 
 def configuration_page() -> str:
-    lines = [GENERATED.format(source="configs/ and approxtrain/config.py"), "",
+    lines = [GENERATED.format(source="configs/, the run spec (approxtrain/spec.py) and approxtrain/config.py"), "",
              "# Configuration reference", "",
              "Every key a run reads, with its default and the values it accepts. A bad value stops the run with",
              "one line naming the key, the value and what is allowed. `approxtrain --help` lists the groups;",
@@ -351,6 +362,9 @@ def configuration_page() -> str:
             lines += model_section()
         elif group == "sampler":
             lines += sampler_section()
+        elif group == "trainer":  # every field is the run spec's (approxtrain.spec.TrainerSpec)
+            rows = [(f"`{key}`", cell(default), allowed, meaning) for key, (default, allowed, meaning) in _run_spec().items()]
+            lines += [*group_section(group, []), *table(("key", "default", "allowed", "meaning"), rows), ""]
         elif group == "trainer":
             lines += trainer_section()
         else:
