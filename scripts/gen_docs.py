@@ -362,9 +362,6 @@ def configuration_page() -> str:
             lines += model_section()
         elif group == "sampler":
             lines += sampler_section()
-        elif group == "trainer":  # every field is the run spec's (approxtrain.spec.TrainerSpec)
-            rows = [(f"`{key}`", cell(default), allowed, meaning) for key, (default, allowed, meaning) in _run_spec().items()]
-            lines += [*group_section(group, []), *table(("key", "default", "allowed", "meaning"), rows), ""]
         elif group == "trainer":
             lines += trainer_section()
         else:
