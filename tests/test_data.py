@@ -348,3 +348,25 @@ def test_ptb_validates_on_valid_unless_it_trains_on_it(tmp_path) -> None:
     on_valid = build_loaders(dataset_config("ptb", root=str(tmp_path), batch_size=4, eval_batch_size=4, seq_len=5,
                                             train_split="valid"), num_workers=0, seed=0, pin_memory=False)
     assert on_valid.val is None
+
+
+def test_a_failed_download_removes_only_what_it_created(tmp_path: Path, monkeypatch) -> None:
+    """torchvision creates ``<root>/MNIST/raw`` and a partial file, then the download fails: both go,
+    while folders and files that were there before stay."""
+    import torchvision.datasets.mnist
+
+    def partial_then_offline(url, download_root, **kwargs):
+        Path(download_root, "train-images-idx3-ubyte.gz").write_bytes(b"partial")
+        raise urllib.error.URLError("Connection reset by peer")
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", partial_then_offline)
+    fresh = tmp_path / "fresh" / "data"
+    with pytest.raises(DatasetNotFound):
+        loaders("mnist", root=str(fresh), download=True, batch_size=4)
+    assert not (tmp_path / "fresh").exists()  # the missing root and its missing parent were created by the download
+    kept = tmp_path / "kept"
+    (kept / "MNIST" / "processed").mkdir(parents=True)
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(DatasetNotFound):
+        loaders("mnist", root=str(kept), download=True, batch_size=4)
+    assert sorted(str(path.relative_to(kept)) for path in kept.rglob("*")) == ["MNIST", "MNIST/processed", "notes.txt"]

@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -88,12 +90,46 @@ def _resize(image_size: int | None, native: int) -> list[Callable]:
     return [transforms.Resize((image_size, image_size), antialias=True)]
 
 
+# How deep below dataset.root a failed download's leftovers are looked for (torchvision's layouts: root/MNIST/raw/<file>).
+DOWNLOAD_DEPTH = 3
+
+
+def _paths_below(root: Path, depth: int) -> set[Path]:
+    """The files and folders at most ``depth`` levels below ``root`` (links not followed)."""
+    found: set[Path] = set()
+    for folder, subfolders, files in os.walk(root):
+        level = len(Path(folder).relative_to(root).parts) + 1
+        found.update(Path(folder) / name for name in [*subfolders, *files])
+        if level >= depth:
+            subfolders.clear()
+    return found
+
+
+@contextlib.contextmanager
+def _removed_on_failure(root: Path) -> Iterator[None]:
+    """On an exception, remove what the block created under ``root`` (``root`` and its missing parents
+    included); what existed before stays."""
+    root = root.absolute()
+    first_missing = next((path for path in reversed([root, *root.parents]) if not path.exists()), None)
+    before = set() if first_missing else _paths_below(root, DOWNLOAD_DEPTH)
+    try:
+        yield
+    except BaseException:
+        created = [first_missing] if first_missing else sorted(_paths_below(root, DOWNLOAD_DEPTH) - before)
+        for path in created:  # parents before their contents: a removed folder takes its contents along
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        raise
+
+
 def _torchvision_dataset(factory: Callable[..., Dataset], name: str, root: str, download: bool, **kwargs) -> Dataset:
     """Open a torchvision dataset from disk; download it only if absent and ``download``.
 
     Any failure (missing files offline, unreachable mirror) becomes a one-line
-    ``DatasetNotFound``. torchvision's download chatter on stdout is replayed only when
-    the download succeeds.
+    ``DatasetNotFound``, and what the failed download created under ``root`` is removed.
+    torchvision's download chatter on stdout is replayed only when the download succeeds.
     """
     try:
         return factory(root, download=False, **kwargs)
@@ -102,7 +138,7 @@ def _torchvision_dataset(factory: Callable[..., Dataset], name: str, root: str, 
             raise not_found(name, root) from None
     chatter = io.StringIO()
     try:
-        with contextlib.redirect_stdout(chatter):
+        with contextlib.redirect_stdout(chatter), _removed_on_failure(Path(root)):
             dataset = factory(root, download=True, **kwargs)
     except Exception:  # noqa: BLE001 - any download failure means "not available"
         raise not_found(name, root) from None
