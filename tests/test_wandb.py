@@ -4,6 +4,7 @@ loopback ports, and a stand-in for the few ``wandb`` calls the logger makes."""
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.config
 import socket
@@ -12,6 +13,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from datetime import datetime
+from http.server import ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
@@ -60,6 +63,37 @@ def answering_server_url():
     server.server_close()
 
 
+@pytest.fixture
+def stalling_server():
+    """A loopback W&B server that answers HEAD and GET at once and never answers a POST (W&B's API calls
+    and telemetry); yields (url, requests), each request as (wall-clock time, method, path)."""
+    requests: list[tuple[float, str, str]] = []
+    released = threading.Event()
+
+    class Stalling(BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            requests.append((time.time(), self.command, self.path))
+            self.send_response(200)
+            self.end_headers()
+
+        do_HEAD = do_GET = answer
+
+        def do_POST(self) -> None:
+            requests.append((time.time(), self.command, self.path))
+            released.wait(120)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", requests
+    released.set()
+    server.shutdown()
+    server.server_close()
+
+
 class FakeRun:
     """A W&B run; ``log`` raises once ``fail_after`` rows were logged."""
 
@@ -96,6 +130,10 @@ class FakeWandb:
         self.base_url, self.run_dir, self.fails, self.fail_after = base_url, run_dir, fails, fail_after
         self.inits: list[tuple[str | None, dict | None]] = []
         self.runs: list[FakeRun] = []
+        self.teardowns = 0
+
+    def teardown(self) -> None:
+        self.teardowns += 1
 
     def setup(self) -> SimpleNamespace:
         return SimpleNamespace(settings=SimpleNamespace(base_url=self.base_url))
@@ -163,7 +201,9 @@ def test_auto_mode_with_a_key_tries_online_with_the_bounded_timeout(api_key, ans
     wandb = FakeWandb(answering_server_url, tmp_path)
     with caplog.at_level(logging.INFO):
         run = open_run(wandb, "auto", 2.5, project="p")
-    assert wandb.inits == [("online", {"init_timeout": 2.5})] and run.settings.mode == "online"
+    ((mode, settings),) = wandb.inits
+    assert mode == "online" and run.settings.mode == "online"
+    assert 1 <= settings["init_timeout"] <= 2.5 and settings["finish_timeout"] == 2.5  # the probe's time is taken off
     assert not caplog.records
 
 
@@ -172,6 +212,7 @@ def test_an_online_start_that_fails_logs_offline(api_key, answering_server_url, 
     with caplog.at_level(logging.INFO):
         run = open_run(wandb, "auto", 2, project="p")
     assert [mode for mode, _ in wandb.inits] == ["online", "offline"] and run.settings.mode == "offline"
+    assert wandb.teardowns == 1  # the failed online start's service ended before the offline run starts
     (line,) = warnings_of(caplog)
     assert line.startswith(f"W&B: no online run at {answering_server_url} (ConnectionError: cannot start a online run); "
                            f"logging offline to {run.settings.sync_dir}")
@@ -198,6 +239,30 @@ def test_when_offline_fails_too_training_goes_on_without_wandb(api_key, closed_p
     (line,) = warnings_of(caplog)
     assert "offline logging failed too (ConnectionError: cannot start a offline run)" in line
     assert line.endswith("training goes on without W&B")
+
+
+@pytest.mark.slow
+def test_a_server_that_hangs_posts_costs_at_most_the_budget_and_gets_nothing_after_the_fallback(cli, tmp_path, stalling_server):
+    """A server that answers HEAD but never answers W&B's posts: start and finish together stay within
+    logger.init_timeout_s (plus starting W&B), the run finishes, and after the fallback to offline W&B
+    sends the server nothing (no telemetry) -- also not at exit."""
+    url, requests = stalling_server
+    run_dir, home = tmp_path / "run", tmp_path / "home"
+    env = {"HOME": str(home), "WANDB_CONFIG_DIR": str(home / ".config" / "wandb"), "WANDB_API_KEY": "0" * 40,
+           "WANDB_BASE_URL": url}
+    process = cli("model=mlp", "dataset=digits", "trainer.epochs=1", "trainer.num_workers=0", "trainer.device=cpu",
+                  "logger=wandb", "logger.mode=online", "logger.init_timeout_s=3", f"hydra.run.dir={run_dir}", env=env, timeout=120)
+    ended = time.time()
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "finished"
+    (fallback,) = [line for line in (run_dir / "train.log").read_text().splitlines() if "logging offline to" in line]
+    assert f"W&B: no online run at {url} (" in fallback or f"W&B: cannot reach {url} within 3 s" in fallback
+    fallback_at = datetime.strptime(fallback[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    job_started = (run_dir / ".hydra" / "config.yaml").stat().st_mtime
+    assert fallback_at - job_started < 3 + 12  # the budget, plus importing and starting W&B (W&B alone: 90 s)
+    assert ended - (run_dir / "results.json").stat().st_mtime < 3 + 7  # finishing and exiting (was +25 s of telemetry)
+    assert any(method == "POST" for _, method, _ in requests), "the server was never asked: the test tests nothing"
+    assert [request for request in requests if request[0] > fallback_at] == []
 
 
 # ---------------------------------------------------------------------------------------------- during training

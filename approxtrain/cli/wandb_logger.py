@@ -5,8 +5,10 @@ its optimizer step (with its ``epoch``), metrics named by what they are (``train
 ``test/accuracy`` or ``test/perplexity``), the ``results.json`` scalars in the summary, the
 ``.hydra`` files and ``results.json`` saved with the run, and ``last.pt``/``best.pt`` as a
 ``model`` artifact. ``resume=`` continues the same W&B run (its id is kept in the run dir).
-W&B never stalls or ends the training: online W&B that cannot reach its server within
-``logger.init_timeout_s`` logs offline instead, and a W&B error later only ends the logging.
+W&B never stalls or ends the training: ``logger.init_timeout_s`` bounds the run's W&B network time,
+start and finish together. Online W&B that cannot reach its server or start a run within it logs
+offline instead, with no network from then on; finishing an online run gets what start left of it
+(the unsent data stays in the run dir for ``wandb sync``); a W&B error later only ends the logging.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import netrc
 import os
 import ssl
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -43,6 +46,8 @@ MODEL_PROVENANCE = ("paper_dataset", "module", "paper_rules")
 RUN_ID_FILE = Path("wandb") / "run_id"
 # The run's record saved with the W&B run (relative to the run dir).
 RUN_FILES = (".hydra/*.yaml", "results.json")
+# Seconds an online run may take to finish when start used up the W&B time budget (logger.init_timeout_s).
+MIN_FINISH_S = 1.0
 
 
 def run_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -146,12 +151,23 @@ def _online_requested_by(mode: str) -> str:
     return " (logger.mode=online)" if mode == "online" else ""
 
 
+def quiet_wandb_analytics() -> None:
+    """Turn off wandb's own usage analytics (OpenTelemetry metrics about the SDK, not the run's data), which
+    wandb posts to the configured server at exit outside any run timeout -- also after an offline fallback."""
+    try:
+        from wandb.analytics.opentelemetry import opentelemetry_proxy
+    except ImportError:  # a wandb without them
+        return
+    opentelemetry_proxy.disable()
+
+
 def open_run(wandb: Any, mode: str, timeout_s: float, **init_args: Any) -> Any:
     """``wandb.init`` that never stalls or aborts the training.
 
     Online W&B (``mode``, or ``WANDB_MODE`` which wins) that cannot reach its server within
     ``timeout_s`` seconds, or fails to start, logs offline instead, saying so in one line.
     Returns the run, or None when W&B cannot log at all (one warning; training goes on)."""
+    quiet_wandb_analytics()
     resolved, hint = resolve_mode(mode)
     if hint:
         log.info(hint)
@@ -166,14 +182,26 @@ def open_run(wandb: Any, mode: str, timeout_s: float, **init_args: Any) -> Any:
 
 def _open_online(wandb: Any, mode: str | None, timeout_s: float, init_args: Mapping[str, Any], requested_by: str) -> Any:
     url = "the W&B server"
+    started = time.monotonic()
     try:
         url = wandb.setup().settings.base_url
         if reachable(url, timeout_s):
-            return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=timeout_s), **init_args)
+            left_s = max(timeout_s - (time.monotonic() - started), MIN_FINISH_S)
+            return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=left_s, finish_timeout=timeout_s), **init_args)
         reason = f"cannot reach {url} within {timeout_s:g} s"
     except Exception as error:  # noqa: BLE001 - whatever stops online W&B, offline still logs
         reason = f"no online run at {url} ({failure_message(error)})"
+        end_service(wandb)
     return _open_offline(wandb, reason + requested_by, init_args)
+
+
+def end_service(wandb: Any) -> None:
+    """End wandb's service process, and with it what a failed online start left talking to the server (its
+    analytics post to the server when the service ends); the offline run then starts a fresh one."""
+    try:
+        wandb.teardown()
+    except (Exception, SystemExit):  # noqa: BLE001 - teardown exits with the service's status; the run goes on
+        pass
 
 
 def _open_offline(wandb: Any, reason: str, init_args: Mapping[str, Any]) -> Any:
@@ -185,6 +213,30 @@ def _open_offline(wandb: Any, reason: str, init_args: Mapping[str, Any]) -> Any:
     where = run.settings.sync_dir
     log.warning("W&B: %s; logging offline to %s (upload later with `wandb sync %s`)", reason, where, where)
     return run
+
+
+def finish_within(run: Any, seconds: float | None, exit_code: int = 0) -> bool:
+    """``run.finish(exit_code)``, waiting at most ``seconds`` (None: as long as it takes); whether it finished.
+
+    Finishing goes on in the background past the bound (wandb's own ``finish_timeout`` ends it); what it
+    had not sent stays in the run's W&B dir, for ``wandb sync``."""
+    if seconds is None:
+        run.finish(exit_code=exit_code)
+        return True
+    errors: list[BaseException] = []
+
+    def finish() -> None:
+        try:
+            run.finish(exit_code=exit_code)
+        except Exception as error:  # noqa: BLE001 - raised again in the caller's thread
+            errors.append(error)
+
+    finishing = threading.Thread(target=finish, name="wandb-finish", daemon=True)
+    finishing.start()
+    finishing.join(seconds)
+    if errors:
+        raise errors[0]
+    return not finishing.is_alive()
 
 
 def _never_raises(hook: Callable[..., None]) -> Callable[..., None]:
@@ -229,12 +281,17 @@ class WandbCallback(Callback):
         self.log_model = logger["log_model"]
         run_dir.mkdir(parents=True, exist_ok=True)
         run_id = stored_run_id(run_dir) if cfg["resume"] else None
+        started = time.monotonic()
         self.run = open_run(
             wandb, logger["mode"], logger["init_timeout_s"],
             project=logger["project"], entity=logger["entity"], group=logger["group"] or group, name=run_name(cfg),
             tags=run_tags(cfg), config=run_config(cfg), dir=str(run_dir), job_type="train", reinit="finish_previous",
             **({"id": run_id, "resume": "allow"} if run_id else {}),
         )
+        # The W&B time budget's remainder for finishing an online run (an offline run finishes on disk).
+        self.finish_budget_s: float | None = None
+        if self.run is not None and self.run.settings.mode == "online":
+            self.finish_budget_s = max(logger["init_timeout_s"] - (time.monotonic() - started), MIN_FINISH_S)
         if self.run is not None:
             (run_dir / RUN_ID_FILE).parent.mkdir(parents=True, exist_ok=True)
             (run_dir / RUN_ID_FILE).write_text(self.run.id)
@@ -273,14 +330,22 @@ class WandbCallback(Callback):
             self._log_checkpoints(trainer)
         if trainer.results.status == INTERRUPTED:
             self.run.mark_preempting()
-            self.run.finish(exit_code=1)
+            self._finish(exit_code=1)
         else:
-            self.run.finish()
+            self._finish()
 
     @_never_raises
     def on_failure(self, trainer: Trainer, message: str) -> None:
         self._record(trainer)
-        self.run.finish(exit_code=1)
+        self._finish(exit_code=1)
+
+    def _finish(self, exit_code: int = 0) -> None:
+        """Finish the W&B run within what is left of the W&B time budget; past it, say where its data stays."""
+        if not finish_within(self.run, self.finish_budget_s, exit_code):
+            where = self.run.settings.sync_dir
+            log.warning("W&B: finishing the run took over %.0f s (logger.init_timeout_s); what it did not upload stays in %s "
+                        "(upload later with `wandb sync %s`)", self.finish_budget_s, where, where)
+        self.run = None
 
     def _record(self, trainer: Trainer) -> None:
         """The ``results.json`` scalars into the summary; the run's ``.hydra`` files and ``results.json`` saved with it."""
