@@ -328,7 +328,7 @@ def test_rows_are_logged_at_the_optimizer_step_with_named_metrics(api_key, close
     plan, *rows = run.rows
     assert "layer_plan" in plan and all("epoch" in row for row in run.rows)
     (epoch,) = [row for row in rows if "test/accuracy" in row]
-    assert epoch["test/accuracy"] == results.best_metric and epoch["train/loss_epoch"] == results.epochs[0]["train_loss"]
+    assert epoch["test/accuracy"] == results.test_metric_at_best and epoch["train/loss_epoch"] == results.epochs[0]["train_loss"]
     assert all(set(row) >= {"train/loss", "train/samples_per_s", "train/compute_reduction"} for row in rows if row is not epoch)
     steps_per_epoch = results.steps  # one epoch
     assert run.steps == [0, *range(3, steps_per_epoch, 3), steps_per_epoch, steps_per_epoch]  # log_every_n_steps=3
