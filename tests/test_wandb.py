@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
-from approxtrain.cli.wandb_logger import WandbCallback, open_run, reachable, run_config, run_name, run_tags, wandb_callback
+from approxtrain.cli.wandb_logger import WandbCallback, finish_within, open_run, reachable, run_config, run_name, run_tags, wandb_callback
 from approxtrain.run.trainer import Trainer
 
 DIGITS = ("model=mlp", "dataset=digits", "dataset.batch_size=200", "trainer.log_every_n_steps=3", "logger=wandb")
@@ -239,6 +239,26 @@ def test_when_offline_fails_too_training_goes_on_without_wandb(api_key, closed_p
     (line,) = warnings_of(caplog)
     assert "offline logging failed too (ConnectionError: cannot start a offline run)" in line
     assert line.endswith("training goes on without W&B")
+
+
+def test_finishing_waits_at_most_the_budget_left(api_key, answering_server_url, run_cfg, run_dir, monkeypatch):
+    """An online run gets what its start left of logger.init_timeout_s to finish; a finish that hangs
+    is left behind then (wandb's finish_timeout ends it), one that raises still raises."""
+    wandb = FakeWandb(answering_server_url, run_dir)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    callback = WandbCallback(run_cfg(*DIGITS, "logger.mode=online", "logger.init_timeout_s=2"), run_dir, group=None)
+    assert 1 <= callback.finish_budget_s <= 2
+    hanging = SimpleNamespace(finish=lambda exit_code: time.sleep(30))
+    started = time.perf_counter()
+    assert not finish_within(hanging, 0.5)
+    assert time.perf_counter() - started < 2
+    assert finish_within(SimpleNamespace(finish=lambda exit_code: None), 0.5)
+
+    def broken(exit_code):
+        raise RuntimeError("the W&B service died")
+
+    with pytest.raises(RuntimeError, match="service died"):
+        finish_within(SimpleNamespace(finish=broken), 0.5)
 
 
 @pytest.mark.slow
