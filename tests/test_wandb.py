@@ -11,10 +11,9 @@ import socket
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
 from datetime import datetime
-from http.server import ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -76,7 +75,7 @@ def stalling_server():
             self.send_response(200)
             self.end_headers()
 
-        do_HEAD = do_GET = answer
+        do_HEAD = do_GET = answer  # noqa: N815 - the method names http.server dispatches to
 
         def do_POST(self) -> None:
             requests.append((time.time(), self.command, self.path))
