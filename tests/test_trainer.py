@@ -101,10 +101,12 @@ def test_failed_jobs_come_from_the_jobs_results(tmp_path):
     make_job(tmp_path, 1, "ratio=1.5", Results(ratio=1.5, status="failed", error="ratio=1.5 is invalid", **common))
     make_job(tmp_path, 2, "ratio=0.3", None)
     make_job(tmp_path, 3, "ratio=0.2", Results(ratio=0.2, status="running", **common))
+    make_job(tmp_path, 4, "ratio=0.1", Results(ratio=0.1, status="interrupted", error="interrupted by SIGTERM at step 7", **common))
     assert failed_jobs(tmp_path) == [
         "job 1 (ratio=1.5): ratio=1.5 is invalid",
-        "job 2 (ratio=0.3): no results.json (died before it started training)",
+        "job 2 (ratio=0.3): no results.json (died or stopped before it started training)",
         "job 3 (ratio=0.2): running",
+        "job 4 (ratio=0.1): interrupted by SIGTERM at step 7",
     ]
     assert failed_jobs(tmp_path, since=2**40) == []  # jobs of an earlier sweep into the same dir do not count
 

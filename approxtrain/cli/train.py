@@ -144,6 +144,18 @@ def _app(cfg: DictConfig) -> float | list[float] | None:
         if (code := follow(launch)) != 0:
             raise SystemExit(code)
         return None
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return _hold_and_train(cfg, run_dir)
+    from approxtrain.cli.sweep_stop import stop_requested
+    from approxtrain.run.signals import stop_signals
+
+    with stop_signals():  # a stop sent to the job before it trains: the trainer stops at its first step
+        return _hold_and_train(cfg, run_dir, lambda: stop_requested(hydra_cfg.sweep.dir))
+
+
+def _hold_and_train(cfg: DictConfig, run_dir: Path, stopped: Any = lambda: False) -> float | list[float] | None:
+    """Hold the run dir and train; a sweep's job that finds the sweep stopped does not start."""
+    hydra_cfg = HydraConfig.get()
     try:  # a single run's dir is held already (by main or unique_dir); a sweep's job holds its own
         taken = hold(run_dir)
     except ValueError as busy:  # held by another live run: nothing of it is touched
@@ -153,6 +165,9 @@ def _app(cfg: DictConfig) -> float | list[float] | None:
         print(f"approxtrain: error: {busy}", file=sys.stderr)
         raise SystemExit(USAGE_ERROR) from None
     try:
+        if stopped():  # (checked once the dir is held: the launching process signals the jobs that hold theirs)
+            log.warning("job %s not started: the sweep was stopped", hydra_cfg.job.num)
+            return None
         return _train(cfg, run_dir)
     finally:
         if taken:
@@ -201,10 +216,17 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | list[float] | None:
             trainer = Trainer(container, run_dir, callbacks, dist=distributed)
             results = trainer.fit()
     except RunInterrupted as interrupt:  # checkpointed and recorded: say how to continue, exit as the signal asks
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # the job returns (a worker that exits reads as a crash); the sweep exits
+            log.warning("job %s %s", hydra_cfg.job.num, interrupt)
+            return None
         print(f"approxtrain: {interrupt}", file=sys.stderr)
         raise SystemExit(128 + interrupt.signal_number) from None
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, like a kill
-        print(f"approxtrain: stopped at once by a second SIGINT; {run_dir} keeps its last completed epoch", file=sys.stderr)
+        message = f"stopped at once by a second SIGINT; {run_dir} keeps its last completed epoch"
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            log.warning("job %s %s", hydra_cfg.job.num, message)
+            return None
+        print(f"approxtrain: {message}", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
     except Exception as error:  # recorded (fit records its own failures), then reported as one line
         if trainer is None:  # the ranks could not be started: the run is recorded as failed all the same
@@ -221,10 +243,10 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | list[float] | None:
     return objective_value(container, results)
 
 
-def failed_jobs(sweep_dir: Path, since: float = 0.0) -> list[str]:
-    """One line per job of the sweep in ``sweep_dir`` that did not finish (its ``results.json``
-    says so, or it has none), among the job dirs written since ``since`` (a time stamp)."""
-    lines = []
+def job_statuses(sweep_dir: Path, since: float = 0.0) -> list[tuple[str, str]]:
+    """``(status, line)`` for each job of the sweep in ``sweep_dir`` (its ``results.json`` status;
+    ``not started`` without one), among the job dirs written since ``since`` (a time stamp)."""
+    jobs = []
     for hydra_yaml in sorted(sweep_dir.glob("*/.hydra/hydra.yaml"), key=lambda path: path.stat().st_mtime):
         job_dir = hydra_yaml.parent.parent
         if hydra_yaml.stat().st_mtime < since:
@@ -233,26 +255,50 @@ def failed_jobs(sweep_dir: Path, since: float = 0.0) -> list[str]:
             job = OmegaConf.load(hydra_yaml).hydra.job
             results = read_results(job_dir)
         except Exception as error:  # noqa: BLE001 - a damaged record: one line naming the file
-            lines.append(f"job dir {job_dir}: {(str(error).strip().splitlines() or [type(error).__name__])[0]}")
+            jobs.append(("damaged", f"job dir {job_dir}: {(str(error).strip().splitlines() or [type(error).__name__])[0]}"))
             continue
+        name = f"job {job.num} ({job.override_dirname})"
         if results is None:
-            lines.append(f"job {job.num} ({job.override_dirname}): no results.json (died before it started training)")
-        elif results.get("status") != FINISHED:
-            lines.append(f"job {job.num} ({job.override_dirname}): {results.get('error') or results.get('status')}")
-    return lines
+            jobs.append(("not started", f"{name}: no results.json (died or stopped before it started training)"))
+        else:
+            status = str(results.get("status"))  # an interrupted run's error says so: "interrupted by SIGTERM at step 7"
+            jobs.append((status, f"{name}: {results.get('error') or status}"))
+    return jobs
+
+
+def failed_jobs(sweep_dir: Path, since: float = 0.0) -> list[str]:
+    """One line per job of the sweep in ``sweep_dir`` that did not finish (its ``results.json``
+    says so, or it has none), among the job dirs written since ``since`` (a time stamp)."""
+    return [line for status, line in job_statuses(sweep_dir, since) if status != FINISHED]
 
 
 class SweepEndCallback(HydraCallback):
-    """When a sweep ends (in the launching process): prints the comparison table of its runs,
-    then lists the jobs that did not finish and exits non-zero if there are any."""
+    """For the life of a sweep (in the launching process): stops it on SIGTERM/SIGINT
+    (:mod:`approxtrain.cli.sweep_stop`); when it ends prints the comparison table of its runs, then
+    lists the jobs that did not finish (every job's status after a stop) and exits non-zero if any
+    did not finish (``128 + N`` after signal N)."""
 
     def __init__(self) -> None:
         self.started = 0.0
+        self.stop: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:  # travels to joblib's workers with Hydra's context: not the handlers
+        return {**self.__dict__, "stop": None}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from approxtrain.cli.sweep_stop import SweepStop
+
         self.started = time.time() - 1.0  # file time stamps may be coarser than the clock
+        self.stop = SweepStop(Path(config.hydra.sweep.dir), lambda number: self._give_up(Path(config.hydra.sweep.dir), number))
+        self.stop.install()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from approxtrain.cli.sweep_stop import shut_down_loky_workers
+
+        stopped_by = self.stop.signal_number if self.stop is not None else None
+        if self.stop is not None:
+            self.stop.restore()
+        shut_down_loky_workers()
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             from approxtrain.compare import print_sweep_table
@@ -260,12 +306,37 @@ class SweepEndCallback(HydraCallback):
             pass
         else:
             print_sweep_table(sweep_dir)
-        failures = failed_jobs(sweep_dir, self.started)
+        code = self._summarize(sweep_dir, stopped_by)
+        if code:
+            raise SystemExit(code)
+
+    def _summarize(self, sweep_dir: Path, stopped_by: int | None) -> int:
+        """Print the jobs that did not finish (every job after a stop); the exit code they call for."""
+        jobs = job_statuses(sweep_dir, self.started)
+        if stopped_by is not None:
+            print(f"approxtrain: the sweep was stopped by {signal.Signals(stopped_by).name}; its jobs:", file=sys.stderr)
+            for status, line in jobs:
+                print(f"  {status}: {line}", file=sys.stderr)
+            print("approxtrain: continue an interrupted job with resume=<its dir>", file=sys.stderr)
+            return 128 + stopped_by
+        failures = [line for status, line in jobs if status != FINISHED]
         if failures:
             print(f"approxtrain: {len(failures)} job(s) failed:", file=sys.stderr)
             for line in failures:
                 print(f"  {line}", file=sys.stderr)
-            raise SystemExit(RUN_FAILED)
+            return RUN_FAILED
+        return 0
+
+    def _give_up(self, sweep_dir: Path, signal_number: int) -> None:
+        """The jobs outlasted the grace period (and were killed): summary, then exit at once."""
+        from approxtrain.cli.sweep_stop import STOP_MARKER, shut_down_loky_workers
+
+        print("approxtrain: the sweep's jobs did not stop in time; they were killed", file=sys.stderr)
+        (sweep_dir / STOP_MARKER).unlink(missing_ok=True)
+        shut_down_loky_workers()
+        self._summarize(sweep_dir, signal_number)
+        sys.stderr.flush()
+        os._exit(128 + signal_number)
 
 
 def _composes_before_running(command_line: CommandLine | None) -> bool:

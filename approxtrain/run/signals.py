@@ -49,7 +49,9 @@ class StopRequests:
         """Call the handler this signal had before the run (when it was a Python function other than
         Python's own SIGINT handler, whose KeyboardInterrupt would read as a second Ctrl-C)."""
         handler = self.previous.get(signal_number)
-        if callable(handler) and handler is not signal.default_int_handler:
+        if isinstance(outer := getattr(handler, "stop_requests", None), StopRequests):
+            outer.hand_over(signal_number)  # an enclosing stop_signals noted it already: its own previous handler
+        elif callable(handler) and handler is not signal.default_int_handler:
             handler(signal_number, None)
 
 
@@ -58,7 +60,8 @@ def stop_signals() -> Iterator[StopRequests]:
     """While inside, the :data:`STOP_SIGNALS` are noted instead of killing the process; the trainer
     stops at the next step boundary. A second SIGINT stops at once (``KeyboardInterrupt``), like a
     kill: ``results.json`` and the checkpoints keep the last completed epoch. Outside the main
-    thread nothing is installed."""
+    thread nothing is installed. Inside another ``stop_signals`` (a sweep's job guards its whole
+    life, the trainer its training) the signals the enclosing one noted count here too."""
     requests = StopRequests()
     if threading.current_thread() is not threading.main_thread():
         yield requests
@@ -69,8 +72,12 @@ def stop_signals() -> Iterator[StopRequests]:
             raise KeyboardInterrupt
         requests.signals.append(signal_number)
 
+    note.stop_requests = requests  # type: ignore[attr-defined]
     numbers = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
     requests.previous = {number: signal.signal(number, note) for number in numbers}
+    for handler in requests.previous.values():
+        if isinstance(outer := getattr(handler, "stop_requests", None), StopRequests):
+            requests.signals.extend(number for number in outer.signals if number not in requests.signals)
     try:
         yield requests
     finally:
