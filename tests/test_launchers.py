@@ -121,7 +121,7 @@ def test_sigterm_to_the_sweep_stops_its_jobs_with_a_summary(launcher, tmp_path):
     sweep outlives it (joblib's loky workers included)."""
     sweep_dir = tmp_path / "sweep"
     command = [*approxtrain_command(), "-m", *LAUNCHERS[launcher], "model=mlp", "dataset=digits", "logger=none",
-               "dataset.batch_size=10", "trainer.epochs=50", "trainer.device=cpu", "trainer.num_workers=0",
+               "dataset.batch_size=50", "trainer.epochs=500", "trainer.device=cpu", "trainer.num_workers=0",
                "sampler=exact,topk,nps", f"hydra.sweep.dir={sweep_dir}"]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
