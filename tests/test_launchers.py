@@ -6,6 +6,7 @@ sweep's exit code."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -135,7 +136,10 @@ def test_sigterm_to_the_sweep_stops_its_jobs_with_a_summary(launcher, tmp_path):
         processes = _descendants(process.pid)
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=150)
-    finally:
+    finally:  # a failed check leaves no process of the sweep behind
+        for pid, _ in _descendants(process.pid) if process.poll() is None else ():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         process.kill()
     assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert "Traceback" not in stdout + stderr, stderr[-3000:]
