@@ -67,6 +67,7 @@ class SweepStop:
         self.previous: dict[int, Any] = {}
 
     def install(self) -> None:
+        (self.sweep_dir / STOP_MARKER).unlink(missing_ok=True)  # left by a launching process that was killed
         if threading.current_thread() is threading.main_thread():
             self.previous = {number: signal.signal(number, self.handle) for number in STOPPING_SIGNALS}
 
