@@ -192,5 +192,5 @@ def test_submitit_requeue_after_preemption_continues_the_job(cli, tmp_path):
     log = (sweep_dir / "0" / "train.log").read_text()
     assert "Requeued job" in log and "job 0 was requeued: continuing its run" in log
     resumed, uninterrupted = read_results(sweep_dir / "0"), read_results(tmp_path / "uninterrupted")
-    assert resumed["status"] == "finished" and resumed["steps"] == uninterrupted["steps"] == 3 * 130  # 1293 training images (the validation tenth held out), batch 10
+    assert resumed["status"] == "finished" and resumed["steps"] == uninterrupted["steps"] == 3 * 130  # 1293 images, batch 10
     assert epoch_values(resumed) == epoch_values(uninterrupted)
