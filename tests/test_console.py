@@ -47,8 +47,10 @@ def test_bars_move_every_step_and_the_loss_is_read_only_at_logging_steps(run_cfg
     results = trainer.fit()
     steps = trainer.steps_per_epoch
     assert console.train_updates == [(f"epoch {epoch}/2", batch, steps) for epoch in (1, 2) for batch in range(1, steps + 1)]
-    evaluations = -(-len(trainer.test_loader.dataset) // 100)
-    assert console.eval_updates == [(batch, evaluations) for batch in range(1, evaluations + 1)] * 2
+    # each epoch evaluates the validation split, then the test set
+    per_epoch = [(batch, total) for loader in (trainer.val_loader, trainer.test_loader)
+                 for total in [-(-len(loader.dataset) // 100)] for batch in range(1, total + 1)]
+    assert console.eval_updates == per_epoch * 2
     assert console.step_reports == [steps, 2 * steps] == [epoch["step"] for epoch in results.epochs]  # each epoch's last step
 
 

@@ -39,8 +39,7 @@ def test_each_mode_scores_as_it_says(world_size):
 @pytest.mark.parametrize("name", ["global", "weights", "local"])
 def test_sampled_allreduce_auto_follows_same_on_every_rank(name, run_cfg):
     cfg = run_cfg(f"trainer.distributed.selection={name}")
-    validate(cfg)
-    parallel = Distributed.of(cfg, rank=0, world_size=2)
+    parallel = Distributed.of(validate(cfg).trainer.distributed, rank=0, world_size=2)
     assert parallel.allreduce == ("sampled" if get_selection_mode(name).same_on_every_rank else "full")
     if not get_selection_mode(name).same_on_every_rank:
         with pytest.raises(ConfigError, match=f"selection={name} .*allowed: false or auto, or selection=global/weights$"):

@@ -153,7 +153,7 @@ class ConsoleCallback(Callback):
             return
         if self.eval_task is None:
             self.eval_task = self.progress.add_task("evaluate", total=total, info="")
-        self.progress.update(self.eval_task, completed=batch)
+        self.progress.update(self.eval_task, completed=batch, total=total)  # validation, then test: each its own count
 
     def _stop_progress(self) -> None:
         if self.progress is not None:
