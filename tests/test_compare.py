@@ -495,7 +495,8 @@ def fake_wandb_run(name: str, sampler: str, seed: int, best: float, step: float,
               "_wandb": {"cli_version": "0.31.0"}}
     status = {"finished": FINISHED, "failed": FAILED}.get(state, RUNNING)
     results = Results(model="mlp", dataset="digits", sampler=sampler, ratio=ratio, seed=seed, layers_rule_set="paper",
-                      status=status, best_metric=best, final_metric=best,
+                      status=status, best_metric=best, test_metric_at_best=best, selected_on="validation",
+                      final_metric=best,
                       compute_reduction=0.0 if sampler == "exact" else 0.5, planned_compute_reduction=0.5,
                       wall_time_s=3.0, step_time_s=step, steps=58, device="cpu",
                       error="diverged" if status == FAILED else None)

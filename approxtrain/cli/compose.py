@@ -79,12 +79,12 @@ def first_of_each_sweep(overrides: Sequence[str]) -> list[str]:
     return single
 
 
-def _with_package_search_path(overrides: Sequence[str]) -> list[str]:
-    """``overrides`` with the package's configs on ``hydra.searchpath`` (behind the primary config dir,
-    ahead of any path the command line puts there)."""
+def _with_search_path(overrides: Sequence[str], first: str) -> list[str]:
+    """``overrides`` with ``first`` on ``hydra.searchpath`` (behind the primary config source, ahead of
+    any path the command line puts there)."""
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     given = next((override for override in parsed if override.get_key_element() == SEARCH_PATH_KEY), None)
-    paths = [f"pkg://{CONFIG_PACKAGE}", *(given.value() if given is not None else [])]
+    paths = [first, *(given.value() if given is not None else [])]
     listed = ",".join(f"'{path}'" for path in paths)
     return [*(o.input_line for o in parsed if o is not given), f"{SEARCH_PATH_KEY}=[{listed}]"]
 
@@ -95,11 +95,18 @@ def compose(command_line: CommandLine, overrides: Sequence[str]) -> DictConfig:
     name = command_line.config_name or CONFIG_NAME
     GlobalHydra.instance().clear()
     try:
-        if command_line.config_dir is None:
-            with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
-                return hydra_compose(name, list(overrides), return_hydra_config=True)
-        with initialize_config_dir(os.path.abspath(command_line.config_dir), version_base="1.3"):
-            return hydra_compose(name, _with_package_search_path(overrides), return_hydra_config=True)
+        config_dir = os.path.abspath(command_line.config_dir) if command_line.config_dir is not None else None
+        if config_dir is not None and (Path(config_dir) / f"{name}.yaml").is_file():
+            # the --config-dir holds the primary config: it is the main source, the package behind it
+            with initialize_config_dir(config_dir, version_base="1.3"):
+                return hydra_compose(name, _with_search_path(overrides, f"pkg://{CONFIG_PACKAGE}"), return_hydra_config=True)
+        # Hydra looks the primary config up in the main source only (its caching repository remembers the
+        # miss before hydra.searchpath is applied), so the package's configs stay the main source and a
+        # --config-dir without the primary config joins through hydra.searchpath, ahead of the user's paths
+        with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
+            if config_dir is not None:
+                overrides = _with_search_path(overrides, f"file://{config_dir}")
+            return hydra_compose(name, list(overrides), return_hydra_config=True)
     finally:
         GlobalHydra.instance().clear()
 
