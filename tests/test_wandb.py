@@ -19,7 +19,17 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
-from approxtrain.cli.wandb_logger import WandbCallback, finish_within, open_run, reachable, run_config, run_name, run_tags, wandb_callback
+from approxtrain.cli.wandb_logger import (
+    WandbCallback,
+    finish_within,
+    open_run,
+    quiet_wandb_analytics,
+    reachable,
+    run_config,
+    run_name,
+    run_tags,
+    wandb_callback,
+)
 from approxtrain.run.trainer import Trainer
 
 DIGITS = ("model=mlp", "dataset=digits", "dataset.batch_size=200", "trainer.log_every_n_steps=3", "logger=wandb")
@@ -186,6 +196,7 @@ def test_any_http_answer_counts_as_reachable(answering_server_url):
 
 def test_online_without_a_server_logs_offline_in_one_line(api_key, silent_server_url, tmp_path, caplog):
     wandb = FakeWandb(silent_server_url, tmp_path)
+    quiet_wandb_analytics()  # imports the real wandb once (a run has it imported already): not the bound under test
     started = time.perf_counter()
     with caplog.at_level(logging.INFO):
         run = open_run(wandb, "online", 1, project="p", dir=str(tmp_path))
