@@ -114,20 +114,12 @@ def _select_pairs(a: Tensor, a_dim: int, b: Tensor, b_dim: int, k: int, config: 
     if selection is None:
         with torch.no_grad():
             scores = pair_scores(a, a_dim, b, b_dim, scoring) if config.sampler.needs_scores else b.new_empty(n)
-            selection = _choose(scores, k, config, generator)
+            selection = select(scores, k, config, generator)
         if reuse is not None and config.reselect_every > 1:
             reuse.remember(selection, k, n)
     if scoring is not None and scoring.kept is not None:
         scoring.kept.append(selection.keep)
     return selection
-
-
-def _choose(scores: Tensor, k: int, config: SamplingConfig, generator: torch.Generator | None) -> Selection:
-    """:func:`~approxtrain.sampling.select`; top-k by the fused kernel where it serves (the same pairs,
-    ascending; ties to the lower index)."""
-    if config.policy == "topk" and k < scores.numel() <= kernels.TOPK_MAX_N and kernels.enabled(scores):
-        return Selection(kernels.topk_indices(scores, k), None, True)
-    return select(scores, k, config, generator)
 
 
 def pair_scores(a: Tensor, a_dim: int, b: Tensor, b_dim: int, scoring: PairScoring | None = None) -> Tensor:

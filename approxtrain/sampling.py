@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from approxtrain import kernels
 from approxtrain.policies import SamplerPolicy, get_policy, policies_reading, policy_names, register_policy
 from approxtrain.sampling_fields import SamplingFields
 
@@ -318,6 +319,8 @@ class TopK(SamplerPolicy):
     random = False
 
     def select(self, scores: Tensor, k: int, config: SamplingConfig, generator: torch.Generator | None) -> Selection:
+        if kernels.serves_topk(scores, k):  # the fused kernel: the same pairs, ties to the lower index
+            return Selection(kernels.topk_indices(scores, k), None, True)
         # ascending indices make the gathers and scatters walk memory in order
         return Selection(torch.topk(scores, k, sorted=False).indices.sort().values, None, True)
 

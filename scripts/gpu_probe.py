@@ -35,9 +35,8 @@ from bench_ops import synchronize, time_call, time_interleaved
 
 from approxtrain import SamplingConfig, approx_conv2d, approx_linear, kernels
 from approxtrain._layout import norms, spread, take
-from approxtrain.functional import _choose
 from approxtrain.modules import _store_column_major_
-from approxtrain.sampling import Selection
+from approxtrain.sampling import Selection, select
 
 GOAL_OF_CEILING = 0.85
 GOAL_PIECES_SHARE = 0.10
@@ -121,7 +120,7 @@ def pieces(x: torch.Tensor, w: torch.Tensor, k: int, g_k: torch.Tensor) -> dict[
     selection = Selection(keep, None, True)
     config = SamplingConfig("topk", ratio=k / n)
     out = {"scores": lambda: norms(x, 1) * norms(w, 1),
-           "topk": lambda: _choose(scores, k, config, None),
+           "topk": lambda: select(scores, k, config, None),
            "gather_input": lambda: take(x, 1, keep),
            "gather_weight": lambda: w.index_select(1, keep) if w.dim() == 4 else take(w, 1, keep),
            "spread_input_grad": lambda: spread(g_k, 1, n, selection, channels_last=g_k.dim() == 4)}

@@ -4,13 +4,13 @@ the registry alone, trained through the CLI; and the registry's checks on a spec
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from doc_sections import files_and_commands
 from torch import nn
 
 from approxtrain.data import DatasetInfo
@@ -26,13 +26,7 @@ SHRINK = ("trainer.epochs=1", "trainer.max_steps=3", "trainer.num_workers=0", "t
 
 def readme_section() -> tuple[dict[str, str], str]:
     """The files (path from each block's first-line comment -> text) and the command of the section."""
-    section = MODELS_PAGE.read_text().split("## Adding a model\n", 1)[1].split("\n## ", 1)[0]
-    files, commands = {}, []
-    for language, body in re.findall(r"```(\w+)\n(.*?)```", section, flags=re.DOTALL):
-        if language == "bash":
-            commands.append(body.strip())
-        else:
-            files[body.splitlines()[0].removeprefix("# ")] = body
+    files, commands = files_and_commands(MODELS_PAGE, "Adding a model")
     assert len(commands) == 1 and len(files) == 2, "the section shows one model file, one YAML and one command"
     return files, commands[0]
 

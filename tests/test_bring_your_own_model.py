@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shlex
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from doc_sections import files_and_commands
 from torch import nn
 
 from approxtrain.attention import ProjectedMultiheadAttention
@@ -82,13 +82,7 @@ def test_an_unknown_torchvision_arch_is_one_line(run_cfg):
 
 def readme_section() -> tuple[dict[str, str], str]:
     """The file (path from the block's first-line comment -> text) and the command of the section."""
-    section = MODELS_PAGE.read_text().split("## A torchvision model, or any nn.Module\n", 1)[1].split("\n## ", 1)[0]
-    files, commands = {}, []
-    for language, body in re.findall(r"```(\w+)\n(.*?)```", section, flags=re.DOTALL):
-        if language == "bash":
-            commands.append(body.strip().replace("\\\n", " "))
-        else:
-            files[body.splitlines()[0].removeprefix("# ")] = body
+    files, commands = files_and_commands(MODELS_PAGE, "A torchvision model, or any nn.Module")
     assert len(commands) == 1 and list(files) == ["my_nets.py"], "the section shows one model file and one command"
     return files, commands[0]
 

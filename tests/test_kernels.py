@@ -18,6 +18,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 
 from approxtrain import SamplingConfig, approx_conv2d, approx_linear, kernels  # noqa: E402 - after the skip's reason
 from approxtrain.modules import _store_column_major_  # noqa: E402 - after the skip's reason
+from approxtrain.policies import get_policy  # noqa: E402 - after the skip's reason
 
 
 @pytest.fixture
@@ -45,6 +46,16 @@ def test_topk_indices_are_torch_topk_ascending_with_ties_to_the_lower_index():
         assert torch.equal(kernels.topk_indices(scores, k), torch.topk(scores, k).indices.sort().values)
     tied = torch.tensor([1.0, 3.0, 3.0, 0.0, 3.0, float("nan")], device=DEVICE)
     assert kernels.topk_indices(tied, 3).tolist() == [1, 2, 5]
+
+
+def test_the_topk_policy_selects_by_the_kernel_where_it_serves(triton_backend, monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "topk_indices", lambda scores, k: calls.append(k) or torch.topk(scores, k).indices.sort().values)
+    scores = torch.rand(50, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    topk = get_policy("topk")
+    topk.select(scores, 17, SamplingConfig("topk", ratio=0.34), None)
+    topk.select(scores, 50, SamplingConfig("topk", ratio=1.0), None)  # k = n: nothing to select, torch's path
+    assert calls == [17]
 
 
 def test_take_and_spread_columns():

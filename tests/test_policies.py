@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch._dynamo as dynamo
+from doc_sections import files_and_commands
 from hydra.core.config_store import ConfigStore
 from torch import nn
 
@@ -282,13 +283,7 @@ def test_a_registered_policy_runs_through_config(sampler_option, run_dir):
 
 def docs_section() -> tuple[dict[str, str], str]:
     """The files (path from each block's first-line comment -> text) and the command of the docs' "Adding a sampler policy"."""
-    section = DOCS.read_text().split("## Adding a sampler policy\n", 1)[1].split("\n## ", 1)[0]
-    files, commands = {}, []
-    for language, body in re.findall(r"```(\w+)\n(.*?)```", section, flags=re.DOTALL):
-        if language == "bash":
-            commands.append(body.strip())
-        else:
-            files[body.splitlines()[0].removeprefix("# ")] = body
+    files, commands = files_and_commands(DOCS, "Adding a sampler policy")
     assert len(commands) == 1 and len(files) == 2, "the section shows one module, one YAML and one command"
     return files, commands[0]
 

@@ -116,6 +116,11 @@ def _(x: Tensor) -> Tensor:
     return x.new_empty(x.shape[1], dtype=torch.float32)
 
 
+def serves_topk(scores: Tensor, k: int) -> bool:
+    """Whether :func:`topk_indices` serves a top-``k`` of ``scores: (n,)``: the kernels are enabled and ``k < n <= TOPK_MAX_N``."""
+    return k < scores.numel() <= TOPK_MAX_N and enabled(scores)
+
+
 @torch.library.custom_op("approxtrain::topk_indices", mutates_args=())
 def topk_indices(scores: Tensor, k: int) -> Tensor:
     """``(k,)`` int64: the indices of the ``k`` largest of ``scores: (n,)``, ascending (``n <= TOPK_MAX_N``)."""
