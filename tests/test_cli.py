@@ -162,19 +162,18 @@ def test_multirun_grid_runs_every_job_and_prints_the_table(cli, tmp_path):
 @pytest.mark.slow
 def test_multirun_records_a_failing_job_and_exits_nonzero(cli, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    process = cli("-m", *SMALL, "logger=none", "ratio=0.5,1.5", f"hydra.sweep.dir={sweep_dir}", timeout=600)
+    process = cli("-m", *SMALL, "logger=none", "layers=paper,gates", f"hydra.sweep.dir={sweep_dir}", timeout=600)
     assert process.returncode != 0
     assert "Traceback" not in process.stdout + process.stderr
-    good = assert_finished(sweep_dir / "0")
-    assert good["ratio"] == 0.5
+    assert_finished(sweep_dir / "0")
     failed = read_results(sweep_dir / "1")
-    assert failed is not None and failed["status"] == "failed" and failed["ratio"] == 1.5
-    assert failed["error"].startswith("ratio=1.5 is invalid")
+    assert failed is not None and failed["status"] == "failed" and failed["sampler"] == "topk"
+    assert failed["error"].startswith("layer rule #1 (match='rnn.*.gates'")  # found when the job builds its model
     assert not (sweep_dir / "1" / "checkpoints").exists()
     lines = process.stderr.strip().splitlines()
     summary = lines.index("approxtrain: 1 job(s) failed:")
     failures = lines[summary + 1 :]
-    assert len(failures) == 1 and failures[0].strip().startswith("job 1 (") and "ratio=1.5" in failures[0]
+    assert len(failures) == 1 and failures[0].strip().startswith("job 1 (") and "layers=gates" in failures[0]
     assert failures[0].endswith(failed["error"])
 
 

@@ -77,11 +77,11 @@ def test_sweep_under_launcher_completes_with_table(launcher, cli, tmp_path):
 
 @pytest.mark.parametrize("launcher", [param for param in each_launcher() if param.values[0] != "basic"])
 def test_sweep_under_launcher_with_a_failed_job_exits_nonzero(launcher, cli, tmp_path):
-    process, sweep_dir = run_sweep(cli, tmp_path, launcher, "ratio=0.5,1.5")
+    process, sweep_dir = run_sweep(cli, tmp_path, launcher, "layers=paper,gates")  # gates: rules no MLP layer matches
     assert process.returncode == 1, process.stderr[-3000:]
     assert read_results(sweep_dir / "0")["status"] == "finished"
     failed = read_results(sweep_dir / "1")
-    assert failed["status"] == "failed" and failed["error"].startswith("ratio=1.5 is invalid")
+    assert failed["status"] == "failed" and failed["error"].startswith("layer rule #1 (match='rnn.*.gates'")
     lines = process.stderr.strip().splitlines()
     summary = lines.index("approxtrain: 1 job(s) failed:")
     assert lines[summary + 1].strip().startswith("job 1 (") and lines[summary + 1].endswith(failed["error"])

@@ -95,9 +95,16 @@ def test_a_two_trial_pareto_search_returns_two_objectives(cli, tmp_path):
 
 @pytest.mark.extra("optuna")
 def test_a_failed_trial_fails_the_search_in_one_line(cli, tmp_path):
-    process = cli("-m", "search=pareto", "hydra.sweeper.n_trials=2", *TINY, "ratio=1.5", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-                  timeout=300)
+    process = cli("-m", "search=pareto", "hydra.sweeper.n_trials=2", *TINY, "layers=gates", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                  timeout=300)  # gates: rules no MLP layer matches, found when the trial builds its model
     assert process.returncode == 1
     assert "Traceback" not in process.stderr
-    assert process.stderr.strip().splitlines()[-1] == (
-        "approxtrain: error: job 0 failed, which ends the Optuna search: ratio=1.5 is invalid; allowed: a number in (0, 1]")
+    assert process.stderr.strip().splitlines()[-1].startswith(
+        "approxtrain: error: job 0 failed, which ends the Optuna search: layer rule #1 (match='rnn.*.gates'")
+
+
+@pytest.mark.extra("optuna")
+def test_a_bad_value_for_every_trial_is_refused_before_the_search(cli, tmp_path):
+    process = cli("-m", "search=pareto", "hydra.sweeper.n_trials=2", *TINY, "trainer.epochs=0", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert process.returncode == 2 and not (tmp_path / "sweep").exists()
+    assert process.stderr.strip().splitlines()[-1] == "approxtrain: error: trainer.epochs=0 is invalid; allowed: an integer in [1, 1000000]"

@@ -102,12 +102,26 @@ def test_negative_grad_clip_is_refused_before_training(run_cfg, run_dir):
     assert results["epochs"] == [] and not list(run_dir.rglob("*.pt"))
 
 
-def test_bad_value_on_the_command_line_exits_1_in_one_line(cli, tmp_path):
-    run_dir = tmp_path / "run"
-    process = cli(*SMALL, "logger=none", f"hydra.run.dir={run_dir}", "trainer.scheduler.milestones=abc")
-    message = assert_clean_failure(process, "trainer.scheduler.milestones='abc' is invalid; allowed: a list of increasing integers")
-    assert process.returncode == 1
-    assert read_results(run_dir)["error"] == message
+@pytest.mark.parametrize("override, line", [
+    ("trainer.scheduler.milestones=abc", "trainer.scheduler.milestones='abc' is invalid; allowed: a list of increasing integers"),
+    ("model.hidden=0", "model.hidden=0 is invalid; allowed: an integer >= 1"),
+    ("ratio=1.5", "ratio=1.5 is invalid; allowed: a number in (0, 1]"),
+])
+def test_bad_value_on_the_command_line_exits_2_before_a_run_dir_exists(override, line, cli, tmp_path):
+    process = cli(*SMALL, "logger=none", override)
+    assert assert_clean_failure(process).startswith(line)
+    assert process.returncode == 2 and not (tmp_path / "outputs").exists()
+
+
+def test_every_job_of_a_basic_sweep_is_validated_before_the_sweep_starts(cli, tmp_path):
+    process = cli("-m", *SMALL, "logger=none", "ratio=0.5,1.5")  # its first job is valid
+    assert assert_clean_failure(process) == "ratio=1.5 is invalid; allowed: a number in (0, 1]"
+    assert process.returncode == 2 and not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_a_bad_value_still_prints_with_cfg(cli):
+    process = cli(*SMALL, "trainer.epochs=0", "--cfg", "job")
+    assert process.returncode == 0 and "epochs: 0" in process.stdout
 
 
 # ---------------------------------------------------------------------------------------------- all-exact warning
@@ -187,3 +201,4 @@ def test_record_failure_does_not_raise_when_results_cannot_be_written(run_cfg, t
         assert trainer.record_failure(ValueError("bad value")) == "bad value"
     assert trainer.results.error == "bad value"
     assert any("could not be recorded" in record.getMessage() for record in caplog.records)
+

@@ -10,11 +10,13 @@ value and what is allowed (:func:`composition_error`).
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir, initialize_config_module
@@ -113,7 +115,8 @@ def compose(command_line: CommandLine, overrides: Sequence[str]) -> DictConfig:
 
 def checked_config(command_line: CommandLine, overrides: Sequence[str], args: Sequence[str]) -> DictConfig:
     """:func:`compose`, then the checks that need the composed config: a model argument's ``${...}``
-    resolves (``model=custom``) and the ``objective`` can be computed. ``ValueError`` (one line; ``args``,
+    resolves (``model=custom``), the ``objective`` can be computed and, for a command line that trains,
+    every value the run depends on is valid (:func:`run_spec_error`). ``ValueError`` (one line; ``args``,
     the command line, names the values) when the config cannot be composed or fails a check."""
     from approxtrain.extras import missing_cluster_line, missing_option_line
 
@@ -127,9 +130,57 @@ def checked_config(command_line: CommandLine, overrides: Sequence[str], args: Se
         raise ValueError(missing_option_line(text) or composition_error_line(text, command_line, args)
                          + dataset_fact_hint(text)) from None
     error_line = missing_cluster_line(str(cfg.hydra.launcher.get("_target_", ""))) or objective_error(cfg)
+    if error_line is None and command_line.trains:
+        error_line = run_spec_error(cfg)
     if error_line is not None:
         raise ValueError(error_line)
     return cfg
+
+
+def job_config(cfg: DictConfig) -> dict[str, Any] | None:
+    """The config a job of ``cfg`` trains with: the composed config without its ``hydra`` node, resolved
+    to plain values; None when it resolves only in the job (``${hydra:...}`` and the like)."""
+    try:
+        return {str(key): OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+                for key in cfg if key != "hydra"}
+    except Exception:  # noqa: BLE001 - resolvable in the job only: the trainer checks it there
+        return None
+
+
+def run_spec_error(cfg: DictConfig) -> str | None:
+    """Why the composed config is no valid run (:func:`approxtrain.config.validate`: the key, the bad
+    value, what is allowed), in one line; None when it is one. Imports the run's code (torch)."""
+    from approxtrain.checks import ConfigError
+    from approxtrain.config import validate
+
+    config = job_config(cfg)
+    if config is None:
+        return None
+    try:
+        validate(config)
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
+def sweep_jobs(overrides: Sequence[str]) -> list[list[str]] | None:
+    """Each job's overrides in a sweep of the basic sweeper (the product of the sweeps' values, as it
+    makes them); None when a sweep has no list of values (``interval(...)``)."""
+    choices = []
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        if not override.is_sweep_override():
+            choices.append([override.input_line])
+            continue
+        try:
+            choices.append([f"{override.get_key_element()}={value}" for value in override.sweep_string_iterator()])
+        except Exception:  # noqa: BLE001 - not a list-like sweep
+            return None
+    return [list(job) for job in itertools.product(*choices)]
+
+
+def uses_basic_sweeper(cfg: DictConfig) -> bool:
+    """Whether ``cfg``'s sweep runs under Hydra's basic sweeper, whose jobs are known before it starts."""
+    return str(cfg.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper")
 
 
 def sweep_line(command_line: CommandLine) -> str | None:
@@ -150,8 +201,9 @@ def sweep_line(command_line: CommandLine) -> str | None:
 
 
 def composition_error(args: list[str]) -> str | None:
-    """Compose the config the command line asks for, as Hydra will, and return the reason it
-    cannot be composed in one line (None when it can). A sweep is checked through its first job."""
+    """Compose the config the command line asks for, as Hydra will, and return the reason it cannot be
+    composed, or is no valid run, in one line (None when it can). A sweep is checked through its first
+    job; under the basic sweeper through every job (their overrides are known before it starts)."""
     command_line = read_command_line(args)
     if command_line is None:
         return None
@@ -160,7 +212,10 @@ def composition_error(args: list[str]) -> str | None:
     except Exception as error:  # noqa: BLE001 - a malformed override: Hydra's reason in one line
         return composition_error_line(str(error), command_line, args)
     try:
-        checked_config(command_line, overrides, args)
+        cfg = checked_config(command_line, overrides, args)
+        if command_line.multirun and command_line.trains and uses_basic_sweeper(cfg):
+            for job in (sweep_jobs(command_line.overrides) or [])[1:]:
+                checked_config(command_line, job, args)
     except ValueError as error:
         return sweep_line(command_line) or str(error)
     return None
