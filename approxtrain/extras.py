@@ -25,6 +25,8 @@ EXTRAS = {
     "joblib": Extra(("hydra_plugins.hydra_joblib_launcher",), ("hydra/launcher/joblib",)),
     "slurm": Extra(("hydra_plugins.hydra_submitit_launcher", "submitit"), ("hydra/launcher/submitit_*",)),
     "optuna": Extra(("hydra_plugins.hydra_optuna_sweeper", "optuna"), ("hydra/sweeper/optuna", "hydra/sweeper/sampler/*")),
+    # third-party model libraries: models built by _target_ (timm.create_model, transformers' classes)
+    "models": Extra(("timm", "transformers"), ()),
 }
 
 

@@ -77,7 +77,46 @@ def _rebind(cls: type, module: nn.Module) -> nn.Module:
     return new
 
 
-class ApproxLinear(nn.Linear):
+class SampledLayer:
+    """What every approximate layer offers the rest of the package, whatever layer it adapts:
+    the product's kind, its weight as that product multiplies it, and where the weight's
+    gradient lands. ``sampling``, ``generator``, ``compute``, ``scoring`` and ``kept_pairs`` are
+    its sampling state (see :class:`ApproxLinear`)."""
+
+    kind = "Linear"  # the product it computes: ``Linear`` (``x W^T``) or ``Conv2d``
+    exact_class: type = nn.Linear  # the layer it adapts: what it is again when made exact
+    sampling: SamplingConfig
+    scoring: PairScoring | None
+
+    def product_weight(self) -> Tensor:
+        """The weight as the product multiplies it: ``(out, n)`` or ``(out, n, kh, kw)`` (a parametrized
+        layer's computed weight)."""
+        return self.weight  # type: ignore[attr-defined]
+
+    @property
+    def pairs(self) -> int:
+        """``n``, the column-row pairs of its forward product (input features / channels)."""
+        return self.in_features  # type: ignore[attr-defined]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """The Parameters its weight is (computed from): ``[weight]``, or a parametrization's originals."""
+        if parametrize.is_parametrized(self, "weight"):  # type: ignore[arg-type]
+            return list(self.parametrizations.weight.parameters())  # type: ignore[attr-defined]
+        return [self.weight]  # type: ignore[attr-defined]
+
+    def sliced_gradients(self) -> dict[nn.Parameter, int]:
+        """The Parameters whose gradient is zero outside the kept pairs, with the dim the pairs index
+        (none for a parametrized weight: the parametrization spreads its gradient over every pair)."""
+        if parametrize.is_parametrized(self, "weight"):  # type: ignore[arg-type]
+            return {}
+        return {self.weight: 1}  # type: ignore[attr-defined]
+
+    def _start_sampling(self, sampling: SamplingConfig, generator: torch.Generator | None) -> None:
+        self.sampling, self.generator, self.compute, self.scoring = sampling, generator, None, None
+        self.kept_pairs = KeptPairs()
+
+
+class ApproxLinear(SampledLayer, nn.Linear):
     """``nn.Linear`` whose product samples input features while training.
 
     Shapes: input ``(*, in_features)``, output ``(*, out_features)``.
@@ -127,8 +166,7 @@ class ApproxLinear(nn.Linear):
         """An approximate layer sharing ``module``'s parameters (no copy of the Parameter
         objects; the weight's storage is re-laid out column-major unless told not to)."""
         new = _rebind(cls, module)
-        new.sampling, new.generator, new.compute, new.scoring = sampling, generator, None, None
-        new.kept_pairs = KeptPairs()  # a parametrized weight is computed: left as it comes
+        new._start_sampling(sampling, generator)  # a parametrized weight is computed: left as it comes
         if column_major_weight and not parametrize.is_parametrized(new, "weight"):
             _store_column_major_(new.weight)
         return new
@@ -143,7 +181,7 @@ class ApproxLinear(nn.Linear):
         return f"{super().extra_repr()}, {_describe(self.sampling, self.in_features)}"
 
 
-class ApproxConv2d(nn.Conv2d):
+class ApproxConv2d(SampledLayer, nn.Conv2d):
     """``nn.Conv2d`` (groups = 1) whose convolution samples input channels while training.
 
     Shapes: input ``(N, C_in, H, W)``, output ``(N, C_out, H_out, W_out)``.
@@ -157,6 +195,8 @@ class ApproxConv2d(nn.Conv2d):
         >>> conv(torch.randn(2, 8, 6, 6)).shape
         torch.Size([2, 4, 4, 4])
     """
+
+    kind, exact_class = "Conv2d", nn.Conv2d
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] = 1,
                  padding: int | tuple[int, int] | str = 0, dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = True,
@@ -178,8 +218,7 @@ class ApproxConv2d(nn.Conv2d):
         if module.groups != 1:
             raise ValueError(f"conv groups={module.groups} cannot be sampled; allowed: groups=1 (grouped convolutions stay exact)")
         new = _rebind(cls, module)
-        new.sampling, new.generator, new.compute, new.scoring = sampling, generator, None, None
-        new.kept_pairs = KeptPairs()
+        new._start_sampling(sampling, generator)
         return new
 
     def _padded(self, input: Tensor) -> tuple[Tensor, tuple[int, int] | str]:
@@ -199,5 +238,50 @@ class ApproxConv2d(nn.Conv2d):
         return approx_conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation,
                              self.sampling, self.generator, self.compute, self.scoring, self.kept_pairs)
 
+    @property
+    def pairs(self) -> int:
+        return self.in_channels
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {_describe(self.sampling, self.in_channels)}"
+
+
+class _Conv1DSampling(SampledLayer):
+    """The sampling of a Hugging Face ``Conv1D`` (GPT-2 family): ``x @ W + b`` with ``W`` stored
+    ``(n, out)`` -- a Linear's product with the weight transposed, so it samples the ``n`` input
+    features as :class:`ApproxLinear` does, its Parameters (and ``state_dict``) untouched.
+    Mixed into a subclass of the layer's own class by :func:`approx_conv1d`."""
+
+    def product_weight(self) -> Tensor:
+        return self.weight.t()  # type: ignore[attr-defined]
+
+    @property
+    def pairs(self) -> int:
+        return self.nx  # type: ignore[attr-defined]
+
+    def sliced_gradients(self) -> dict[nn.Parameter, int]:
+        return {self.weight: 0} if not parametrize.is_parametrized(self, "weight") else {}  # type: ignore
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(input)  # type: ignore[misc]
+        return approx_linear(input, self.product_weight(), self.bias, self.sampling,  # type: ignore[attr-defined]
+                             self.generator, self.compute, self.scoring, self.kept_pairs)
+
+    def __repr__(self) -> str:
+        return f"Approx{self.exact_class.__name__}(nf={self.nf}, nx={self.nx}, {_describe(self.sampling, self.nx)})"  # type: ignore
+
+
+_CONV1D_CLASSES: dict[type, type] = {}
+
+
+def approx_conv1d(module: nn.Module, sampling: SamplingConfig, generator: torch.Generator | None = None) -> nn.Module:
+    """A sampled twin of a Hugging Face ``Conv1D`` sharing its Parameters: an instance of a subclass of
+    the layer's own class (``isinstance`` checks hold), made once per class."""
+    base = type(module)
+    if base not in _CONV1D_CLASSES:
+        _CONV1D_CLASSES[base] = type(f"Approx{base.__name__}", (_Conv1DSampling, base),
+                                     {"exact_class": base, "__module__": __name__})
+    new = _rebind(_CONV1D_CLASSES[base], module)
+    new._start_sampling(sampling, generator)
+    return new

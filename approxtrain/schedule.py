@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from approxtrain import functional
-from approxtrain.modules import ApproxConv2d, ApproxLinear
+from approxtrain.modules import SampledLayer
 from approxtrain.sampling import SamplingConfig
 
 SCHEDULES = ("constant", "warmup", "linear", "cosine", "step", "adaptive")
@@ -93,21 +93,21 @@ class RatioSchedule:
         return 1.0
 
 
-def sampled_layers(model: nn.Module) -> dict[str, ApproxLinear | ApproxConv2d]:
+def sampled_layers(model: nn.Module) -> dict[str, SampledLayer]:
     """The model's approximate layers by qualified name."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, (ApproxLinear, ApproxConv2d))}
+    return {name: module for name, module in model.named_modules() if isinstance(module, SampledLayer)}
 
 
-def layer_pairs(module: ApproxLinear | ApproxConv2d) -> int:
+def layer_pairs(module: SampledLayer) -> int:
     """``n``, the column-row pairs of the layer's forward product (input features / channels)."""
-    return module.weight.shape[1]
+    return module.pairs
 
 
 @torch.no_grad()
-def pair_scores(module: ApproxLinear | ApproxConv2d, input: Tensor) -> Tensor:
+def pair_scores(module: SampledLayer, input: Tensor) -> Tensor:
     """The layer's pair scores ``|A^(i)| |B_(i)|`` for ``input`` (as its forward scores them), float32 ``(n,)``."""
-    weight = module.weight
-    if isinstance(module, ApproxLinear):
+    weight = module.product_weight()
+    if module.kind == "Linear":
         input = input.reshape(-1, weight.shape[1])
     # the layer's own scoring: under data-parallel training every process then decides the same k
     return functional.pair_scores(input, 1, weight, 1, module.scoring).float()

@@ -26,13 +26,14 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from approxtrain.accounting import ComputeMeter, LayerShape, ProductMACs, compute_reduction, lstm_stack_macs, sampled_macs
+from approxtrain.adapters import adapter_of
 from approxtrain.attention import ProjectedMultiheadAttention, unsupported
-from approxtrain.modules import ApproxConv2d, ApproxLinear, _rebind, weight_requires_grad
+from approxtrain.modules import ApproxConv2d, ApproxLinear, SampledLayer, _rebind, weight_requires_grad
 from approxtrain.sampling import SamplingConfig
 
 LAYER_TYPES = ("Linear", "Conv2d")
-_NO_LAYERS = ("none (the model has no nn.Linear/nn.Conv2d layer: products it computes with torch.nn.functional "
-              "or raw Parameters cannot be sampled)")
+_NO_LAYERS = ("none (the model has no nn.Linear/nn.Conv2d layer nor one surgery adapts: products it computes with "
+              "torch.nn.functional or raw Parameters cannot be sampled)")
 POSITIONS = ("first", "last")
 _RULE_KEYS = ("match", "type", "exact", "position")
 
@@ -187,22 +188,17 @@ class Plan:
 
 
 def _layer_type(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
-        return "Linear"
-    if isinstance(module, nn.Conv2d):
-        return "Conv2d"
+    """The product a layer computes (``Linear``, ``Conv2d``: see :mod:`approxtrain.adapters`), ``LSTM``, or None."""
     if isinstance(module, nn.LSTM):
         return "LSTM"
-    return None
+    adapter = adapter_of(module)
+    return adapter.kind if adapter is not None else None
 
 
 def _pairs(module: nn.Module) -> int:
-    if isinstance(module, nn.Linear):
-        return module.in_features
-    if isinstance(module, nn.Conv2d):
-        return module.in_channels // module.groups
-    assert isinstance(module, nn.LSTM)
-    return module.input_size + module.hidden_size
+    if isinstance(module, nn.LSTM):
+        return module.input_size + module.hidden_size
+    return adapter_of(module).pairs(module)  # type: ignore[union-attr]
 
 
 def _positions(names: Sequence[str]) -> dict[str, tuple[str, ...]]:
@@ -219,13 +215,10 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _as_exact(module: nn.Module) -> nn.Module:
-    if isinstance(module, ApproxLinear):
-        base: nn.Module = _rebind(nn.Linear, module)
-    elif isinstance(module, ApproxConv2d):
-        base = _rebind(nn.Conv2d, module)
-    else:
+    if not isinstance(module, SampledLayer):
         return module
-    for attribute in ("sampling", "generator", "compute", "scoring"):
+    base = _rebind(module.exact_class, module)
+    for attribute in ("sampling", "generator", "compute", "scoring", "kept_pairs"):
         base.__dict__.pop(attribute, None)
     return base
 
@@ -239,6 +232,8 @@ _OURS = {nn.Linear: ApproxLinear, nn.Conv2d: ApproxConv2d}
 def own_computation(module: nn.Module) -> str | None:
     """Why surgery cannot reproduce ``module``'s products (a Linear/Conv2d subclass overriding
     ``forward``/``_conv_forward``: ``"StdConv2d overrides forward"``); None when it can."""
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        return None  # an adapted layer: its adapter reproduces it
     base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
     for method in _REPRODUCED[base]:
         if getattr(type(module), method) not in (getattr(base, method), getattr(_OURS[base], method)):
@@ -262,9 +257,8 @@ def _swap_layer(model: nn.Module, name: str, module: nn.Module, index: int | Non
         note = f"groups={module.groups} > 1: kept exact"
     else:
         sampling = rule.sampling
-        base = _as_exact(module)
-        new = (ApproxLinear.from_linear(base, sampling, generator) if isinstance(base, nn.Linear)
-               else ApproxConv2d.from_conv2d(base, sampling, generator))
+        adapter = adapter_of(module)
+        new, note = adapter.approximate(_as_exact(module), sampling, generator), adapter.note  # type: ignore[union-attr]
     if new is not module:
         _set_submodule(model, name, new)
     n = _pairs(module)
@@ -292,6 +286,26 @@ def _exact_products_rows(name: str, module: nn.Module) -> list[PlanRow]:
         return []
     return [PlanRow(name or "(model)", type(module).__name__, 0, 0, 1.0, "exact", None,
                     f"{', '.join(weights)}: not a Linear/Conv2d/LSTM weight, its products exact; not in the MACs")]
+
+
+def _unused_rule_message(index: int, rules: Sequence[LayerRule], rows: Sequence[PlanRow], layers: Mapping[str, nn.Module],
+                         positions: Mapping[str, tuple[str, ...]]) -> str:
+    """Why rule ``index`` selects no layer: the layers it would select took an earlier rule (a model
+    whose one layer is both first and last), or none fits it; the layers and the products surgery cannot sample."""
+    rule = rules[index]
+    head = f"layer rule #{index + 1} ({rule.describe()}) matches no layer"
+    taken = [row for row in rows if row.type in LAYER_TYPES and row.rule is not None and row.rule < index
+             and rule.matches(row.name, layers[row.name], positions.get(row.name, ()))]
+    if taken:
+        said = ", ".join(f"{row.name} took rule #{row.rule + 1}" for row in taken[:3])  # type: ignore[operator]
+        return f"{head}: every layer it selects took an earlier rule first ({said}); layers: {_layer_names(rows)}"
+    unsampled = [f"{row.name} ({row.type})" for row in rows if row.type not in (*LAYER_TYPES, "LSTM", "Attention")]
+    cannot = f"; products surgery cannot sample: {', '.join(unsampled[:5])}" if unsampled else ""
+    return f"{head}; layers: {_layer_names(rows)}{cannot}"
+
+
+def _layer_names(rows: Sequence[PlanRow]) -> str:
+    return ", ".join(row.name for row in rows if row.type in LAYER_TYPES) or _NO_LAYERS
 
 
 def approximate_(
@@ -359,10 +373,9 @@ def approximate_(
         if index is not None:
             used[index] = True
         rows.append(_swap_layer(model, name, module, index, rules[index] if index is not None else None, generator))
-    for index, rule in enumerate(rules):
-        if not used[index]:
-            names = ", ".join(name for name, module in layers if _layer_type(module) in LAYER_TYPES) or _NO_LAYERS
-            raise ValueError(f"layer rule #{index + 1} ({rule.describe()}) matches no layer; layers: {names}")
+    unused = used.index(False) if not all(used) else None
+    if unused is not None:
+        raise ValueError(_unused_rule_message(unused, rules, rows, dict(layers), positions))
     plan = Plan(rows, batch_size)
     if example_input is not None:
         _fill_macs(model, plan, example_input, batch_size)
@@ -396,8 +409,9 @@ class _Call:
 def _layer_shape(module: nn.Module, input_shape: Sequence[int], output_shape: Sequence[int],
                  factor: float = 1.0) -> LayerShape:
     """A Linear's or Conv2d's :class:`LayerShape` in one call, its batch scaled by ``factor``."""
-    if isinstance(module, nn.Linear):
-        return LayerShape.linear(round(math.prod(input_shape[:-1]) * factor), module.in_features, module.out_features)
+    adapter = adapter_of(module)
+    if adapter is not None and adapter.kind == "Linear":
+        return LayerShape.linear(round(math.prod(input_shape[:-1]) * factor), adapter.pairs(module), adapter.outputs(module))
     assert isinstance(module, nn.Conv2d)
     return LayerShape.conv2d(round(output_shape[0] * factor), module.in_channels, module.out_channels,
                              module.kernel_size, output_shape[2:], module.groups)
@@ -468,7 +482,7 @@ def _fill_macs(model: nn.Module, plan: Plan, example_input: Any, batch_size: int
             row.note = "never called as a module (its weight is used directly): its products exact; not in the MACs"
         exact = approx = ProductMACs()
         for call in calls[row.name]:
-            if isinstance(module, (ApproxLinear, ApproxConv2d)):
+            if isinstance(module, SampledLayer):
                 e, a = _approx_layer_macs(module, call, factor)
             else:
                 e = _scale(exact_layer_macs(module, call.input_shape, call.output_shape, call.input_grad,
@@ -501,13 +515,13 @@ def attach_meter(model: nn.Module, meter: ComputeMeter) -> list[RemovableHandle]
     """
     handles: list[RemovableHandle] = []
     for name, module in model.named_modules():
-        if isinstance(module, (ApproxLinear, ApproxConv2d)):
+        if isinstance(module, SampledLayer):
             module.compute = meter.entry(name)
         elif _layer_type(module) is not None:
             entry = meter.entry(name)
 
             def count(module: nn.Module, args: tuple, output: Any, entry=entry) -> None:
-                if not module.training or isinstance(module, (ApproxLinear, ApproxConv2d)):
+                if not module.training or isinstance(module, SampledLayer):
                     return  # an approximate layer records its own products
                 out = output[0] if isinstance(output, tuple) else output
                 grad = torch.is_grad_enabled()

@@ -9,7 +9,8 @@ Every ``every`` steps, per approximate layer:
   pairs would drop, a lower bound);
 * ``grad_cosine``: the cosine similarity of the weight gradient the step computed with the exact
   one, from one extra exact forward and backward on the same batch (same dropout masks: the
-  random state is replayed; nothing else changes).
+  random state is replayed; nothing else changes). A parametrized weight (``weight_norm``) is
+  computed: the gradient compared is that of the Parameters it is computed from, together.
 
 Used in a loop of one's own::
 
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from approxtrain.modules import ApproxConv2d, ApproxLinear
+from approxtrain.modules import SampledLayer
 from approxtrain.schedule import discarded_share, layer_pairs, pair_scores, sampled_layers
 
 
@@ -83,19 +84,26 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _product(module: ApproxLinear | ApproxConv2d, input: Tensor) -> Tensor:
+def _product(module: SampledLayer, input: Tensor) -> Tensor:
     """The layer's exact product, without bias, in float32 (``_conv_forward`` pads as the layer does)."""
-    weight = module.weight.float()
-    if isinstance(module, ApproxLinear):
+    weight = module.product_weight().float()
+    if module.kind == "Linear":
         return F.linear(input.float(), weight)
-    return module._conv_forward(input.float(), weight, None)
+    return module._conv_forward(input.float(), weight, None)  # type: ignore[attr-defined]
 
 
-def _without_bias(module: ApproxLinear | ApproxConv2d, output: Tensor) -> Tensor:
-    if module.bias is None:
+def _without_bias(module: SampledLayer, output: Tensor) -> Tensor:
+    if module.bias is None:  # type: ignore[attr-defined]
         return output.float()
-    shape = (-1,) if isinstance(module, ApproxLinear) else (-1, 1, 1)
-    return output.float() - module.bias.float().view(shape)
+    shape = (-1,) if module.kind == "Linear" else (-1, 1, 1)
+    return output.float() - module.bias.float().view(shape)  # type: ignore[attr-defined]
+
+
+def _weight_gradient(module: SampledLayer) -> Tensor | None:
+    """The step's gradient of the Parameters the layer's weight is (computed from), flattened together;
+    None when they take none."""
+    grads = [parameter.grad for parameter in module.weight_parameters()]
+    return None if any(grad is None for grad in grads) else torch.cat([grad.flatten() for grad in grads])  # type: ignore
 
 
 def _cosine(a: Tensor, b: Tensor) -> float:
@@ -105,7 +113,7 @@ def _cosine(a: Tensor, b: Tensor) -> float:
 
 
 @contextmanager
-def exact_layers(layers: dict[str, ApproxLinear | ApproxConv2d]) -> Iterator[None]:
+def exact_layers(layers: dict[str, SampledLayer]) -> Iterator[None]:
     """Inside, every layer of ``layers`` runs its exact products (policy ``exact``)."""
     saved = {name: module.sampling for name, module in layers.items()}
     try:
@@ -150,21 +158,35 @@ class Telemetry:
         for handle in probe.handles:
             handle.remove()
         rows = {name: self._forward_row(name, *probe.calls[name], step, epoch) for name in self.layers if name in probe.calls}
-        approx = {name: self.layers[name].weight.grad for name in rows}
+        approx = {name: _weight_gradient(self.layers[name]) for name in rows}
         trained = [name for name in rows if approx[name] is not None]
         if trained:
-            after = _rng_state()
-            _set_rng_state(probe.rng)
-            try:
-                with torch.enable_grad(), exact_layers(self.layers):
-                    exact = torch.autograd.grad(exact_loss(), [self.layers[name].weight for name in trained], allow_unused=True)
-            finally:
-                _set_rng_state(after)
-            if average is not None:
-                exact = tuple(average(grad) if grad is not None else None for grad in exact)
-            for name, grad in zip(trained, exact):
-                rows[name].grad_cosine = _cosine(approx[name], grad) if grad is not None else None
+            exact = self._exact_gradients(trained, exact_loss, probe.rng, average)
+            for name in trained:
+                if exact[name] is not None:
+                    rows[name].grad_cosine = _cosine(approx[name], exact[name])  # type: ignore[arg-type]
         return list(rows.values())
+
+    def _exact_gradients(self, names: list[str], exact_loss: Callable[[], Tensor], rng: dict[str, Any],
+                         average: Callable[[Tensor], Tensor] | None) -> dict[str, Tensor | None]:
+        """Each named layer's weight gradient (as :func:`_weight_gradient` flattens it) from ``exact_loss()``
+        run with exact layers from the random state ``rng``; None for a layer the loss does not reach."""
+        parameters = {name: self.layers[name].weight_parameters() for name in names}
+        after = _rng_state()
+        _set_rng_state(rng)
+        try:
+            with torch.enable_grad(), exact_layers(self.layers):
+                flat = torch.autograd.grad(exact_loss(), [p for name in names for p in parameters[name]], allow_unused=True)
+        finally:
+            _set_rng_state(after)
+        if average is not None:
+            flat = tuple(average(grad) if grad is not None else None for grad in flat)
+        grads, start = {}, 0
+        for name in names:
+            own = flat[start:start + len(parameters[name])]
+            start += len(own)
+            grads[name] = None if any(g is None for g in own) else torch.cat([g.flatten() for g in own])  # type: ignore
+        return grads
 
     @torch.no_grad()
     def _forward_row(self, name: str, input: Tensor, output: Tensor, step: int, epoch: int | None) -> LayerTelemetry:

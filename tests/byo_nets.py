@@ -87,3 +87,19 @@ class OutputNet(SmallConvNet):
         logits = super().forward(x)
         return {"dataclass": lambda: ClassifierOutput(logits), "dict": lambda: {"logits": logits},
                 "tuple": lambda: (logits, x), "str": lambda: "logits"}[self.returns]()
+
+
+class HFConv1D(nn.Module):
+    """transformers.pytorch_utils.Conv1D as it is written (GPT-2's layers): x @ W + b, W stored (nx, nf)."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.nf)
+
+
+HFConv1D.__module__, HFConv1D.__qualname__ = "transformers.pytorch_utils", "Conv1D"  # recognised by name, no import

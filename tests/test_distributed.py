@@ -27,14 +27,15 @@ from approxtrain.data.order import EpochShuffle, derived_seed
 from approxtrain.data.text import TokenBatches
 from approxtrain.extras import MissingExtra
 from approxtrain.functional import PairScoring, approx_linear
-from approxtrain.modules import ApproxLinear
+from approxtrain.modules import ApproxLinear, approx_conv1d
 from approxtrain.run.checkpoint import load_checkpoint
-from approxtrain.run.distributed import Distributed, GradientAllReduce, _comm_hook
+from approxtrain.run.distributed import Distributed, GradientAllReduce, SlicedGradient, _comm_hook
 from approxtrain.run.launch import Launch, launched, lead
 from approxtrain.run.rundir import checkpoint_path
 from approxtrain.run.schema import read_results
 from approxtrain.run.trainer import RANK_STREAM, Trainer
 from approxtrain.sampling import SamplingConfig
+from byo_nets import HFConv1D
 from conftest import approxtrain_command
 
 RUN_TIMEOUT_S = 240  # a whole 2-rank test run; a hung rank fails the test after this
@@ -158,7 +159,7 @@ def test_sampled_allreduce_sends_the_kept_columns_only(one_rank_group):
     model[0].scoring = scoring
     reference_grads = torch.autograd.grad(reference(x).square().sum(), list(reference.parameters()))
     assert Distributed(allreduce="sampled").wrap(model, torch.device("cpu")) is model  # one process: no DDP
-    hook = GradientAllReduce(one_rank_group, "sampled", {model[0].weight: scoring})
+    hook = GradientAllReduce(one_rank_group, "sampled", {model[0].weight: SlicedGradient(scoring, 1)})
     ddp = nn.parallel.DistributedDataParallel(model)
     ddp.register_comm_hook(hook, _comm_hook)
     ddp(x).square().sum().backward()
@@ -168,6 +169,24 @@ def test_sampled_allreduce_sends_the_kept_columns_only(one_rank_group):
     assert hook.sent.exact_bytes == full
     assert hook.sent.actual_bytes == full - 30 * 30 * 4  # 10 of 40 input columns of the 30x40 weight sent
     assert scoring.kept == []  # read and cleared
+
+
+def test_sampled_allreduce_of_a_transformers_conv1d_sends_its_kept_rows(one_rank_group):
+    """A transformers Conv1D stores its weight (n, out): its kept input features are rows (dim 0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 40), nn.ReLU(), approx_conv1d(HFConv1D(nf=30, nx=40), SamplingConfig("topk", ratio=0.25)))
+    reference = nn.Sequential(*(module for module in model))
+    x = torch.randn(16, 8)
+    sliced = Distributed(selection="weights").attach(model)
+    assert [(parameter is model[2].weight, dim) for parameter, (_, dim) in sliced.items()] == [(True, 0)]
+    reference_grads = torch.autograd.grad(reference(x).square().sum(), list(reference.parameters()))
+    hook = GradientAllReduce(one_rank_group, "sampled", sliced)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    ddp.register_comm_hook(hook, _comm_hook)
+    ddp(x).square().sum().backward()
+    for parameter, expected in zip(model.parameters(), reference_grads):
+        torch.testing.assert_close(parameter.grad, expected)
+    assert hook.sent.exact_bytes - hook.sent.actual_bytes == 30 * 30 * 4  # 10 of the 40 rows of the 40x30 weight sent
 
 
 def test_sampled_allreduce_is_refused_with_local_selection(run_cfg, run_dir):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from torch import nn
+from torch.nn.utils import parametrizations
 
 from approxtrain.config import ConfigError, validate
 from approxtrain.modules import ApproxLinear
@@ -51,7 +52,21 @@ def test_attach_gives_each_layer_its_modes_scoring():
                           ApproxLinear(4, 2, sampling=SamplingConfig("topk", ratio=0.5)))
     scorings = Distributed(selection="weights").attach(model)
     assert list(scorings) == [model[0].weight, model[2].weight]
-    assert all(layer.scoring is scorings[layer.weight] and layer.scoring.weights_only for layer in (model[0], model[2]))
+    assert all(layer.scoring is scorings[layer.weight].scoring and layer.scoring.weights_only for layer in (model[0], model[2]))
+    assert {sliced.dim for sliced in scorings.values()} == {1}  # the input features: a Linear weight's columns
     assert model[0].scoring is not model[2].scoring  # each layer its own (its kept slices are its own)
     assert Distributed(selection="global").attach(model) == {}  # one process: the layers' scorings are left as they are
-    assert model[0].scoring is scorings[model[0].weight]
+    assert model[0].scoring is scorings[model[0].weight].scoring
+
+
+def test_attach_keys_by_parameters_and_leaves_a_parametrized_weights_gradient_whole():
+    """A parametrized layer's weight is computed anew at each access: its gradient lands in the
+    parametrization's own Parameters, dense (weight_norm's spreads over every input feature), so it is
+    all-reduced in full; the layer still gets its scoring (the selection is shared)."""
+    half = SamplingConfig("topk", ratio=0.5)
+    model = nn.Sequential(ApproxLinear.from_linear(parametrizations.weight_norm(nn.Linear(6, 4)), half), nn.ReLU(),
+                          ApproxLinear(4, 2, sampling=half))
+    scorings = Distributed(selection="weights").attach(model)
+    parameters = set(model.parameters())
+    assert all(parameter in parameters for parameter in scorings) and list(scorings) == [model[2].weight]
+    assert model[0].scoring is not None and model[0].scoring.weights_only

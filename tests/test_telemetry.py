@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations
 
 from approxtrain import approximate_
 from approxtrain.run.schema import read_results
@@ -12,6 +13,7 @@ from approxtrain.run.trainer import Trainer
 from approxtrain.sampling import SamplingConfig
 from approxtrain.surgery import LayerRule
 from approxtrain.telemetry import Telemetry
+from byo_nets import HFConv1D
 
 DIGITS = ("model=mlp", "dataset=digits", "dataset.batch_size=200")
 
@@ -23,13 +25,22 @@ def _measured(model: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> list:
     return telemetry.measure(probe, lambda: (model(x) * weights).sum(), step=0)
 
 
-@pytest.mark.parametrize("layer", ["linear", "conv"])
-def test_ratio_one_measures_no_error(layer):
+def _model(layer: str) -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 3)) if layer == "linear" else \
-        nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.Tanh(), nn.Conv2d(5, 2, 3))
+    if layer == "conv":
+        return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.Tanh(), nn.Conv2d(5, 2, 3))
+    if layer == "weight_norm":  # a parametrized weight: its gradient is weight_g's and weight_v's
+        return nn.Sequential(parametrizations.weight_norm(nn.Linear(12, 6)), nn.Tanh(), nn.Linear(6, 3))
+    if layer == "conv1d":  # transformers' Conv1D: its weight stored (n, out)
+        return nn.Sequential(HFConv1D(nf=6, nx=12), nn.Tanh(), nn.Linear(6, 3))
+    return nn.Sequential(nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv", "weight_norm", "conv1d"])
+def test_ratio_one_measures_no_error(layer):
+    model = _model(layer)
     approximate_(model, [LayerRule(sampling=SamplingConfig("nps", 1.0, replacement=False))])
-    x = torch.randn(4, 12) if layer == "linear" else torch.randn(2, 3, 6, 6)
+    x = torch.randn(2, 3, 6, 6) if layer == "conv" else torch.randn(4, 12)
     rows = _measured(model, x, torch.randn_like(model(x)))
     assert len(rows) == 2
     for row in rows:

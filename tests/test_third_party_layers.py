@@ -13,11 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
+from approxtrain.accounting import ComputeMeter, ProductMACs
 from approxtrain.modules import ApproxConv2d, ApproxLinear
 from approxtrain.run.schema import read_results
 from approxtrain.run.trainer import Trainer
 from approxtrain.sampling import SamplingConfig
-from approxtrain.surgery import approximate_, rules_from_dicts
+from approxtrain.surgery import approximate_, attach_meter, rules_from_dicts
+from byo_nets import HFConv1D
 
 TOPK_HALF = SamplingConfig("topk", ratio=0.5)
 TOPK_ALL = SamplingConfig("topk", ratio=1.0)
@@ -126,6 +128,53 @@ def test_parametrized_layers_train_at_half_ratio():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]  # it fits the 16 examples (exact training: 1.6 -> 0.15)
+
+
+def conv1d_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), HFConv1D(nf=10, nx=12), nn.ReLU(), HFConv1D(nf=4, nx=10))
+
+
+def test_hf_conv1d_is_sampled_as_a_linear_of_its_input_features():
+    x, target = torch.randn(3, 5, 6), torch.randn(3, 5, 4)
+    exact, model = conv1d_net(), conv1d_net()
+    plan = approximate_(model, rules_from_dicts([{"match": "0", "exact": True}, {}], TOPK_ALL), example_input=x, batch_size=3)
+    rows = {row.name: row for row in plan.rows}
+    assert [(rows[name].type, rows[name].n, rows[name].policy) for name in ("2", "4")] == [("Linear", 12, "topk"), ("Linear", 10, "topk")]
+    assert rows["2"].note.startswith("transformers Conv1D")
+    assert isinstance(model[2], HFConv1D) and model[2].weight is not None and sorted(model.state_dict()) == sorted(exact.state_dict())
+    # MACs: 15 rows x 12 x 10 per product, all three (its input needs a gradient)
+    assert rows["2"].exact_macs == ProductMACs(15 * 12 * 10, 15 * 12 * 10, 15 * 12 * 10)
+    model.train()
+    torch.testing.assert_close(model(x), exact(x))  # ratio 1.0: every pair kept
+    F.mse_loss(model(x), target).backward()
+    F.mse_loss(exact(x), target).backward()
+    for (name, gradient), (_, expected) in zip(model.named_parameters(), exact.named_parameters()):
+        torch.testing.assert_close(gradient.grad, expected.grad, msg=name)
+
+
+def test_hf_conv1d_at_half_ratio_keeps_half_its_input_features_and_meters_them():
+    model, x = conv1d_net(), torch.randn(3, 5, 6)
+    plan = approximate_(model, rules_from_dicts([{}], TOPK_HALF), example_input=x)
+    assert {row.name: row.k for row in plan.rows} == {"0": 3, "2": 6, "4": 5}
+    meter = ComputeMeter()
+    attach_meter(model, meter)
+    model.train()
+    model(x).sum().backward()
+    assert meter.entries["2"].exact.forward == 15 * 12 * 10 and meter.entries["2"].actual.forward == 15 * 6 * 10
+    assert model[2].weight.grad.abs().sum(dim=1).count_nonzero() == 6  # the kept input features: rows of W (nx, nf)
+    assert plan.approx_macs == meter.actual.total and plan.exact_macs == meter.exact.total
+    surgery_exact = conv1d_net()
+    approximate_(surgery_exact, rules_from_dicts([{"exact": True}], TOPK_HALF))
+    assert type(surgery_exact[2]) is HFConv1D  # made exact again: its own class
+
+
+def test_a_rule_left_without_a_layer_says_an_earlier_rule_took_it():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))  # its one layer is both first and last
+    with pytest.raises(ValueError) as error:
+        approximate_(model, rules_from_dicts([{"position": "first", "exact": True}, {"position": "last", "exact": True}], TOPK_HALF))
+    assert str(error.value) == ("layer rule #2 (position='last' exact) matches no layer: every layer it selects took an "
+                                "earlier rule first (1 took rule #1); layers: 1")
 
 
 FUNCTIONAL_NET = ("model=custom", "model._target_=byo_nets.FunctionalNet", "+model.in_channels=${dataset_info:in_channels}",

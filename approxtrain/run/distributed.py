@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from approxtrain.functional import PairScoring
-from approxtrain.modules import ApproxConv2d, ApproxLinear
+from approxtrain.modules import SampledLayer
 from approxtrain.run.selection_modes import get_selection_mode
 from approxtrain.spec import DistributedSpec
 
@@ -96,18 +96,20 @@ class Distributed:
         dist.all_reduce(squares, group=self.group)
         return squares.sqrt_().to(norms.dtype)
 
-    def attach(self, model: nn.Module) -> dict[nn.Parameter, PairScoring]:
+    def attach(self, model: nn.Module) -> dict[nn.Parameter, SlicedGradient]:
         """Give every approximated layer of ``model`` the :class:`PairScoring` its selection mode
         (:mod:`approxtrain.run.selection_modes`) says (none where the default -- local scores on
-        one process -- holds: a layer's scoring is then left as it is); returns them by weight."""
+        one process -- holds: a layer's scoring is then left as it is); returns them by the Parameters
+        whose gradient is zero outside the kept pairs (a parametrized weight's is not: none)."""
         mode = get_selection_mode(self.selection)
-        scorings = {}
+        sliced = {}
         for layer in model.modules():
-            if isinstance(layer, (ApproxLinear, ApproxConv2d)):
+            if isinstance(layer, SampledLayer):
                 scoring = mode.scoring(self._input_norms, self.world_size)
                 if scoring is not None:
-                    layer.scoring = scorings[layer.weight] = scoring
-        return scorings
+                    layer.scoring = scoring
+                    sliced.update({parameter: SlicedGradient(scoring, dim) for parameter, dim in layer.sliced_gradients().items()})
+        return sliced
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         """``model`` in DDP with :class:`GradientAllReduce` as its comm hook (one process: ``model``);
@@ -150,6 +152,14 @@ def _comm_hook(state, bucket):  # (no annotations: DDP checks them against its o
     return state.reduce(bucket)
 
 
+class SlicedGradient(NamedTuple):
+    """A Parameter's gradient that is zero outside its layer's kept pairs: the layer's scoring
+    (which records them) and the dim of the gradient they index."""
+
+    scoring: PairScoring
+    dim: int
+
+
 @dataclass
 class GradientAllReduce:
     """DDP comm-hook state: averages each bucket over the ranks, asynchronously (overlapped with the
@@ -157,21 +167,21 @@ class GradientAllReduce:
 
     ``mode``: ``full`` (DDP's default all-reduce) or ``sampled``: the gradient of an approximated
     layer's weight is zero outside the input features / channels its forward kept (on every rank,
-    when they keep the same ones), so only those slices (dim 1) are packed, all-reduced and
-    unpacked; everything else goes in full.
-    ``scorings`` maps a weight to its layer's :class:`PairScoring`, whose ``kept`` it reads and clears.
+    when they keep the same ones), so only those slices (dim 1 of a Linear's weight, dim 0 of a
+    transformers Conv1D's) are packed, all-reduced and unpacked; everything else goes in full.
+    ``scorings`` maps such a weight to its :class:`SlicedGradient`, whose scoring's ``kept`` it reads and clears.
     """
 
     group: Any
     mode: str = "full"
-    scorings: dict[nn.Parameter, PairScoring] = field(default_factory=dict)
+    scorings: dict[nn.Parameter, SlicedGradient] = field(default_factory=dict)
     sent: Communication = field(default_factory=Communication)
 
     def __post_init__(self) -> None:
         if self.mode not in ("full", "sampled"):
             raise ValueError(f"gradient all-reduce mode={self.mode!r} is invalid; allowed: full, sampled")
-        for scoring in self.scorings.values():
-            scoring.kept = []
+        for sliced in self.scorings.values():
+            sliced.scoring.kept = []
 
     def reduce(self, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
         buffer = bucket.buffer()
@@ -181,33 +191,37 @@ class GradientAllReduce:
             return default_hooks.allreduce_hook(self.group, bucket)
         return self._sampled(bucket)
 
-    def _kept(self, parameter: Tensor) -> Tensor | None:
-        """The input features / channels ``parameter``'s gradient may be non-zero at (None: all)."""
-        scoring = self.scorings.get(parameter)
-        if scoring is None or not scoring.kept:
+    def _kept(self, parameter: Tensor) -> tuple[Tensor, int] | None:
+        """The input features / channels ``parameter``'s gradient may be non-zero at, and the dim they
+        index (None: all)."""
+        sliced = self.scorings.get(parameter)  # type: ignore[call-overload]
+        if sliced is None or not sliced.scoring.kept:
             return None
-        kept = scoring.kept[0] if len(scoring.kept) == 1 else torch.cat(scoring.kept).unique()
-        scoring.kept = []
-        return None if kept.numel() >= parameter.shape[1] else kept
+        found = sliced.scoring.kept
+        kept = found[0] if len(found) == 1 else torch.cat(found).unique()
+        sliced.scoring.kept = []
+        return None if kept.numel() >= parameter.shape[sliced.dim] else (kept, sliced.dim)
 
     def _sampled(self, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
         buffer, parameters = bucket.buffer(), bucket.parameters()
         gradients = _bucket_views(buffer, parameters)
         keeps = [self._kept(parameter) for parameter in parameters]
-        packed = torch.cat([(g if keep is None else g.index_select(1, keep)).reshape(-1) for g, keep in zip(gradients, keeps)])
+        packed = torch.cat([(g if keep is None else g.index_select(keep[1], keep[0])).reshape(-1) for g, keep in zip(gradients, keeps)])
         packed.div_(dist.get_world_size(self.group))
         self.sent.actual_bytes += packed.numel() * packed.element_size()
 
         def unpack(future: torch.futures.Future) -> Tensor:
             reduced, offset = future.value()[0], 0
             for g, keep in zip(gradients, keeps):
-                shape = g.shape if keep is None else (g.shape[0], keep.numel(), *g.shape[2:])
+                shape = list(g.shape)
+                if keep is not None:
+                    shape[keep[1]] = keep[0].numel()
                 part = reduced[offset:offset + math.prod(shape)].view(shape)
                 offset += part.numel()
                 if keep is None:
                     g.copy_(part)
                 else:
-                    g.index_copy_(1, keep, part)
+                    g.index_copy_(keep[1], keep[0], part)
             return buffer
 
         return dist.all_reduce(packed, group=self.group, async_op=True).get_future().then(unpack)
