@@ -180,6 +180,29 @@ def test_mnist_from_shared_folder() -> None:
     assert abs(inputs.mean()) < 0.3 and 0.7 < inputs.std() < 1.3  # roughly normalised
 
 
+def test_in_memory_keeps_every_item_and_respects_the_size_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision import transforms
+
+    from approxtrain.data import images
+
+    class Decoded(torch.utils.data.Dataset):  # a torchvision-style dataset: decodes and transforms on every read
+        transform = transforms.Normalize((0.5,), (0.25,))
+
+        def __len__(self) -> int:
+            return 7
+
+        def __getitem__(self, index: int):
+            return self.transform(torch.full((1, 2, 2), float(index))), index % 3
+
+    lazy = Decoded()
+    kept = images.in_memory(lazy, item_bytes=16)
+    assert isinstance(kept, torch.utils.data.TensorDataset) and len(kept) == 7
+    for index in range(7):
+        assert torch.equal(kept[index][0], lazy[index][0]) and int(kept[index][1]) == lazy[index][1]
+    monkeypatch.setattr(images, "IN_MEMORY_MAX_BYTES", 7 * 16 - 1)
+    assert images.in_memory(lazy, item_bytes=16) is lazy
+
+
 @needs_ptb
 def test_ptb_from_shared_folder() -> None:
     train, test, info = loaders("ptb", root=str(SHARED_DATA), batch_size=20, eval_batch_size=20, seq_len=35, train_split="valid")

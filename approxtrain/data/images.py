@@ -32,6 +32,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DIGITS_MEAN, DIGITS_STD = 0.3053, 0.3760
 DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED = 0.2, 0
 VAL_SPLIT_SEED = 0  # which training items are held out for validation: fixed, whatever the run's seed
+IN_MEMORY_MAX_BYTES = 2**30  # a dataset without augmentation is transformed once and kept in memory up to this size
 
 
 class PerImageStandardization:
@@ -146,14 +147,25 @@ def _torchvision_dataset(factory: Callable[..., Dataset], name: str, root: str, 
     return dataset
 
 
+def in_memory(dataset: Dataset, item_bytes: int) -> Dataset:
+    """``dataset`` read once into a ``TensorDataset`` (the same tensors, without the per-item decoding and
+    transforms of every epoch) when it fits in :data:`IN_MEMORY_MAX_BYTES`; only for datasets whose
+    transform draws nothing at random. ``item_bytes``: the size of one transformed input."""
+    if len(dataset) * item_bytes > IN_MEMORY_MAX_BYTES:  # type: ignore[arg-type]
+        return dataset
+    inputs, targets = zip(*(dataset[index] for index in range(len(dataset))), strict=True)  # type: ignore[arg-type]
+    return TensorDataset(torch.stack(inputs), torch.as_tensor(targets, dtype=torch.int64))
+
+
 def mnist(root: str, download: bool, image_size: int | None) -> tuple[Dataset, Dataset, DatasetInfo, Dataset]:
-    """MNIST (torchvision layout ``root/MNIST/raw``), normalised with the usual mean/std."""
+    """MNIST (torchvision layout ``root/MNIST/raw``), normalised with the usual mean/std; no augmentation,
+    so the transformed images are kept in memory (:func:`in_memory`)."""
     size = image_size or 28
     transform = transforms.Compose(
         [*_resize(image_size, 28), transforms.ToTensor(), transforms.Normalize(MNIST_MEAN, MNIST_STD)]
     )
-    train = _torchvision_dataset(datasets.MNIST, "mnist", root, download, train=True, transform=transform)
-    test = _torchvision_dataset(datasets.MNIST, "mnist", root, download, train=False, transform=transform)
+    train, test = (in_memory(_torchvision_dataset(datasets.MNIST, "mnist", root, download, train=split, transform=transform),
+                             item_bytes=4 * size * size) for split in (True, False))
     info = DatasetInfo("mnist", "image", in_channels=1, image_size=(size, size), num_classes=10)
     return train, test, info, train
 

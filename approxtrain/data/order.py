@@ -70,8 +70,8 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derived_seed(self.seed, epoch, index))
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only: augmentations run on the CPU
+            torch.default_generator.manual_seed(derived_seed(self.seed, epoch, index))
             return self.dataset[index]
 
 
