@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import pytest
+import yaml
 from test_cli import SMALL, assert_clean_failure
 
+import approxtrain.configs
 from approxtrain.config import ConfigError, validate
 from approxtrain.run.rundir import claim_new_dir, hold
 from approxtrain.run.schema import read_results
@@ -202,3 +205,34 @@ def test_record_failure_does_not_raise_when_results_cannot_be_written(run_cfg, t
     assert trainer.results.error == "bad value"
     assert any("could not be recorded" in record.getMessage() for record in caplog.records)
 
+
+OUR_CONFIGS = Path(approxtrain.configs.__file__).parent
+
+
+def _config_dir(tmp_path: Path, hidden: int, ratio: float | None = None) -> Path:
+    """A ``--config-dir`` with its own ``model/mlp.yaml`` (our file, ``hidden`` changed) and, for a
+    ``ratio``, its own ``train.yaml`` (ours, the ratio changed): files of the same name as ours."""
+    configs = tmp_path / "configs"
+    (configs / "model").mkdir(parents=True)
+    mlp = (OUR_CONFIGS / "model" / "mlp.yaml").read_text()
+    (configs / "model" / "mlp.yaml").write_text(mlp.replace("hidden: 500", f"hidden: {hidden}"))
+    if ratio is not None:
+        (configs / "train.yaml").write_text((OUR_CONFIGS / "train.yaml").read_text().replace("ratio: 0.5", f"ratio: {ratio}"))
+    return configs
+
+
+@pytest.mark.parametrize("primary", [False, True])
+def test_a_config_dir_file_is_checked_in_place_of_ours(primary, cli, tmp_path):
+    configs = _config_dir(tmp_path, hidden=0, ratio=0.5 if primary else None)
+    process = cli("--config-dir", str(configs), *SMALL, "logger=none")
+    assert assert_clean_failure(process) == "model.hidden=0 is invalid; allowed: an integer >= 1"
+    assert process.returncode == 2 and not (tmp_path / "outputs").exists()
+
+
+def test_a_config_dir_file_is_run_in_place_of_ours(cli, tmp_path):
+    run_dir = tmp_path / "run"
+    configs = _config_dir(tmp_path, hidden=7, ratio=0.25)
+    process = cli("--config-dir", str(configs), *SMALL, "logger=none", "trainer.max_steps=1", f"hydra.run.dir={run_dir}")
+    assert process.returncode == 0, process.stderr[-2000:]
+    composed = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert composed["model"]["hidden"] == 7 and composed["ratio"] == 0.25 and read_results(run_dir)["ratio"] == 0.25

@@ -1,9 +1,9 @@
 """The config a command line composes, composed before Hydra runs so a mistake is one line.
 
-Composition goes through Hydra's public compose API (``initialize_config_module`` /
-``initialize_config_dir`` and ``compose``) with the search path Hydra's app uses: the
-package's configs (``approxtrain.configs``), a ``--config-dir``'s ahead of them. A command
-line that cannot be composed -- an unknown group option, a key that does not exist, a bad
+Composition goes through Hydra's public compose API (``initialize_config_module`` and
+``compose``) with the search path Hydra's app uses: the package's configs
+(``approxtrain.configs``), a ``--config-dir``'s ahead of them (:mod:`approxtrain.cli.config_dir`).
+A command line that cannot be composed -- an unknown group option, a key that does not exist, a bad
 interpolation, an objective that cannot be computed -- is one line naming the key, the
 value and what is allowed (:func:`composition_error`).
 """
@@ -11,7 +11,6 @@ value and what is allowed (:func:`composition_error`).
 from __future__ import annotations
 
 import itertools
-import os
 import re
 from collections.abc import Sequence
 from importlib.resources import files
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose as hydra_compose
-from hydra import initialize_config_dir, initialize_config_module
+from hydra import initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ValueType
@@ -27,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import approxtrain.cli.config_store  # noqa: F401  (stores the config nodes made from code before anything is composed)
 from approxtrain.cli.command_line import CommandLine, read_command_line
+from approxtrain.cli.config_dir import put_config_dir_first
 
 CONFIG_PACKAGE = "approxtrain.configs"
 CONFIG_NAME = "train"
@@ -81,34 +81,14 @@ def first_of_each_sweep(overrides: Sequence[str]) -> list[str]:
     return single
 
 
-def _with_search_path(overrides: Sequence[str], first: str) -> list[str]:
-    """``overrides`` with ``first`` on ``hydra.searchpath`` (behind the primary config source, ahead of
-    any path the command line puts there)."""
-    parsed = OverridesParser.create().parse_overrides(list(overrides))
-    given = next((override for override in parsed if override.get_key_element() == SEARCH_PATH_KEY), None)
-    paths = [first, *(given.value() if given is not None else [])]
-    listed = ",".join(f"'{path}'" for path in paths)
-    return [*(o.input_line for o in parsed if o is not given), f"{SEARCH_PATH_KEY}=[{listed}]"]
-
-
 def compose(command_line: CommandLine, overrides: Sequence[str]) -> DictConfig:
     """The config (with its ``hydra`` node) that ``overrides`` compose for ``command_line``, as Hydra's
-    app composes it: the package's configs, a ``--config-dir``'s taking precedence over them."""
-    name = command_line.config_name or CONFIG_NAME
+    app composes it: the package's configs, a ``--config-dir``'s ahead of them (:mod:`~approxtrain.cli.config_dir`)."""
+    put_config_dir_first(command_line.config_dir)
     GlobalHydra.instance().clear()
     try:
-        config_dir = os.path.abspath(command_line.config_dir) if command_line.config_dir is not None else None
-        if config_dir is not None and (Path(config_dir) / f"{name}.yaml").is_file():
-            # the --config-dir holds the primary config: it is the main source, the package behind it
-            with initialize_config_dir(config_dir, version_base="1.3"):
-                return hydra_compose(name, _with_search_path(overrides, f"pkg://{CONFIG_PACKAGE}"), return_hydra_config=True)
-        # Hydra looks the primary config up in the main source only (its caching repository remembers the
-        # miss before hydra.searchpath is applied), so the package's configs stay the main source and a
-        # --config-dir without the primary config joins through hydra.searchpath, ahead of the user's paths
         with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
-            if config_dir is not None:
-                overrides = _with_search_path(overrides, f"file://{config_dir}")
-            return hydra_compose(name, list(overrides), return_hydra_config=True)
+            return hydra_compose(command_line.config_name or CONFIG_NAME, list(overrides), return_hydra_config=True)
     finally:
         GlobalHydra.instance().clear()
 

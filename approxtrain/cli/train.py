@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from approxtrain.cli.allocator import retain_freed_memory
 from approxtrain.cli.command_line import CommandLine, read_command_line
 from approxtrain.cli.compose import CONFIG_NAME, CONFIG_PACKAGE, check_group_overrides, checked_config, composition_error
+from approxtrain.cli.config_dir import put_config_dir_first
 from approxtrain.cli.help import help_text
 from approxtrain.cli.resume import RecordResume, last_value, parse_overrides, requeued_run, resume_override, resume_overrides
 from approxtrain.run.rundir import checkpoint_path, claim_new_dir, hold, holder, recorded_run, release
@@ -358,6 +359,7 @@ def main() -> None:
     """
     args = sys.argv[1:]
     command_line = read_command_line(args)
+    put_config_dir_first(command_line.config_dir if command_line is not None else None)  # for Hydra's app too
     if command_line is not None and command_line.trains:  # (--help, --cfg and shell completion only print)
         from approxtrain.run.launch import follow, launched
 
