@@ -113,11 +113,12 @@ class FakeRun:
         self.saved: list[str] = []
         self.steps: list[int] = []
         self.summary: dict = {}
+        self.metric_summaries: dict[str, str] = {}
         self.finished: int | None = None
         self.fail_after = fail_after
 
     def define_metric(self, name: str, summary: str) -> None:
-        pass
+        self.metric_summaries[name] = summary
 
     def log(self, row: dict, step: int) -> None:
         if self.fail_after is not None and len(self.rows) >= self.fail_after:
@@ -364,6 +365,29 @@ def test_rows_are_logged_at_the_optimizer_step_with_named_metrics(api_key, close
     assert run.steps == [0, *range(3, steps_per_epoch, 3), steps_per_epoch, steps_per_epoch]  # log_every_n_steps=3
     assert run.saved == ["results.json"]  # no .hydra dir outside the CLI: only files that exist are saved
     assert (run_dir / "wandb" / "run_id").read_text() == run.id and run.finished == 0
+
+
+def test_each_epoch_logs_the_validation_metric_and_the_summary_follows_the_epoch_chosen_on_it(
+        api_key, closed_port_url, run_cfg, run_dir, monkeypatch):
+    wandb = FakeWandb(closed_port_url, run_dir)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    cfg = run_cfg(*DIGITS, "logger.log_model=false", "trainer.epochs=3")
+    callback = WandbCallback(cfg, run_dir, group=None)
+    summaries = []  # the summary after each epoch's logging
+    on_epoch = callback.on_epoch
+    monkeypatch.setattr(callback, "on_epoch", lambda trainer, record: (on_epoch(trainer, record), summaries.append(dict(
+        callback.run.summary))))
+    results = Trainer(cfg, run_dir, [callback]).fit()
+    (run,) = wandb.runs
+    epoch_rows = [row for row in run.rows if "test/accuracy" in row]
+    assert [row["val/accuracy"] for row in epoch_rows] == [epoch["val_metric"] for epoch in results.epochs]
+    assert run.metric_summaries == {"val/accuracy": "max", "test/accuracy": "last"}  # the best test epoch is not chosen on test
+    for done, summary in enumerate(summaries, start=1):
+        history = results.epochs[:done]
+        best = max(history, key=lambda epoch: epoch["val_metric"])  # the first of equals
+        assert summary["best_epoch"] == best["epoch"] and summary["test_metric_at_best"] == best["test_metric"]
+        assert summary["best_metric"] == best["val_metric"] and summary["selected_on"] == "validation"
+    assert run.summary["test_metric_at_best"] == results.test_metric_at_best and run.summary["best_epoch"] == results.best_epoch
 
 
 # ---------------------------------------------------------------------------------------------- train.log

@@ -2,7 +2,8 @@
 
 The W&B run mirrors the run dir: the config nested as Hydra composed it, every history row at
 its optimizer step (with its ``epoch``), metrics named by what they are (``train/loss``,
-``test/accuracy`` or ``test/perplexity``), the ``results.json`` scalars in the summary, the
+``test/accuracy`` or ``test/perplexity``, ``val/accuracy`` or ``val/perplexity``), the ``results.json``
+scalars in the summary (the best epoch -- chosen on validation -- and its test metric after every epoch), the
 ``.hydra`` files and ``results.json`` saved with the run, and ``last.pt``/``best.pt`` as a
 ``model`` artifact. ``resume=`` continues the same W&B run (its id is kept in the run dir).
 W&B never stalls or ends the training: ``logger.init_timeout_s`` bounds the run's W&B network time,
@@ -30,7 +31,7 @@ from approxtrain.config import check_logger
 from approxtrain.run.callbacks import Callback, StepReport
 from approxtrain.run.errors import failure_message
 from approxtrain.run.rundir import BEST_CHECKPOINT, checkpoint_path
-from approxtrain.run.schema import INTERRUPTED, higher_is_better, summary_of, test_metric_key
+from approxtrain.run.schema import BEST_EPOCH_KEYS, INTERRUPTED, higher_is_better, summary_of, test_metric_key, val_metric_key
 from approxtrain.telemetry import telemetry_scalars
 
 if TYPE_CHECKING:
@@ -84,10 +85,11 @@ def step_row(report: StepReport) -> dict[str, Any]:
 
 
 def epoch_row(record: EpochRecord, metric_name: str) -> dict[str, Any]:
-    """An evaluated epoch's W&B row (logged at ``record.step``)."""
-    return {"epoch": record.epoch, test_metric_key(metric_name): record.test_metric, "train/loss_epoch": record.train_loss,
-            "train/compute_reduction_epoch": record.compute_reduction, "train/ratio": record.ratio, "train/lr": record.lr,
-            "time/epoch_s": record.time_s, "time/step_s": record.step_time_s}
+    """An evaluated epoch's W&B row (logged at ``record.step``); the validation metric where there is validation data."""
+    validation = {} if record.val_metric is None else {val_metric_key(metric_name): record.val_metric}
+    return {"epoch": record.epoch, test_metric_key(metric_name): record.test_metric, **validation,
+            "train/loss_epoch": record.train_loss, "train/compute_reduction_epoch": record.compute_reduction,
+            "train/ratio": record.ratio, "train/lr": record.lr, "time/epoch_s": record.time_s, "time/step_s": record.step_time_s}
 
 
 def stored_run_id(run_dir: Path) -> str | None:
@@ -298,10 +300,12 @@ class WandbCallback(Callback):
 
     @_never_raises
     def on_start(self, trainer: Trainer) -> None:
-        """The test metric's summary direction; the layer plan, once (a resumed run logged it)."""
+        """The metrics' summaries -- the validation metric's best, the test metric's last (the test metric to
+        report is ``test_metric_at_best``, at the epoch chosen on validation); the layer plan, once (a resumed run logged it)."""
         assert trainer.plan is not None
         metric = trainer.results.metric_name
-        self.run.define_metric(test_metric_key(metric), summary="max" if higher_is_better(metric) else "min")
+        self.run.define_metric(val_metric_key(metric), summary="max" if higher_is_better(metric) else "min")
+        self.run.define_metric(test_metric_key(metric), summary="last")
         self.run.summary.update({"planned_compute_reduction": trainer.plan.compute_reduction, "metric_name": metric})
         self.telemetry_logged = len(trainer.state.telemetry)
         if trainer.state.step > 0:
@@ -320,7 +324,9 @@ class WandbCallback(Callback):
 
     @_never_raises
     def on_epoch(self, trainer: Trainer, record: EpochRecord) -> None:
+        """The epoch's row; the best epoch so far and its test metric into the summary."""
         self.run.log(epoch_row(record, trainer.results.metric_name), step=record.step)
+        self.run.summary.update({key: getattr(trainer.results, key) for key in BEST_EPOCH_KEYS})
 
     @_never_raises
     def on_end(self, trainer: Trainer) -> None:

@@ -35,6 +35,11 @@ def test_metric_key(metric_name: str) -> str:
     return f"test/{metric_name}"
 
 
+def val_metric_key(metric_name: str) -> str:
+    """The per-epoch validation metric's name in a run's W&B history: ``val/accuracy``, ``val/perplexity``."""
+    return f"val/{metric_name}"
+
+
 VALIDATION, TEST = "validation", "test"  # what a run's best epoch is chosen on (``selected_on``)
 
 
@@ -140,6 +145,8 @@ RESULT_KEYS = tuple(f.name for f in fields(Results))
 EPOCH_KEYS = tuple(f.name for f in fields(EpochRecord))
 # The scalar keys: what W&B's run summary mirrors.
 SUMMARY_KEYS = tuple(key for key in RESULT_KEYS if key not in ("epochs", "layers", "telemetry"))
+# The keys that say which epoch is chosen and what it scored: they change as epochs end.
+BEST_EPOCH_KEYS = ("best_epoch", "best_metric", "test_metric_at_best", "selected_on")
 
 
 def summary_of(results: Results | dict[str, Any]) -> dict[str, Any]:
