@@ -176,6 +176,11 @@ class Plan:
         """Expected share of MACs saved per training step (0 without MACs)."""
         return compute_reduction(self.exact_macs, self.approx_macs)
 
+    def unmetered(self) -> list[str]:
+        """The modules holding products the plan (and the meter) leave out, as ``name (type)``: attention's
+        activation products, layers surgery does not know (``nn.Conv1d``, a raw Parameter)."""
+        return [f"{row.name} ({row.type})" for row in self.rows if row.type not in (*LAYER_TYPES, "LSTM")]
+
     def to_dicts(self) -> list[dict[str, Any]]:
         return [row.to_dict() for row in self.rows]
 

@@ -67,6 +67,21 @@ class FunctionalNet(nn.Module):
         return torch.nn.functional.linear(x, self.head.weight, self.head.bias)
 
 
+class OwnProductNet(nn.Module):
+    """A ``hidden`` layer, then a product of its own: ``F.linear`` with a raw Parameter ``head_weight``
+    (``wide`` times the classes' outputs), which no layer rule reaches."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 4, wide: int = 16) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(in_channels * 64, width)
+        self.head_weight = nn.Parameter(torch.randn(num_classes * wide, width) * 0.1)
+        self.num_classes = num_classes
+
+    def forward(self, x: Tensor) -> Tensor:
+        scores = torch.nn.functional.linear(self.hidden(x.flatten(1)).relu(), self.head_weight)
+        return scores.view(len(x), self.num_classes, -1).mean(-1)
+
+
 @dataclass
 class ClassifierOutput:
     """What a transformers classifier returns (``SequenceClassifierOutput``): loss, logits, hidden states."""

@@ -68,7 +68,7 @@ def print_config(console: Console, cfg: Mapping[str, Any], run_dir: Path) -> Non
         Console(file=handle, width=120, color_system=None).print(tree)
 
 
-def plan_table(plan: Plan, title: str = "layer plan") -> Table:
+def plan_table(plan: Plan, title: str = "layer plan", coverage: float | None = None) -> Table:
     table = Table(title=title, title_justify="left")
     for column, justify in (("layer", "left"), ("type", "left"), ("n", "right"), ("k", "right"), ("ratio", "right"),
                             ("policy", "left"), ("MACs/step exact", "right"), ("MACs/step approx", "right"), ("note", "left")):
@@ -76,8 +76,13 @@ def plan_table(plan: Plan, title: str = "layer plan") -> Table:
     for row in plan.rows:
         table.add_row(row.name, row.type, str(row.n), str(row.k), f"{row.ratio:.3f}", row.policy,
                       f"{row.exact_macs.total:,}", f"{row.approx_macs.total:,}", row.note)
-    table.caption = f"planned compute reduction: {plan.compute_reduction:.1%} (batch {plan.batch_size})"
+    table.caption = f"planned compute reduction: {plan.compute_reduction:.1%} (batch {plan.batch_size})" + _coverage(coverage)
     return table
+
+
+def _coverage(coverage: float | None) -> str:
+    """``, coverage 42.0% of the step's products`` (what the reduction is a share of), or nothing when unknown."""
+    return f", coverage {coverage:.1%} of the step's products" if coverage is not None else ""
 
 
 def epochs_planned(trainer: Trainer) -> int:
@@ -115,7 +120,7 @@ class ConsoleCallback(Callback):
     def on_start(self, trainer: Trainer) -> None:
         results = trainer.results
         assert trainer.plan is not None
-        self.console.print(plan_table(trainer.plan))
+        self.console.print(plan_table(trainer.plan, coverage=results.coverage))
         log.info("training %s on %s with sampler=%s ratio=%s on %s: %d epoch(s) of %d steps, into %s", results.model,
                  results.dataset, results.sampler, results.ratio, results.device, epochs_planned(trainer),
                  trainer.steps_per_epoch, trainer.run_dir)
@@ -173,7 +178,7 @@ class ConsoleCallback(Callback):
         results = trainer.results
         best = checkpoint_path(trainer.run_dir, BEST_CHECKPOINT)
         best_checkpoint = str(best) if best.is_file() else "-"
-        reduction = f"{results.compute_reduction:.1%}" if results.compute_reduction is not None else "-"
+        reduction = f"{results.compute_reduction:.1%}{_coverage(results.coverage)}" if results.compute_reduction is not None else "-"
         table = Table(title="summary", title_justify="left", show_header=False)
         table.add_column(style="bold")
         table.add_column()

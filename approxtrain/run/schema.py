@@ -114,6 +114,11 @@ class Results:
     # training, counted from what really ran
     compute_reduction: float | None = None
     planned_compute_reduction: float | None = None  # what the plan expects (bernoulli varies around it)
+    # the share of a training step's matrix-product and convolution FLOPs (forward and backward, counted
+    # once at setup by torch's FlopCounterMode) that compute_reduction speaks of: the Linear/Conv2d/LSTM
+    # layers' products; the rest (attention's Q·Kᵀ and weights·V, layers surgery does not know,
+    # torch.nn.functional calls) is never sampled
+    coverage: float | None = None
     epochs: list[dict[str, Any]] = field(default_factory=list)  # one entry per epoch, below
     layers: list[dict[str, Any]] = field(default_factory=list)  # the plan: one row per layer, below
     # trainer.telemetry_every > 0: per sampled layer, every N steps (approxtrain.telemetry.LayerTelemetry rows)

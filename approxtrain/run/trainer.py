@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from approxtrain.accounting import ComputeMeter, compute_reduction
 from approxtrain.config import all_exact_warning, lookup, validate
+from approxtrain.coverage import coverage_warning, plan_coverage, step_products
 from approxtrain.data import DatasetInfo, build_loaders
 from approxtrain.data.order import derived_seed, shutdown_workers
 from approxtrain.models import build_model
@@ -212,10 +213,16 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.generator = torch.Generator(device=device).manual_seed(spec.seed)
-        self.plan = approximate_(self.model, spec.rules, generator=self.generator,
-                                 example_input=example_input(self.info, self.cfg["dataset"], device), batch_size=spec.batch_size)
+        example = example_input(self.info, self.cfg["dataset"], device)
+        self.plan = approximate_(self.model, spec.rules, generator=self.generator, example_input=example, batch_size=spec.batch_size)
+        products = step_products(self.model, lambda model: logits(model(example)).float().sum())
+        if callable(reset_state := getattr(self.model, "reset_state", None)):
+            reset_state()
+        self.results.coverage = plan_coverage(self.plan, products, example.shape[0])
+        sampled = any(row.policy != "exact" for row in self.plan.rows)
         if self.is_main and (warning := all_exact_warning(self.cfg, self.plan, spec.rules)
-                                           or nothing_sampled_warning(self.plan, spec.rules)):
+                                           or nothing_sampled_warning(self.plan, spec.rules)
+                                           or sampled and coverage_warning(self.results.coverage, products, self.plan.unmetered())):
             log.warning(warning)
         self.meter = ComputeMeter()
         attach_meter(self.model, self.meter)
