@@ -17,15 +17,18 @@ from torch import nn
 
 from approxtrain.attention import ProjectedMultiheadAttention
 from approxtrain.cli.train import composition_error
+from approxtrain.cli.wandb_logger import run_config, run_name, run_tags
+from approxtrain.compare import build_rows, collect_runs
 from approxtrain.config import ConfigError, validate
 from approxtrain.data import DatasetInfo
 from approxtrain.models import build_model
-from approxtrain.models.custom import dataset_fact
+from approxtrain.models.custom import dataset_fact, with_dataset_facts
 from approxtrain.modules import ApproxLinear
-from approxtrain.run.schema import read_results
+from approxtrain.run.schema import Results, read_results
+from approxtrain.run.trainer import Trainer
 from approxtrain.sampling import SamplingConfig
 from approxtrain.surgery import approximate_, rules_from_dicts
-from conftest import CUSTOM_MODEL
+from conftest import CUSTOM_MODEL, write_run_dir
 
 MODELS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 MNIST = DatasetInfo("mnist", "image", in_channels=1, image_size=(28, 28), num_classes=10)
@@ -98,7 +101,7 @@ def test_readme_custom_model_trains_through_the_cli(cli, tmp_path):
     process = cli(*words[2:], "trainer.max_steps=3", *SHRINK, f"hydra.run.dir={run_dir}", env={"PYTHONPATH": python_path})
     assert process.returncode == 0, process.stderr
     results = read_results(run_dir)
-    assert (results["model"], results["dataset"], results["steps"]) == ("custom", "digits", 3)
+    assert (results["model"], results["dataset"], results["steps"]) == ("my_nets.Net", "digits", 3)  # its _target_
     plan = plan_of(run_dir)
     assert plan["conv1"]["n"] == 1 and plan["conv1"]["note"] == "first layer"  # digits: one channel
     assert (plan["conv2"]["policy"], plan["conv2"]["n"], plan["conv2"]["k"]) == ("topk", 16, 8)  # model.width=16
@@ -248,3 +251,34 @@ def test_transformer_trains_one_step_through_the_cli(cli, tmp_path):
     assert plan["transformer.layers.0.self_attn.q_proj"]["policy"] == "topk"
     assert plan["transformer.layers.0.self_attn"]["type"] == "Attention"
     assert read_results(run_dir)["steps"] == 1
+
+
+# --------------------------------------------------------------------------- identity: name, tags, W&B config, compare
+
+
+def test_a_brought_models_arch_or_target_names_the_run(run_cfg):
+    torchvision = run_cfg("model=torchvision", "model.arch=vit_b_16", "dataset=digits", "ratio=0.3", "logger=wandb")
+    custom = run_cfg("model=custom", "model._target_=byo_nets.SmallConvNet", "+model.in_channels=1", "+model.num_classes=10",
+                     "dataset=digits", "sampler=exact", "logger=wandb")
+    assert run_name(torchvision) == "torchvision.vit_b_16-digits-topk-0.3-s0"
+    assert run_tags(custom)[0] == "model:byo_nets.SmallConvNet" and run_name(custom) == "byo_nets.SmallConvNet-digits-exact-s0"
+
+
+def test_results_and_the_wandb_config_hold_the_built_model(run_cfg, tmp_path):
+    cfg = run_cfg("model=custom", "model._target_=byo_nets.SmallConvNet", "+model.in_channels=${dataset_info:in_channels}",
+                  "+model.num_classes=${dataset_info:num_classes}", "dataset=digits", "dataset.batch_size=200", "trainer.max_steps=1")
+    Trainer(cfg, tmp_path / "run").fit()
+    assert read_results(tmp_path / "run")["model"] == "byo_nets.SmallConvNet"
+    logged = with_dataset_facts(run_config(cfg)["model"], DIGITS)  # what the W&B run's config is updated to at start
+    assert (logged["in_channels"], logged["num_classes"], logged["_target_"]) == (1, 10, "byo_nets.SmallConvNet")
+
+
+def test_compare_keeps_brought_architectures_apart_old_run_dirs_too(tmp_path):
+    """Runs written before the label (results.json says only ``custom``) are told apart by their saved config."""
+    for target in ("byo_nets.SmallConvNet", "byo_nets.OwnProductNet"):
+        results = Results(model="custom", dataset="digits", sampler="exact", ratio=1.0, seed=0, layers_rule_set="paper",
+                          status="finished", best_metric=0.9, final_metric=0.9)
+        write_run_dir(tmp_path / target, results, f"model._target_={target}")
+    runs, problems = collect_runs([tmp_path])
+    assert not problems and sorted(run.model for run in runs) == ["byo_nets.OwnProductNet", "byo_nets.SmallConvNet"]
+    assert sorted(table.model for table in build_rows(runs)) == ["byo_nets.OwnProductNet", "byo_nets.SmallConvNet"]

@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from approxtrain.config import check_logger
+from approxtrain.models.custom import with_dataset_facts
 from approxtrain.run.callbacks import Callback, StepReport
+from approxtrain.run.config_keys import flatten, model_label
 from approxtrain.run.errors import failure_message
 from approxtrain.run.rundir import BEST_CHECKPOINT, checkpoint_path
 from approxtrain.run.schema import BEST_EPOCH_KEYS, INTERRUPTED, higher_is_better, summary_of, test_metric_key, val_metric_key
@@ -64,9 +66,14 @@ def is_exact(cfg: Mapping[str, Any]) -> bool:
     return cfg["sampler"]["name"] == "exact"
 
 
+def _model(cfg: Mapping[str, Any]) -> str:
+    """The model's label (``torchvision.resnet18``, ``byo_nets.SmallConvNet``: :func:`model_label`)."""
+    return model_label(flatten(cfg["model"], "model.")) or "?"
+
+
 def run_tags(cfg: Mapping[str, Any]) -> list[str]:
     """``model:``, ``dataset:``, ``sampler:`` and, for a sampled run, ``ratio:`` tags, then ``logger.tags``."""
-    tags = [f"model:{cfg['model']['name']}", f"dataset:{cfg['dataset']['name']}", f"sampler:{cfg['sampler']['name']}"]
+    tags = [f"model:{_model(cfg)}", f"dataset:{cfg['dataset']['name']}", f"sampler:{cfg['sampler']['name']}"]
     if not is_exact(cfg):
         tags.append(f"ratio:{cfg['ratio']}")
     return [*tags, *cfg["logger"]["tags"]]
@@ -74,7 +81,7 @@ def run_tags(cfg: Mapping[str, Any]) -> list[str]:
 
 def run_name(cfg: Mapping[str, Any]) -> str:
     """``mlp-digits-topk-0.5-s0``; an exact run has no ratio in its name."""
-    parts = [cfg["model"]["name"], cfg["dataset"]["name"], cfg["sampler"]["name"]]
+    parts = [_model(cfg), cfg["dataset"]["name"], cfg["sampler"]["name"]]
     return "-".join([*parts, *([] if is_exact(cfg) else [str(cfg["ratio"])]), f"s{cfg['seed']}"])
 
 
@@ -307,6 +314,7 @@ class WandbCallback(Callback):
         self.run.define_metric(val_metric_key(metric), summary="max" if higher_is_better(metric) else "min")
         self.run.define_metric(test_metric_key(metric), summary="last")
         self.run.summary.update({"planned_compute_reduction": trainer.plan.compute_reduction, "metric_name": metric})
+        self.run.config.update({"model": with_dataset_facts(run_config(trainer.cfg)["model"], trainer.info)}, allow_val_change=True)
         self.telemetry_logged = len(trainer.state.telemetry)
         if trainer.state.step > 0:
             return

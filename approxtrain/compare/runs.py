@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from approxtrain.compare.matching import flatten
 from approxtrain.run import schema
+from approxtrain.run.config_keys import model_label
 from approxtrain.run.schema import FINISHED, RESULTS_FILE, RUNNING, results_path
 
 HYDRA_DIR = ".hydra"
@@ -222,7 +223,7 @@ def run_from_results(
     return Run(
         path=path,
         status=str(results.get("status") or "unknown"),
-        model=str(_first(results.get("model"), flat.get("model.name"), "?")),
+        model=str(_first(model_label(flat), results.get("model"), "?")),  # an older run's results say model.name only
         dataset=str(_first(results.get("dataset"), flat.get("dataset.name"), "?")),
         sampler=str(_first(results.get("sampler"), flat.get("sampler.name"), "?")),
         ratio=_number(_first(results.get("ratio"), flat.get("ratio"))),

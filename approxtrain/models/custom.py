@@ -12,6 +12,7 @@ resolver (:func:`dataset_fact`, registered where configs are composed) leaves th
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, fields
 from typing import Any
 
@@ -40,6 +41,20 @@ def dataset_fact_hint(message: str) -> str:
         return ""
     return (f" (the dataset's facts are known once it is loaded: write ${{dataset_info:{match.group(1)}}}; "
             f"allowed: {', '.join(DATASET_FACTS)})")
+
+
+def with_dataset_facts(arguments: Mapping[str, Any], info: DatasetInfo) -> dict[str, Any]:
+    """``arguments`` with each ``${dataset.<fact>}`` replaced by ``info``'s fact (what the model was built with).
+
+    Examples::
+
+        >>> with_dataset_facts({"_target_": "m.Net", "classes": "${dataset.num_classes}"}, DatasetInfo("d", "image", num_classes=7))
+        {'_target_': 'm.Net', 'classes': 7}
+    """
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.create({"model": dict(arguments), "dataset": asdict(info)})
+    return OmegaConf.to_container(config, resolve=True)["model"]  # type: ignore[index,return-value]
 
 
 @register_model("custom", kind=None, checks={"_target_": TARGET})

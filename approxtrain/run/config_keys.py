@@ -1,6 +1,6 @@
 """The dotted keys of a run's config: reading one (:func:`lookup`), flattening a config to them,
 and what each is -- the one owner of the key classes that resuming a run and comparing runs both
-read. No torch: the CLI reads it before a run.
+read -- and the model's label they give (:func:`model_label`). No torch: the CLI reads it before a run.
 
 A run's resolved config is flattened to dotted keys (``trainer.epochs``, ``sampler.name``;
 :func:`flatten`). Every key falls in one of three classes:
@@ -63,6 +63,30 @@ def lookup(cfg: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
             return default
         node = node[key]
     return node
+
+
+def model_label(flat: Mapping[str, Any]) -> str | None:
+    """What a run's model is, in one word for its name, tags, ``results.json`` and compare's tables,
+    from its flattened config: ``model.name`` for the package's own models; for a model brought
+    along, its ``arch`` (``torchvision.resnet18``) or its ``_target_`` (``byo_nets.SmallConvNet``;
+    a factory's ``model_name`` after a colon: ``timm.create_model:resnet18``). None without ``model.name``.
+
+    Examples::
+
+        >>> model_label({"model.name": "mlp"}), model_label({"model.name": "torchvision", "model.arch": "vit_b_16"})
+        ('mlp', 'torchvision.vit_b_16')
+        >>> model_label({"model.name": "custom", "model._target_": "timm.create_model", "model.model_name": "resnet10t"})
+        'timm.create_model:resnet10t'
+    """
+    name, arch, target = flat.get("model.name"), flat.get("model.arch"), flat.get("model._target_")
+    if name is None:
+        return None
+    if arch is not None:
+        return f"{name}.{arch}"
+    if isinstance(target, str) and target not in ("", "???"):
+        model_name = flat.get("model.model_name")
+        return f"{target}:{model_name}" if isinstance(model_name, str) else target
+    return str(name)
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

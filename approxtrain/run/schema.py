@@ -92,7 +92,7 @@ class EpochRecord:
 class Results:
     """Everything ``results.json`` holds (docs/results.md is generated from these fields and comments)."""
 
-    model: str  # the model's name (``model.name``)
+    model: str  # the model's label: ``model.name``, with the arch or _target_ of a model brought along (``torchvision.resnet18``)
     dataset: str  # the dataset's name (``dataset.name``)
     sampler: str  # the sampler's name (``sampler.name``; ``exact`` for the baseline)
     ratio: float  # the top-level ``ratio``; 1.0 for exact training (sampler=exact ignores ``ratio``)

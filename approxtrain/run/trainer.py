@@ -41,6 +41,7 @@ from approxtrain.data.order import derived_seed, shutdown_workers
 from approxtrain.models import build_model
 from approxtrain.run.callbacks import Batch, Callback, RatioControlCallback, RecurrentState, StepReport, TelemetryCallback
 from approxtrain.run.checkpoint import load_checkpoint, repair_best, save_checkpoint
+from approxtrain.run.config_keys import flatten, model_label
 from approxtrain.run.device import StepTimer, peak_memory_bytes, training_device
 from approxtrain.run.distributed import Distributed
 from approxtrain.run.errors import RunInterrupted, TrainingDiverged, failure_message
@@ -163,7 +164,7 @@ class Trainer:
         self.dist: Distributed | None = dist  # (one process unless given: made from trainer.distributed in setup)
         self.cfg, self.run_dir, self.is_main = cfg, Path(run_dir), is_main and (dist is None or dist.is_main)
         self.callbacks = [callback for callback in callbacks if self.is_main or callback.all_ranks]
-        results = Results(model=lookup(cfg, "model.name"), dataset=lookup(cfg, "dataset.name"),
+        results = Results(model=model_label(flatten(cfg.get("model") or {}, "model.")), dataset=lookup(cfg, "dataset.name"),
                           sampler=lookup(cfg, "sampler.name"), ratio=ratio_in_effect(cfg), seed=cfg.get("seed"),
                           layers_rule_set=lookup(cfg, "layers.name") or "custom")
         # a resumed run's results.json is the earlier run's until its checkpoint has been read
