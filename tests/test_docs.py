@@ -88,3 +88,14 @@ def test_library_page_runs_as_written(capsys: pytest.CaptureFixture[str]) -> Non
         exec(compile(block, "docs/library.md", "exec"), {})
     planned, measured = re.findall(r"compute reduction: ([\d.]+%)", capsys.readouterr().out)
     assert planned == measured
+
+
+def test_the_trainer_example_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """docs/trainer.md's Python example, run as a reader would (in an empty dir): it trains and its callback reports."""
+    page = (ROOT / "docs" / "trainer.md").read_text()
+    (example,) = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "docs/trainer.md", "exec"), {"__name__": "docs_trainer_example"})  # the page's own code
+    printed = capsys.readouterr().out.split("\n")
+    assert "finished 20" in printed and any(line.startswith("20 ") for line in printed)
+    assert (tmp_path / "outputs" / "my_run" / "results.json").is_file()
