@@ -282,3 +282,23 @@ def test_compare_keeps_brought_architectures_apart_old_run_dirs_too(tmp_path):
     runs, problems = collect_runs([tmp_path])
     assert not problems and sorted(run.model for run in runs) == ["byo_nets.OwnProductNet", "byo_nets.SmallConvNet"]
     assert sorted(table.model for table in build_rows(runs)) == ["byo_nets.OwnProductNet", "byo_nets.SmallConvNet"]
+
+
+# --------------------------------------------------------------------------- an arch that needs larger images
+
+
+def test_an_arch_that_needs_larger_images_says_which_image_size(cli, tmp_path):
+    run_dir = tmp_path / "run"
+    process = cli("model=torchvision", "model.arch=convnext_tiny", "dataset=digits", *SHRINK, f"hydra.run.dir={run_dir}")
+    assert process.returncode == 1, process.stderr  # the run fails at setup, before any step, recorded as failed
+    line = process.stderr.strip().splitlines()[-1]
+    assert "model.arch='convnext_tiny' cannot take the digits dataset's 8x8 images (" in line
+    assert line.endswith("allowed: dataset.image_size=32 or more (the smallest tried that it takes)")
+    assert read_results(run_dir)["status"] == "failed" and read_results(run_dir)["steps"] == 0
+
+
+def test_a_vit_on_tiny_images_names_the_size_it_takes():
+    with pytest.raises(ValueError, match=r"^model.arch='vit_b_16' cannot take the digits dataset's 8x8 images \(Input shape "
+                                         r"indivisible by patch size!\); allowed: dataset.image_size=16 or more"):
+        build_model({"name": "torchvision", "arch": "vit_b_16"}, DIGITS)
+    assert build_model({"name": "torchvision", "arch": "vit_b_16"}, DatasetInfo("d", "image", 1, (16, 16), 10)) is not None

@@ -56,6 +56,32 @@ def _adapt_input_channels(model: nn.Module, in_channels: int) -> str:
     return name
 
 
+# image sides tried when an arch refuses the dataset's: the smallest it takes is the one to ask for
+_TRIED_SIDES = (16, 32, 64, 96, 128, 160, 224)
+
+
+def _size_failure(arch: str, info: DatasetInfo) -> str | None:
+    """Why ``arch`` cannot take ``info``'s images (built for them, one example run on the meta device:
+    no memory, no compute), in torch's words; None when it can."""
+    try:
+        with torch.device("meta"), torch.no_grad():
+            model = torchvision.models.get_model(arch, weights=None, **_arguments(arch, info)).eval()
+            model(torch.zeros(1, 3, *info.image_size))
+    except (RuntimeError, AssertionError, ValueError) as error:
+        return " ".join(str(error).split()) or type(error).__name__
+    return None
+
+
+def _size_message(arch: str, info: DatasetInfo, failure: str) -> str:
+    """One line: the dataset's image size, torch's reason, and the smallest ``dataset.image_size`` the arch takes."""
+    height, width = info.image_size
+    side = next((side for side in _TRIED_SIDES if side > min(height, width)
+                 and _size_failure(arch, DatasetInfo(info.name, info.kind, 3, (side, side), info.num_classes)) is None), None)
+    needed = f"dataset.image_size={side} or more (the smallest tried that it takes)" if side else \
+        f"dataset.image_size of at least {_TRIED_SIDES[-1]}"
+    return f"model.arch={arch!r} cannot take the {info.name} dataset's {height}x{width} images ({failure[:160]}); allowed: {needed}"
+
+
 @register_model("torchvision", kind="image", checks={"arch": ARCH})
 def torchvision_model(info: DatasetInfo, *, arch: str = "resnet18") -> nn.Module:
     """torchvision's ``arch``, randomly initialised, module names unchanged (``conv1``, ``fc``,
@@ -67,6 +93,9 @@ def torchvision_model(info: DatasetInfo, *, arch: str = "resnet18") -> nn.Module
     32x32) run, but strided stems shrink them fast, and a model whose stem shrinks an image
     below 1x1 fails on the first batch with torch's message.
     """
+    failure = _size_failure(arch, info)
+    if failure is not None:
+        raise ValueError(_size_message(arch, info, failure))
     model = torchvision.models.get_model(arch, weights=None, **_arguments(arch, info))
     if info.in_channels != 3:
         name = _adapt_input_channels(model, info.in_channels)
