@@ -172,8 +172,17 @@ def test_dataset_choice_with_presets_and_overrides(overrides, model, dataset, li
 
 @pytest.mark.parametrize("model", list_models())
 def test_model_config_lists_every_option_with_the_builders_default(model, compose_cfg):
+    """The builder's keyword-only signature owns a model's options and defaults; configs/model/<name>.yaml
+    restates them for Hydra (completion, --cfg), so an option added, removed or re-defaulted in one place only
+    fails here, naming the option."""
     resolved = to_run_config(compose_cfg(f"model={model}"))
-    assert model_options(resolved["model"]) == model_spec(resolved["model"]).options
+    spec = model_spec(resolved["model"])
+    in_yaml, in_builder, builder = model_options(resolved["model"]), spec.options, f"{spec.builder.__module__}.{spec.builder.__qualname__}"
+    missing, unknown = sorted(set(in_builder) - set(in_yaml)), sorted(set(in_yaml) - set(in_builder))
+    assert not missing, f"configs/model/{model}.yaml lacks {missing}, options of {builder}"
+    assert not unknown, f"configs/model/{model}.yaml has {unknown}, not options of {builder}"
+    differing = {option: (in_yaml[option], in_builder[option]) for option in in_builder if in_yaml[option] != in_builder[option]}
+    assert not differing, f"configs/model/{model}.yaml's defaults differ from {builder}'s (yaml, builder): {differing}"
 
 
 def test_every_registered_model_has_a_config_and_vice_versa():
