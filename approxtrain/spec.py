@@ -38,13 +38,14 @@ def _field(default: Any, check: Check, doc: str) -> Any:
 class OptimizerSpec:
     """``trainer.optimizer``."""
 
-    name: str = _field("adam", choice("adam", "sgd"), "adam | sgd")
+    name: str = _field("adam", choice("adam", "adamw", "sgd"), "adam | adamw (decoupled weight decay) | sgd")
     lr: float = _field(0.001, number(0), "learning rate")
     momentum: float = _field(0.9, number(0, inclusive=True), "sgd: momentum")
     nesterov: bool = _field(False, SWITCH, "sgd: Nesterov momentum (needs momentum > 0)")
-    weight_decay: float = _field(0.0, number(0, inclusive=True), "L2 penalty")
-    betas: list = _field([0.9, 0.999], Check(_is_betas, "two numbers in [0, 1), e.g. [0.9, 0.999]"), "adam: betas")
-    eps: float = _field(1.0e-08, number(0), "adam: eps")
+    weight_decay: float = _field(0.0, number(0, inclusive=True),
+                                 "adam, sgd: L2 penalty; adamw: decoupled weight decay (e.g. 0.05)")
+    betas: list = _field([0.9, 0.999], Check(_is_betas, "two numbers in [0, 1), e.g. [0.9, 0.999]"), "adam, adamw: betas")
+    eps: float = _field(1.0e-08, number(0), "adam, adamw: eps")
 
 
 @dataclass(frozen=True)

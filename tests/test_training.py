@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from approxtrain.config import validate
 from approxtrain.run import rundir as results_module
 from approxtrain.run.checkpoint import load_checkpoint, save_checkpoint
 from approxtrain.run.optim import build_optimizer, build_scheduler
@@ -281,3 +282,19 @@ def test_epoch_records_the_learning_rate_it_trained_with(run_cfg, run_dir):
     results = train(cfg, run_dir)
     assert [record["lr"] for record in results["epochs"]] == pytest.approx([1.0, 0.5, 0.25])
     assert [record["step"] for record in results["epochs"]] == [2, 4, 6]
+
+
+# Optimizer presets: trainer.optimizer.name.
+
+@pytest.mark.parametrize("name, cls, arguments", [
+    ("adam", torch.optim.Adam, {"betas": (0.5, 0.9), "eps": 1e-6, "weight_decay": 0.01}),
+    ("adamw", torch.optim.AdamW, {"betas": (0.5, 0.9), "eps": 1e-6, "weight_decay": 0.05}),
+    ("sgd", torch.optim.SGD, {"momentum": 0.5, "nesterov": True, "weight_decay": 0.01}),
+])
+def test_optimizer_preset_builds_its_class_with_the_configured_arguments(name, cls, arguments, run_cfg):
+    overrides = [f"trainer.optimizer.{key}={list(value) if isinstance(value, tuple) else value}" for key, value in arguments.items()]
+    spec = validate(run_cfg(f"trainer.optimizer.name={name}", "trainer.optimizer.lr=0.02", *overrides)).trainer
+    optimizer = build_optimizer(spec.optimizer, [torch.nn.Parameter(torch.zeros(1))])
+    assert type(optimizer) is cls
+    group = optimizer.param_groups[0]
+    assert group["lr"] == 0.02 and {key: group[key] for key in arguments} == arguments

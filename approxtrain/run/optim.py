@@ -10,10 +10,10 @@ from approxtrain.spec import OptimizerSpec, SchedulerSpec
 
 
 def build_optimizer(settings: OptimizerSpec, parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """``adam`` or ``sgd`` with the config's hyper-parameters."""
-    if settings.name == "adam":
-        return torch.optim.Adam(parameters, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
-                                weight_decay=settings.weight_decay)
+    """``adam``, ``adamw`` or ``sgd`` with the config's hyper-parameters."""
+    if settings.name in ("adam", "adamw"):
+        adam = torch.optim.Adam if settings.name == "adam" else torch.optim.AdamW
+        return adam(parameters, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps, weight_decay=settings.weight_decay)
     return torch.optim.SGD(parameters, lr=settings.lr, momentum=settings.momentum, nesterov=settings.nesterov,
                            weight_decay=settings.weight_decay)
 
