@@ -94,12 +94,14 @@ def not_run(command: str) -> str | None:
 
 
 def extras_used(command: str) -> list[str]:
-    """The extras whose Hydra options the command chooses (``hydra/launcher=joblib`` -> joblib)."""
+    """The extras whose Hydra options the command chooses (``hydra/launcher=joblib`` -> joblib) or whose
+    modules its ``_target_``s name (``model._target_=timm.create_model`` -> models)."""
     chosen = {f"{key}/{value}" for key, _, value in (word.partition("=") for word in command.split()) if value}
     chosen |= {"hydra/sweeper/optuna" for word in command.split() if word.startswith("search=")}
+    targets = {value.split(".")[0] for key, _, value in (word.partition("=") for word in command.split()) if key.endswith("_target_")}
     return [name for name, extra in EXTRAS.items()
             if any(option.startswith(pattern.rstrip("*")) if pattern.endswith("*") else option == pattern
-                   for pattern in extra.options for option in chosen)]
+                   for pattern in extra.options for option in chosen) or targets & set(extra.modules)]
 
 
 def cases() -> list:
