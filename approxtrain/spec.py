@@ -52,12 +52,15 @@ class OptimizerSpec:
 class SchedulerSpec:
     """``trainer.scheduler``: the learning-rate schedule."""
 
-    name: str = _field("none", choice("none", "multistep", "exponential"), "none | multistep | exponential")
+    name: str = _field("none", choice("none", "multistep", "exponential", "warmup_cosine"),
+                       "none | multistep | exponential | warmup_cosine (linear warmup, then cosine decay to min_lr)")
     interval: str = _field("epoch", choice("epoch", "step"), "stepped per epoch or per optimizer step")
     milestones: list = _field([], Check(_is_milestones, "a list of increasing integers >= 1, e.g. [30, 60]"),
                               "multistep: x gamma at each of these intervals")
     gamma: float = _field(0.1, number(0), "the factor per decay")
     start: int = _field(0, integer(0), "exponential: decay by gamma per interval after this many")
+    warmup_steps: int = _field(0, integer(0), "warmup_cosine: intervals of linear warmup to trainer.optimizer.lr")
+    min_lr: float = _field(0.0, number(0, inclusive=True), "warmup_cosine: the rate the cosine reaches at the run's end")
 
 
 @dataclass(frozen=True)

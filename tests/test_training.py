@@ -298,3 +298,21 @@ def test_optimizer_preset_builds_its_class_with_the_configured_arguments(name, c
     assert type(optimizer) is cls
     group = optimizer.param_groups[0]
     assert group["lr"] == 0.02 and {key: group[key] for key in arguments} == arguments
+
+
+def test_warmup_cosine_rises_linearly_then_decays_to_min_lr(run_cfg):
+    trainer = run_cfg("trainer.scheduler.name=warmup_cosine", "trainer.scheduler.warmup_steps=4", "trainer.scheduler.min_lr=0.0001",
+                      "trainer.scheduler.interval=step", "trainer.optimizer.lr=0.001")["trainer"]
+    spec = trainer_spec(trainer)
+    optimizer = build_optimizer(spec.optimizer, [torch.nn.Parameter(torch.zeros(1))])
+    scheduler = build_scheduler(spec.scheduler, optimizer, length=14)
+    rates = []
+    for _ in range(14):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:4] == pytest.approx([0.00025, 0.0005, 0.00075, 0.001])  # linear warmup to lr over 4 steps
+    assert rates[4] == pytest.approx(0.001) and all(a > b for a, b in zip(rates[4:], rates[5:]))  # then only down
+    halfway = 4 + 5  # (14 - 4) / 2 steps into the cosine: the mean of lr and min_lr
+    assert rates[halfway] == pytest.approx((0.001 + 0.0001) / 2)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0001)  # at the end of the run: min_lr

@@ -45,7 +45,7 @@ from approxtrain.run.config_keys import flatten, model_label
 from approxtrain.run.device import StepTimer, peak_memory_bytes, training_device
 from approxtrain.run.distributed import Distributed
 from approxtrain.run.errors import RunInterrupted, TrainingDiverged, failure_message
-from approxtrain.run.optim import build_optimizer, build_scheduler
+from approxtrain.run.optim import build_optimizer, build_scheduler, run_length
 from approxtrain.run.rundir import BEST_CHECKPOINT, checkpoint_path
 from approxtrain.run.schema import FINISHED, INTERRUPTED, PERPLEXITY, EpochRecord, Results, improves
 from approxtrain.run.signals import StopRequests, stop_signals
@@ -192,7 +192,7 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader)
         self._build_model()
         self.optimizer = build_optimizer(trainer.optimizer, self.model.parameters())
-        self.scheduler = build_scheduler(trainer.scheduler, self.optimizer)
+        self.scheduler = build_scheduler(trainer.scheduler, self.optimizer, run_length(trainer, self.steps_per_epoch))
         self.scheduler_per_step = self.scheduler is not None and trainer.scheduler.interval == "step"
         on_every_rank = training_callbacks(spec, self.model, self.steps_per_epoch)
         self.callbacks = [*on_every_rank, *self.callbacks, *(configured_callbacks(self.cfg.get("callbacks")) if self.is_main else [])]
