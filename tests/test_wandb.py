@@ -103,6 +103,13 @@ def stalling_server():
     server.server_close()
 
 
+class FakeConfig(dict):
+    """A W&B run's ``config``: ``update`` takes wandb's ``allow_val_change``."""
+
+    def update(self, values: dict, allow_val_change: bool = False) -> None:
+        super().update(values)
+
+
 class FakeRun:
     """A W&B run; ``log`` raises once ``fail_after`` rows were logged."""
 
@@ -113,6 +120,7 @@ class FakeRun:
         self.saved: list[str] = []
         self.steps: list[int] = []
         self.summary: dict = {}
+        self.config = FakeConfig()
         self.metric_summaries: dict[str, str] = {}
         self.finished: int | None = None
         self.fail_after = fail_after
