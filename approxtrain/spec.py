@@ -48,6 +48,11 @@ class OptimizerSpec:
     eps: float = _field(1.0e-08, number(0), "adam, adamw: eps")
 
 
+# Optimizer presets a model config picks (configs/model/*.yaml): AdamW with decoupled weight decay is the
+# recipe of the models brought along (torchvision, custom, transformer); the paper models keep adam/sgd.
+OPTIMIZER_PRESETS: dict[str, dict[str, Any]] = {"adamw": {"name": "adamw", "weight_decay": 0.05}}
+
+
 @dataclass(frozen=True)
 class SchedulerSpec:
     """``trainer.scheduler``: the learning-rate schedule."""

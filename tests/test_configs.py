@@ -317,3 +317,20 @@ def test_help_lists_the_groups(monkeypatch, capsys):
     assert ("sampler: bernoulli, exact, nps, nps_unscaled, topk, topk_backward, uniform, uniform_replacement, "
             "uniform_unscaled") in text
     assert "model: cnn, custom, lstm, mlp, resnet50, torchvision, transformer, wrn" in text
+
+
+@pytest.mark.parametrize("model, optimizer, weight_decay", [
+    ("torchvision", "adamw", 0.05), ("custom", "adamw", 0.05), ("transformer", "adamw", 0.05),
+    ("mlp", "adam", 0.0), ("cnn", "adam", 0.0), ("lstm", "adam", 0.0), ("wrn", "adam", 0.0), ("resnet50", "adam", 0.0),
+])
+def test_models_brought_along_default_to_adamw_and_the_paper_models_keep_theirs(model, optimizer, weight_decay, compose_cfg):
+    composed = compose_cfg(f"model={model}")
+    assert (composed.trainer.optimizer.name, composed.trainer.optimizer.weight_decay) == (optimizer, weight_decay)
+
+
+@pytest.mark.parametrize("overrides, optimizer", [
+    (["model=torchvision", "trainer.optimizer.name=sgd"], "sgd"),
+    (["model=torchvision", "experiment=wrn_cifar10"], "sgd"),
+])
+def test_the_adamw_default_gives_way_to_a_choice(overrides, optimizer, compose_cfg):
+    assert compose_cfg(*overrides).trainer.optimizer.name == optimizer
