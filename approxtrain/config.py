@@ -14,6 +14,7 @@ from approxtrain.checks import SWITCH, Check, ConfigError, choice, fraction, int
 from approxtrain.models import model_options, model_spec
 from approxtrain.policies import import_policy_module, policy_names
 from approxtrain.run.config_keys import lookup
+from approxtrain.run.optim import check_targets
 from approxtrain.sampling import SamplingConfig, num_kept
 from approxtrain.sampling_fields import sampler_defaults
 from approxtrain.schedule import INTERVALS, SCHEDULES, schedule_fields
@@ -108,6 +109,7 @@ def validate(cfg: Mapping[str, Any]) -> RunSpec:
         if value is _MISSING or not check.accepts(value):
             raise ConfigError(f"{dotted}={None if value is _MISSING else value!r} is invalid; allowed: {check.allowed}")
     trainer = trainer_spec(cfg.get("trainer"))
+    check_targets(trainer)
     check_logger(cfg)
     try:
         schedule_fields(cfg.get("schedule"))

@@ -27,6 +27,14 @@ def _is_milestones(value: Any) -> bool:
             and all(a < b for a, b in zip(value, value[1:])))
 
 
+def _is_dotted(value: Any) -> bool:
+    return isinstance(value, str) and "." in value and all(part.isidentifier() for part in value.split("."))
+
+
+def _is_keywords(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(key, str) and key.isidentifier() for key in value)
+
+
 def _field(default: Any, check: Check, doc: str) -> Any:
     """A spec field: its default, its :class:`~approxtrain.checks.Check` and one line of what it means."""
     if isinstance(default, (list, dict)):
@@ -46,6 +54,11 @@ class OptimizerSpec:
                                  "adam, sgd: L2 penalty; adamw: decoupled weight decay (e.g. 0.05)")
     betas: list = _field([0.9, 0.999], Check(_is_betas, "two numbers in [0, 1), e.g. [0.9, 0.999]"), "adam, adamw: betas")
     eps: float = _field(1.0e-08, number(0), "adam, adamw: eps")
+    _target_: str | None = _field(None, or_null(Check(_is_dotted, "a class's dotted path, e.g. torch.optim.AdamW")),
+                                  "any optimizer class instead of name's (name, momentum, nesterov, betas and eps "
+                                  "then unused): it gets lr, weight_decay and kwargs")
+    kwargs: dict = _field({}, Check(_is_keywords, "a mapping of keyword arguments, e.g. +trainer.optimizer.kwargs.amsgrad=true"),
+                          "_target_: more keyword arguments for its class (add each with +, e.g. +trainer.optimizer.kwargs.alpha=0.9)")
 
 
 # Optimizer presets a model config picks (configs/model/*.yaml): AdamW with decoupled weight decay is the
@@ -66,6 +79,11 @@ class SchedulerSpec:
     start: int = _field(0, integer(0), "exponential: decay by gamma per interval after this many")
     warmup_steps: int = _field(0, integer(0), "warmup_cosine: intervals of linear warmup to trainer.optimizer.lr")
     min_lr: float = _field(0.0, number(0, inclusive=True), "warmup_cosine: the rate the cosine reaches at the run's end")
+    _target_: str | None = _field(None, or_null(Check(_is_dotted, "a class's dotted path, e.g. torch.optim.lr_scheduler.StepLR")),
+                                  "any learning-rate scheduler class instead of name's (the fields above but interval "
+                                  "then unused): it gets the optimizer and kwargs, and is stepped per interval")
+    kwargs: dict = _field({}, Check(_is_keywords, "a mapping of keyword arguments, e.g. +trainer.scheduler.kwargs.step_size=10"),
+                          "_target_: keyword arguments for its class (add each with +, e.g. +trainer.scheduler.kwargs.gamma=0.5)")
 
 
 @dataclass(frozen=True)
@@ -108,6 +126,8 @@ class TrainerSpec:
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
 
     def __post_init__(self) -> None:
+        for group in ("optimizer", "scheduler"):
+            _check_target_alone(getattr(self, group), f"trainer.{group}")
         optimizer = self.optimizer
         if optimizer.name == "sgd" and optimizer.nesterov and not optimizer.momentum > 0:  # torch's SGD rule
             raise ConfigError(f"trainer.optimizer.nesterov=true is invalid with trainer.optimizer.momentum={optimizer.momentum!r}; "
@@ -117,6 +137,26 @@ class TrainerSpec:
             shared = "/".join(name for name in selection_mode_names() if get_selection_mode(name).same_on_every_rank)
             raise ConfigError(f"trainer.distributed.sampled_allreduce=true is invalid with trainer.distributed.selection={selection} "
                               f"(the ranks keep different slices); allowed: false or auto, or selection={shared}")
+
+
+# The fields a class named by `_target_` gets (the rest configure the named presets only).
+TARGET_FIELDS = ("_target_", "kwargs", "lr", "weight_decay", "interval")
+
+
+def _check_target_alone(group: Any, prefix: str) -> None:
+    """With ``_target_`` set, a preset-only field changed from its default would be silently unused: refuse it."""
+    if group._target_ is None:
+        if group.kwargs:
+            raise ConfigError(f"{prefix}.kwargs={dict(group.kwargs)!r} is invalid without {prefix}._target_; "
+                              f"allowed: {{}}, or set {prefix}._target_ to the class they are for")
+        return
+    for spec_field in fields(group):
+        default = spec_field.default if spec_field.default is not MISSING else spec_field.default_factory()
+        if spec_field.name not in (*TARGET_FIELDS, "name") and getattr(group, spec_field.name) != default:
+            value = getattr(group, spec_field.name)
+            raise ConfigError(f"{prefix}.{spec_field.name}={value!r} is invalid with {prefix}._target_={group._target_} "
+                              f"(it configures the named presets only); allowed: {default!r}, or "
+                              f"+{prefix}.kwargs.{spec_field.name}={value!r} to pass it to the class")
 
 
 @dataclass(frozen=True)

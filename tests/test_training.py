@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from approxtrain.checks import ConfigError
 from approxtrain.config import validate
 from approxtrain.run import rundir as results_module
 from approxtrain.run.checkpoint import load_checkpoint, save_checkpoint
@@ -316,3 +317,49 @@ def test_warmup_cosine_rises_linearly_then_decays_to_min_lr(run_cfg):
     halfway = 4 + 5  # (14 - 4) / 2 steps into the cosine: the mean of lr and min_lr
     assert rates[halfway] == pytest.approx((0.001 + 0.0001) / 2)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0001)  # at the end of the run: min_lr
+
+
+# Any optimizer / scheduler class by _target_ (issue 20: the standard recipes).
+
+def test_an_optimizer_and_a_scheduler_by_target_get_their_arguments(run_cfg):
+    spec = validate(run_cfg("trainer.optimizer._target_=torch.optim.RMSprop", "trainer.optimizer.lr=0.02",
+                            "trainer.optimizer.weight_decay=0.01", "+trainer.optimizer.kwargs.alpha=0.8",
+                            "+trainer.optimizer.kwargs.momentum=0.5",
+                            "trainer.scheduler._target_=torch.optim.lr_scheduler.StepLR", "+trainer.scheduler.kwargs.step_size=2",
+                            "+trainer.scheduler.kwargs.gamma=0.5")).trainer
+    optimizer = build_optimizer(spec.optimizer, [torch.nn.Parameter(torch.zeros(1))])
+    assert type(optimizer) is torch.optim.RMSprop
+    group = optimizer.param_groups[0]
+    # the preset fields (momentum 0.9, eps 1e-8 for adam) do not leak: RMSprop keeps its own eps
+    assert (group["lr"], group["weight_decay"], group["alpha"], group["momentum"], group["eps"]) == (0.02, 0.01, 0.8, 0.5, 1e-8)
+    scheduler = build_scheduler(spec.scheduler, optimizer, length=10)
+    assert type(scheduler) is torch.optim.lr_scheduler.StepLR and (scheduler.step_size, scheduler.gamma) == (2, 0.5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("trainer.optimizer._target_=torch.optim.Nope",), "trainer.optimizer._target_=torch.optim.Nope is invalid"),
+    (("trainer.optimizer._target_=torch.nn.Linear",), "(not a subclass of torch.optim.optimizer.Optimizer)"),
+    (("trainer.optimizer._target_=torch.optim.RMSprop", "trainer.optimizer.momentum=0.5"),
+     "trainer.optimizer.momentum=0.5 is invalid with trainer.optimizer._target_=torch.optim.RMSprop"),
+    (("trainer.optimizer._target_=torch.optim.RMSprop", "+trainer.optimizer.kwargs.betas=[0.9,0.99]"),
+     "trainer.optimizer.kwargs={'betas': [0.9, 0.99]} is invalid for torch.optim.RMSprop"),
+    (("+trainer.optimizer.kwargs.alpha=0.9",), "trainer.optimizer.kwargs={'alpha': 0.9} is invalid without trainer.optimizer._target_"),
+    (("trainer.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",), "(it steps on a metric)"),
+    (("trainer.scheduler._target_=torch.optim.lr_scheduler.StepLR",), "missing a required argument: 'step_size'"),
+])
+def test_a_bad_target_or_argument_is_one_line_naming_the_key(overrides, message, run_cfg):
+    with pytest.raises(ConfigError) as error:
+        validate(run_cfg(*overrides))
+    assert message in str(error.value) and "allowed: " in str(error.value) and "\n" not in str(error.value)
+
+
+def test_resume_with_an_optimizer_and_scheduler_by_target_equals_uninterrupted(run_cfg, tmp_path):
+    recipe = ("model=mlp", "dataset=digits", "sampler=nps", "ratio=0.5", "trainer.optimizer._target_=torch.optim.AdamW",
+              "trainer.optimizer.weight_decay=0.05", "+trainer.optimizer.kwargs.amsgrad=true", "trainer.scheduler.interval=step",
+              "trainer.scheduler._target_=torch.optim.lr_scheduler.StepLR", "+trainer.scheduler.kwargs.step_size=5",
+              "+trainer.scheduler.kwargs.gamma=0.5")
+    uninterrupted = train(run_cfg(*recipe, "trainer.epochs=2"), tmp_path / "a")
+    train(run_cfg(*recipe, "trainer.epochs=1"), tmp_path / "b")
+    resumed = train(run_cfg(*recipe, "trainer.epochs=2", f"resume={tmp_path / 'b'}"), tmp_path / "b")
+    assert_same_run(resumed, uninterrupted)
+    assert uninterrupted["epochs"][1]["lr"] < uninterrupted["epochs"][0]["lr"]  # the schedule ran

@@ -109,6 +109,7 @@ def test_negative_grad_clip_is_refused_before_training(run_cfg, run_dir):
     ("trainer.scheduler.milestones=abc", "trainer.scheduler.milestones='abc' is invalid; allowed: a list of increasing integers"),
     ("model.hidden=0", "model.hidden=0 is invalid; allowed: an integer >= 1"),
     ("ratio=1.5", "ratio=1.5 is invalid; allowed: a number in (0, 1]"),
+    ("trainer.optimizer._target_=torch.optim.AdamWW", "trainer.optimizer._target_=torch.optim.AdamWW is invalid"),
 ])
 def test_bad_value_on_the_command_line_exits_2_before_a_run_dir_exists(override, line, cli, tmp_path):
     process = cli(*SMALL, "logger=none", override)
