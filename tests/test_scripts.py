@@ -247,3 +247,20 @@ def test_gpu_check_smoke_runs_every_stage_without_wandb(tmp_path: Path) -> None:
     # what the GPU machine returns: at most 8 files, plain names
     assert {p.name for p in out.iterdir()} == GPU_CHECK_FILES | {"profile_cnn.txt", "profile_mlp.txt"}
     assert "RESULT: PASS" in (out / "gpu_check.txt").read_text() and "RESULT: PASS" in result.stdout
+
+
+def test_adaptive_candidates_allocates_by_score_share_per_mac() -> None:
+    allocate = load_script("adaptive_candidates.py").allocate
+    scores = {"a": torch.tensor([4.0, 3.0, 2.0, 1.0]), "b": torch.tensor([1.0, 1.0])}
+    # per MAC: a 0.4 0.3 0.2 0.1 (cost 1 each), b 0.25 0.25 (cost 2 each): a budget of 6 keeps a's 0.4, 0.3, both b's
+    assert allocate(scores, {"a": 1, "b": 2}, 6) == {"a": 2, "b": 2}
+    assert allocate(scores, {"a": 1, "b": 2}, 0) == {"a": 1, "b": 1}  # at least one pair each
+
+
+def test_adaptive_candidates_mac_weighted_run_measures_the_fixed_ratios_compute(tmp_path: Path) -> None:
+    run_script("adaptive_candidates.py", "--out", str(tmp_path), "--ratio", "0.5", "--every", "5", "--seeds", "0", "--",
+               "model=mlp", "dataset=digits", "trainer.epochs=1", "trainer.max_steps=12")
+    rows = {method: json.loads((tmp_path / method / "seed0.json").read_text()) for method in ("fixed", "macweighted")}
+    assert rows["fixed"]["compute_reduction"] > 0.3
+    assert abs(rows["macweighted"]["compute_reduction"] - rows["fixed"]["compute_reduction"]) < 0.01
+    assert rows["macweighted"]["layer_k"] and rows["macweighted"]["status"] == rows["fixed"]["status"]

@@ -1,0 +1,186 @@
+"""A MAC-weighted adaptive budget against the fixed ratio at the same measured compute.
+
+Candidate (a) of RESULTS-adaptive.md's "Second try": every ``--every`` steps the sampled layers'
+pair scores on that step's batch are collected (each layer's scores as shares of its own score
+mass), and one global MAC budget -- what the sampled layers cost at the fixed ``ratio``, forward
+and backward, as the compute meter counts it -- is allocated greedily: all (layer, pair) sorted
+by score share per MAC of one pair of that layer (its forward and backward MACs), kept best
+first until the budget is spent. The
+layers' ``k`` take effect from the next step (until the first decision: the fixed ratio).
+
+For each seed it trains the fixed ratio (``topk``) and the MAC-weighted control from the same
+config through the library API, writes ``--out/<method>/seed<seed>.json`` (runs already there
+are read, not re-trained) and prints the measured compute reductions, ``test_metric_at_best``
+(mean +- std) and the Welch 95 % interval of MAC-weighted minus fixed.
+
+    nice -n 15 python scripts/adaptive_candidates.py --data <data dir> --out outputs/candidates \\
+        --ratio 0.336 --seeds 0 1 2 3 4 experiment=mlp_mnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+import approxtrain.cli.config_store  # noqa: F401  (the config nodes made from code)
+from approxtrain.accounting import LayerShape, sampled_macs
+from approxtrain.compare.stats import welch_interval
+from approxtrain.config import validate
+from approxtrain.run.callbacks import Callback, RatioControlCallback
+from approxtrain.run.trainer import Trainer
+from approxtrain.schedule import RatioControl, layer_pairs, pair_scores
+
+METHODS = ("fixed", "macweighted")
+
+
+def call_shape(weight: Tensor, output: Tensor) -> LayerShape:
+    """The MAC model of one call of a Linear (2-d weight) or Conv2d layer, from its weight and output."""
+    if weight.dim() == 2:
+        return LayerShape.linear(output.numel() // weight.shape[0], weight.shape[1], weight.shape[0])
+    return LayerShape.conv2d(output.shape[0], weight.shape[1], weight.shape[0], weight.shape[2:], output.shape[2:])
+
+
+def allocate(scores: Mapping[str, Tensor], macs: Mapping[str, int], budget: float) -> dict[str, int]:
+    """Each layer's ``k`` (at least 1): the pairs of best score share per MAC (``macs``: what one
+    kept pair of the layer costs, forward and backward), kept until ``budget`` MACs are spent."""
+    names = list(scores)
+    shares = [scores[name].double() / scores[name].double().sum().clamp_min(1e-300) for name in names]
+    value = torch.cat([share / macs[name] for name, share in zip(names, shares)])
+    cost = torch.cat([torch.full_like(share, float(macs[name])) for name, share in zip(names, shares)])
+    owner = torch.cat([torch.full(share.shape, i) for i, share in enumerate(shares)])
+    order = torch.argsort(value, descending=True)
+    kept = order[cost[order].cumsum(0) <= budget]
+    counts = torch.bincount(owner[kept], minlength=len(names))
+    return {name: max(int(count), 1) for name, count in zip(names, counts)}
+
+
+class MacWeightedRatios(RatioControl):
+    """Every ``every`` steps, the layers' ``k`` by :func:`allocate` on that step's scores."""
+
+    def __init__(self, model: nn.Module, *, ratio: float, every: int = 10) -> None:
+        super().__init__(model)
+        self.target, self.every = ratio, every
+        self.scores: dict[str, Tensor] = {}
+        self.macs: dict[str, int] = {}  # what one kept pair costs, by layer
+        self.budget: dict[str, int] = {}  # what the layer costs at the fixed ratio
+        self.handles: list = []
+
+    def before_step(self, epoch: int, batch: int, step: int) -> None:
+        if self.handles:  # the previous step collected every layer's scores: decide
+            for handle in self.handles:
+                handle.remove()
+            self.handles = []
+            for name, k in allocate(self.scores, self.macs, sum(self.budget.values())).items():
+                self.layers[name].sampling = replace(self.base[name], fixed_k=k)
+        if step % self.every == 0:
+            self.handles = [module.register_forward_hook(self._collector(name)) for name, module in self.layers.items()]
+
+    def _collector(self, name: str) -> Callable[[nn.Module, tuple, Tensor], None]:
+        def collect(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if module.training:
+                self.scores[name] = pair_scores(module, args[0])
+                shape, config = call_shape(module.product_weight(), output), self.base[name]
+                first = not args[0].requires_grad  # a first layer has no input gradient
+                self.macs[name] = sampled_macs(shape, config, 1, input_grad=not first)[1].total
+                self.budget[name] = sampled_macs(shape, config, input_grad=not first)[1].total
+        return collect
+
+    @property
+    def ratio(self) -> float:
+        """The share of pairs the sampled layers keep: ``sum k / sum n``."""
+        n = sum(layer_pairs(module) for module in self.layers.values())
+        return sum(self.layer_k().values()) / n if n else 1.0
+
+
+class MacWeightedCallback(Callback):
+    """Builds :class:`MacWeightedRatios` on the trainer's model at the start and drives it."""
+
+    all_ranks = True
+
+    def __init__(self, ratio: float, every: int) -> None:
+        self.ratio, self.every, self.driver = ratio, every, None
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.driver = RatioControlCallback(MacWeightedRatios(trainer.model, ratio=self.ratio, every=self.every))
+
+    def on_train_batch_start(self, trainer: Trainer, batch: Any) -> None:
+        self.driver.on_train_batch_start(trainer, batch)
+
+    def on_train_batch_end(self, trainer: Trainer, epoch: int, batch: int) -> None:
+        self.driver.on_train_batch_end(trainer, epoch, batch)
+
+    def on_train_epoch_end(self, trainer: Trainer, record: Any) -> None:
+        self.driver.on_train_epoch_end(trainer, record)
+
+
+def train(method: str, overrides: list[str], ratio: float, every: int, run_dir: Path) -> dict[str, Any]:
+    """One run; its results.json fields that the comparison reads, and the last epoch's ``layer_k``."""
+    with initialize_config_module("approxtrain.configs", version_base="1.3"):
+        cfg = compose("train", [*overrides, "sampler=topk", f"ratio={ratio}", "logger=none",
+                                "trainer.num_workers=0", "trainer.checkpoint=false"])
+    spec = validate(OmegaConf.to_container(cfg, resolve=True))
+    callbacks = [MacWeightedCallback(ratio, every)] if method == "macweighted" else []
+    Trainer(spec, str(run_dir), callbacks).fit()
+    results = json.loads((run_dir / "results.json").read_text())
+    return {key: results.get(key) for key in ("compute_reduction", "test_metric_at_best", "status", "epochs_completed")} | {
+        "layer_k": (results.get("epochs") or [{}])[-1].get("layer_k")}
+
+
+def run_or_read(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    path = args.out / method / f"seed{seed}.json"
+    if not path.exists():
+        overrides = [*args.overrides, f"seed={seed}"]
+        if args.data:
+            overrides += [f"dataset.root={args.data}", "dataset.download=false"]
+        row = train(method, overrides, args.ratio, args.every, args.out / method / f"seed{seed}")
+        path.write_text(json.dumps(row, indent=1))
+    return json.loads(path.read_text())
+
+
+def summary(rows: Mapping[str, list[dict[str, Any]]]) -> str:
+    """Markdown: per method the mean measured reduction and metric; MAC-weighted minus fixed."""
+    lines = ["| method | compute reduction | test_metric_at_best | n |", "|---|---|---|---|"]
+    metric = {method: [row["test_metric_at_best"] for row in rows[method]] for method in METHODS}
+    for method in METHODS:
+        reduction = statistics.fmean(row["compute_reduction"] for row in rows[method])
+        spread = statistics.stdev(metric[method]) if len(metric[method]) > 1 else 0.0
+        lines.append(f"| {method} | {reduction:.2%} | {statistics.fmean(metric[method]):.4f} ± {spread:.4f} | {len(metric[method])} |")
+    if len(metric["fixed"]) > 1:
+        interval = welch_interval(metric["macweighted"], metric["fixed"])
+        delta = statistics.fmean(metric["macweighted"]) - statistics.fmean(metric["fixed"])
+        lines.append(f"\nmacweighted - fixed: {delta:+.4f} [{interval.low:+.4f}, {interval.high:+.4f}]")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="where each run and its row go")
+    parser.add_argument("--data", default=None, help="dataset.root (no download); default: the config's")
+    parser.add_argument("--ratio", type=float, default=0.336, help="the fixed ratio; the MAC budget is this share")
+    parser.add_argument("--every", type=int, default=10, help="steps between MAC-weighted decisions")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. experiment=mlp_mnist trainer.epochs=10")
+    args = parser.parse_args(argv)
+    for method in METHODS:
+        (args.out / method).mkdir(parents=True, exist_ok=True)
+    rows = {method: [run_or_read(method, seed, args) for seed in args.seeds] for method in METHODS}
+    print(summary(rows))
+    print("layer_k at the end (first seed):", {method: rows[method][0]["layer_k"] for method in METHODS})
+
+
+if __name__ == "__main__":
+    main()
