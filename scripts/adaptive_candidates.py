@@ -136,7 +136,7 @@ def train(method: str, overrides: list[str], ratio: float, every: int, run_dir: 
     callbacks = [MacWeightedCallback(ratio, every)] if method == "macweighted" else []
     Trainer(spec, str(run_dir), callbacks).fit()
     results = json.loads((run_dir / "results.json").read_text())
-    return {key: results.get(key) for key in ("compute_reduction", "test_metric_at_best", "status", "epochs_completed")} | {
+    return {key: results.get(key) for key in ("compute_reduction", "test_metric_at_best", "status")} | {
         "layer_k": (results.get("epochs") or [{}])[-1].get("layer_k")}
 
 
