@@ -5,8 +5,8 @@ pair scores on that step's batch are collected (each layer's scores as shares of
 mass), and one global MAC budget -- what the sampled layers cost at the fixed ``ratio``, forward
 and backward, as the compute meter counts it -- is allocated greedily: all (layer, pair) sorted
 by score share per MAC of one pair of that layer (its forward and backward MACs), kept best
-first until the budget is spent. The
-layers' ``k`` take effect from the next step (until the first decision: the fixed ratio).
+first while they fit in the budget (one that does not is skipped for the next). The layers'
+``k`` take effect from the next step (until the first decision: the fixed ratio).
 
 For each seed it trains the fixed ratio (``topk``) and the MAC-weighted control from the same
 config through the library API, writes ``--out/<method>/seed<seed>.json`` (runs already there
@@ -56,15 +56,18 @@ def call_shape(weight: Tensor, output: Tensor) -> LayerShape:
 
 def allocate(scores: Mapping[str, Tensor], macs: Mapping[str, int], budget: float) -> dict[str, int]:
     """Each layer's ``k`` (at least 1): the pairs of best score share per MAC (``macs``: what one
-    kept pair of the layer costs, forward and backward), kept until ``budget`` MACs are spent."""
+    kept pair of the layer costs, forward and backward), kept while they fit in ``budget`` MACs."""
     names = list(scores)
     shares = [scores[name].double() / scores[name].double().sum().clamp_min(1e-300) for name in names]
     value = torch.cat([share / macs[name] for name, share in zip(names, shares)])
     cost = torch.cat([torch.full_like(share, float(macs[name])) for name, share in zip(names, shares)])
     owner = torch.cat([torch.full(share.shape, i) for i, share in enumerate(shares)])
-    order = torch.argsort(value, descending=True)
-    kept = order[cost[order].cumsum(0) <= budget]
-    counts = torch.bincount(owner[kept], minlength=len(names))
+    kept, left = [], budget
+    for index in torch.argsort(value, descending=True).tolist():  # best first; a pair over what is left is skipped
+        if cost[index] <= left:
+            kept.append(index)
+            left -= cost[index].item()
+    counts = torch.bincount(owner[torch.tensor(kept, dtype=torch.long)], minlength=len(names))
     return {name: max(int(count), 1) for name, count in zip(names, counts)}
 
 
