@@ -10,43 +10,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from approxtrain.checks import SWITCH, Check, ConfigError, choice, fraction, integer, number
+from approxtrain.checks import ConfigError, integer
 from approxtrain.models import model_options, model_spec
 from approxtrain.policies import import_policy_module, policy_names
 from approxtrain.run.config_keys import lookup
 from approxtrain.run.optim import check_targets
 from approxtrain.sampling import SamplingConfig, num_kept
 from approxtrain.sampling_fields import sampler_defaults
-from approxtrain.schedule import INTERVALS, SCHEDULES, schedule_fields
-from approxtrain.spec import RunSpec, trainer_spec
+from approxtrain.schedule import schedule_fields
+from approxtrain.spec import RunSpec, dataset_spec, logger_spec, trainer_spec
 from approxtrain.surgery import LayerRule, Plan, rules_from_dicts
 
-_LOGGER_MODES = ("auto", "online", "offline", "disabled")
-_MISSING = object()
-
-
-# The keys outside the trainer group (approxtrain.spec checks that one) that the run depends on: the seed,
-# the logger's name, the dataset's common keys (a dataset's own fields are checked where the dataset is
-# built, approxtrain.data) and the schedule's, with what each allows.
-_CHECKS: dict[str, Check] = {
-    "seed": integer(0, 2**63 - 1, "an integer in [0, 2**63 - 1]"),
-    "logger.name": choice("wandb", "none"),
-    "dataset.batch_size": integer(1),
-    "dataset.eval_batch_size": integer(1),
-    "dataset.seq_len": integer(1),
-    "dataset.download": SWITCH,
-    "schedule.name": choice(*SCHEDULES),
-    "schedule.exact_first": integer(0),
-    "schedule.anneal": number(0, inclusive=True),
-    "schedule.stages": integer(1),
-    "schedule.exact_last": integer(0),
-    "schedule.interval": choice(*INTERVALS),
-    "schedule.budget": fraction("a number in [0, 1), e.g. 0.1"),
-    "schedule.every": integer(1),
-}
+SEED = integer(0, 2**63 - 1, "an integer in [0, 2**63 - 1]")
 _K_LIMITS = ("min_k", "bwd_min_k", "wu_min_k", "align_k")  # the sampling fields that can raise k to n
-_SOME_DATASETS = ("dataset.seq_len", "dataset.download")  # fields of some datasets only
-_OPTIONAL = (*_SOME_DATASETS, *(key for key in _CHECKS if key.startswith("schedule.")))  # fields of some schedules only
 
 
 def default_sampling(cfg: Mapping[str, Any]) -> SamplingConfig:
@@ -82,17 +58,6 @@ def layer_rules(cfg: Mapping[str, Any]) -> list[LayerRule]:
         raise ConfigError(str(error)) from None
 
 
-def check_logger(cfg: Mapping[str, Any]) -> None:
-    """The W&B logger's keys; :func:`validate` checks them, and so does the logger, which starts before the run's setup."""
-    if lookup(cfg, "logger.name") != "wandb":
-        return
-    choice(*_LOGGER_MODES)("logger.mode", lookup(cfg, "logger.mode"))
-    Check(number(0).accepts, "a number of seconds > 0, e.g. 15")("logger.init_timeout_s", lookup(cfg, "logger.init_timeout_s"))
-    Check(lambda tags: isinstance(tags, (list, tuple)) and all(isinstance(tag, str) and tag for tag in tags),
-          "a list of strings, e.g. logger.tags=[baseline,v2]")("logger.tags", lookup(cfg, "logger.tags"))
-    SWITCH("logger.log_model", lookup(cfg, "logger.log_model"))
-
-
 def validate(cfg: Mapping[str, Any]) -> RunSpec:
     """Check every value the run depends on and return the run's :class:`~approxtrain.spec.RunSpec`;
     raise :class:`ConfigError` on the first bad value."""
@@ -102,20 +67,12 @@ def validate(cfg: Mapping[str, Any]) -> RunSpec:
         model_spec(model).check_options(model_options(model))
     except (TypeError, ValueError) as error:
         raise ConfigError(str(error)) from None
-    for dotted, check in _CHECKS.items():
-        value = lookup(cfg, dotted, _MISSING)
-        if value is _MISSING and dotted in _OPTIONAL:
-            continue
-        if value is _MISSING or not check.accepts(value):
-            raise ConfigError(f"{dotted}={None if value is _MISSING else value!r} is invalid; allowed: {check.allowed}")
+    seed = SEED("seed", cfg.get("seed"))
     trainer = trainer_spec(cfg.get("trainer"))
     check_targets(trainer)
-    check_logger(cfg)
-    try:
-        schedule_fields(cfg.get("schedule"))
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    return RunSpec(trainer=trainer, rules=rules, ratio=cfg["ratio"], seed=cfg["seed"], resume=cfg.get("resume"), config=cfg)
+    return RunSpec(trainer=trainer, dataset=dataset_spec(cfg.get("dataset")), logger=logger_spec(cfg.get("logger")),
+                   schedule=schedule_fields(cfg.get("schedule")), model=model, rules=rules, sampler=lookup(cfg, "sampler.name"),
+                   ratio=cfg["ratio"], seed=seed, resume=cfg.get("resume"), config=cfg)
 
 
 def all_exact_warning(cfg: Mapping[str, Any], plan: Plan, rules: list[LayerRule] | None = None) -> str | None:

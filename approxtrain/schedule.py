@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from approxtrain import functional
+from approxtrain.checks import ConfigError, choice, fraction, integer, number
 from approxtrain.modules import SampledLayer
 from approxtrain.sampling import SamplingConfig
 
@@ -255,22 +256,34 @@ class AdaptiveRatios(RatioControl):
 
 _SCHEDULE_KEYS = tuple(f.name for f in fields(RatioSchedule))
 _ADAPTIVE_KEYS = ("name", "budget", "every", "interval")
+# What each field of a schedule may be (configs/schedule/<name>.yaml; the fields RatioSchedule and AdaptiveRatios take).
+FIELD_CHECKS = {
+    "name": choice(*SCHEDULES),
+    "exact_first": integer(0),
+    "anneal": number(0, inclusive=True),
+    "stages": integer(1),
+    "exact_last": integer(0),
+    "interval": choice(*INTERVALS),
+    "budget": fraction("a number in [0, 1), e.g. 0.1"),
+    "every": integer(1),
+}
 
 
 def schedule_fields(schedule: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A run's ``schedule`` config (None: constant) as a plain dict with its ``name``; an unknown
-    schedule or a field it does not take is an error naming it."""
+    """A run's ``schedule`` config (None: constant) as a plain dict with its ``name``, every value checked;
+    an unknown schedule, a field it does not take or a bad value is a
+    :class:`~approxtrain.checks.ConfigError` naming it."""
     values = {"name": "constant", **(schedule or {})}
     name = values["name"]
     if name not in SCHEDULES:
-        raise ValueError(f"schedule={name!r} is unknown; allowed: {', '.join(SCHEDULES)}")
+        raise ConfigError(f"schedule={name!r} is unknown; allowed: {', '.join(SCHEDULES)}")
     allowed = _ADAPTIVE_KEYS if name == "adaptive" else _SCHEDULE_KEYS
     unknown = sorted(set(values) - set(allowed))
     if unknown:
-        raise ValueError(f"schedule.{unknown[0]} is not a field of schedule={name}; allowed: {', '.join(allowed)}")
+        raise ConfigError(f"schedule.{unknown[0]} is not a field of schedule={name}; allowed: {', '.join(allowed)}")
     if name == "adaptive" and "budget" not in values:
-        raise ValueError("schedule.budget is missing for schedule=adaptive; allowed: a number in [0, 1), e.g. 0.1")
-    return values
+        raise ConfigError(f"schedule.budget is missing for schedule=adaptive; allowed: {FIELD_CHECKS['budget'].allowed}")
+    return {key: FIELD_CHECKS[key](f"schedule.{key}", value) for key, value in values.items()}
 
 
 def build_ratio_control(schedule: Mapping[str, Any] | None, model: nn.Module, *, ratio: float, epochs: int,

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
-from approxtrain.checks import SWITCH, Check, ConfigError, choice, integer, is_int, is_number, number, or_null
+from approxtrain.checks import POSITIVE_INT, SWITCH, Check, ConfigError, choice, integer, is_int, is_number, number, or_null
+from approxtrain.data.info import DATASET_FIELDS
 from approxtrain.run.selection_modes import get_selection_mode, selection_mode_names
 
 
@@ -160,14 +161,96 @@ def _check_target_alone(group: Any, prefix: str) -> None:
 
 
 @dataclass(frozen=True)
+class DatasetSpec:
+    """``dataset``: which dataset, its batch sizes, and its own fields, each checked
+    (``configs/dataset/<name>.yaml``; :data:`~approxtrain.data.info.DATASET_FIELDS` says which and what each may be)."""
+
+    name: str
+    batch_size: int  # examples per training step and rank
+    eval_batch_size: int
+    fields: Mapping[str, Any]  # the dataset's own: root, download, image_size, val_fraction, seq_len, ...
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The dataset's own field ``name`` (``default`` where this dataset has no such field)."""
+        return self.fields.get(name, default)
+
+
+def _named_group(group: str, values: Any, kinds: Mapping[str, Mapping[str, Check]],
+                 common: Mapping[str, Check] | None = None) -> tuple[str, dict[str, Any]]:
+    """A group that a ``name`` picks the fields of (``kinds[name]``, beside ``common``): the name and
+    exactly those fields, each checked (:class:`ConfigError` on the first bad, unknown or missing one)."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{group}={values!r} is invalid; allowed: a mapping with a name: {', '.join(kinds)}")
+    name = choice(*kinds)(f"{group}.name", values.get("name"))
+    checks = {**(common or {}), **kinds[name]}
+    expected = ["name", *checks]
+    unknown = sorted(set(values) - set(expected))
+    missing = [key for key in expected if key not in values]
+    if unknown or missing:
+        problem = f"{group}.{unknown[0]} is not a field of {group} {name}" if unknown else f"{group}.{missing[0]} is missing"
+        raise ConfigError(f"{problem}; allowed: the fields of {group} {name}: {', '.join(expected)}")
+    return name, {key: check(f"{group}.{key}", values[key]) for key, check in checks.items()}
+
+
+_BATCH_SIZES = {"batch_size": POSITIVE_INT, "eval_batch_size": POSITIVE_INT}
+
+
+def dataset_spec(dataset: Mapping[str, Any]) -> DatasetSpec:
+    """The ``dataset`` group of a composed config as a :class:`DatasetSpec` (:class:`ConfigError` naming the
+    first bad, unknown or missing field)."""
+    name, values = _named_group("dataset", dataset, DATASET_FIELDS, _BATCH_SIZES)
+    return DatasetSpec(name, values.pop("batch_size"), values.pop("eval_batch_size"), values)
+
+
+def _is_tags(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(tag, str) and tag for tag in value)
+
+
+_NAME = Check(lambda value: isinstance(value, str) and bool(value), "a name")
+# The logger's fields by logger (configs/logger/<name>.yaml holds their defaults).
+LOGGER_FIELDS: dict[str, dict[str, Check]] = {
+    "wandb": {"project": _NAME, "entity": or_null(_NAME), "mode": choice("auto", "online", "offline", "disabled"),
+              "init_timeout_s": Check(number(0).accepts, "a number of seconds > 0, e.g. 15"), "group": or_null(_NAME),
+              "tags": Check(_is_tags, "a list of strings, e.g. logger.tags=[baseline,v2]"), "log_model": SWITCH},
+    "none": {},
+}
+
+
+@dataclass(frozen=True)
+class LoggerSpec:
+    """``logger``: where a run's metrics go besides ``results.json`` -- W&B (``wandb``) or nowhere (``none``)."""
+
+    name: str
+    fields: Mapping[str, Any]  # the logger's own (LOGGER_FIELDS), each checked
+
+
+def named_group_checks() -> dict[str, Check]:
+    """What each key of the ``dataset`` and ``logger`` groups may be, by dotted key (for the docs)."""
+    checks = {f"dataset.{key}": check for key, check in _BATCH_SIZES.items()}
+    for group, kinds in (("dataset", DATASET_FIELDS), ("logger", LOGGER_FIELDS)):
+        checks.update({f"{group}.{key}": check for fields_ in kinds.values() for key, check in fields_.items()})
+    return checks
+
+
+def logger_spec(logger: Mapping[str, Any]) -> LoggerSpec:
+    """The ``logger`` group of a composed config as a :class:`LoggerSpec` (:class:`ConfigError` on a bad field)."""
+    return LoggerSpec(*_named_group("logger", logger, LOGGER_FIELDS))
+
+
+@dataclass(frozen=True)
 class RunSpec:
-    """A run's config, checked (:func:`approxtrain.config.validate` makes it): the trainer group as a
-    :class:`TrainerSpec`, the layer rules built once (each completed from the sampler group and the
-    top-level ratio), and the resolved ``config`` mapping itself (the model, dataset, schedule and
-    logger groups are read by their owners; checkpoints and W&B keep it whole)."""
+    """A run's config, checked (:func:`approxtrain.config.validate` makes it): the trainer, dataset and
+    logger groups as their specs, the schedule's checked fields, the layer rules built once (each
+    completed from the sampler group and the top-level ratio), and the resolved ``config`` mapping itself
+    (the model group is read by its registry, which checks its options; checkpoints and W&B keep it whole)."""
 
     trainer: TrainerSpec
+    dataset: DatasetSpec
+    logger: LoggerSpec
+    schedule: Mapping[str, Any]  # its name and fields, checked (approxtrain.schedule.schedule_fields)
+    model: Mapping[str, Any]  # the model group; its registry entry checked its options
     rules: list  # approxtrain.surgery.LayerRule, in order
+    sampler: str  # the sampler group's policy (layer rules may set others)
     ratio: float
     seed: int
     resume: str | None
@@ -176,7 +259,7 @@ class RunSpec:
     @property
     def batch_size(self) -> int:
         """Examples per step and rank (``dataset.batch_size``)."""
-        return self.config["dataset"]["batch_size"]
+        return self.dataset.batch_size
 
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:

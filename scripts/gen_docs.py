@@ -195,9 +195,12 @@ def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
 
 
 def _checks() -> dict[str, Any]:
-    from approxtrain import config
+    """The checks of the keys outside the trainer group, by dotted key."""
+    from approxtrain import config, schedule
+    from approxtrain.spec import named_group_checks
 
-    return config._CHECKS
+    schedule_checks = {f"schedule.{key}": check for key, check in schedule.FIELD_CHECKS.items()}
+    return {"seed": config.SEED, **named_group_checks(), **schedule_checks}
 
 
 # What keys that many options share mean, where their YAML says nothing.

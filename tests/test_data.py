@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import urllib.error
 from pathlib import Path
@@ -10,8 +11,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from approxtrain.data import DATASETS, DatasetInfo, DatasetNotFound, build_loaders
+from approxtrain.data import DATASETS, DatasetInfo, DatasetNotFound, build_loaders, dataset_builder
 from approxtrain.data.images import PerImageStandardization
+from approxtrain.data.info import DATASET_FIELDS, IMAGE_SHAPES
 from approxtrain.data.text import TokenBatches, build_vocabulary
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -308,14 +310,15 @@ def bad_config(name: str, **fields) -> dict:
 @pytest.mark.parametrize(
     ("config", "pattern"),
     [
-        ({"name": "svhn", "batch_size": 4, "eval_batch_size": 4}, r"unknown dataset 'svhn'; allowed: " + ", ".join(DATASETS)),
-        (bad_config("synthetic", like="svhn"), r"unknown dataset.like='svhn'.*mnist"),
+        ({"name": "svhn", "batch_size": 4, "eval_batch_size": 4}, r"dataset.name='svhn' is invalid; allowed: " + ", ".join(DATASETS)),
+        (bad_config("synthetic", like="svhn"), r"dataset.like='svhn' is invalid; allowed: mnist, .*ptb$"),
         (bad_config("synthetic", like="mnist", num_samples=0), r"dataset.num_samples=0 is invalid; allowed: an integer >= 1"),
         (bad_config("ptb", train_split="test"), r"train_split='test'.*train, valid"),
         (bad_config("digits", train_split="valid"),
-         r"dataset.train_split is not a field of digits; its fields: name, batch_size, eval_batch_size, image_size$"),
-        (bad_config("mnist", root=...),
-         r"dataset.root is missing for mnist; its fields: name, batch_size, eval_batch_size, root, download, image_size$"),
+         r"dataset.train_split is not a field of dataset digits; allowed: the fields of dataset digits: "
+         r"name, batch_size, eval_batch_size, image_size, val_fraction$"),
+        (bad_config("mnist", root=...), r"dataset.root is missing; allowed: the fields of dataset mnist: "
+                                        r"name, batch_size, eval_batch_size, root, download, image_size, val_fraction$"),
         (bad_config("digits", batch_size=0), r"dataset.batch_size=0 is invalid; allowed: an integer >= 1"),
         (bad_config("digits", eval_batch_size=None), r"dataset.eval_batch_size=None is invalid; allowed: an integer >= 1"),
         (bad_config("digits", image_size=0), r"dataset.image_size=0 is invalid; allowed: null or an integer >= 1"),
@@ -325,6 +328,16 @@ def test_bad_fields_are_one_line_value_errors(config: dict, pattern: str) -> Non
     with pytest.raises(ValueError, match=pattern) as error:
         build_loaders(config, num_workers=0, seed=0, pin_memory=False)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_each_dataset_builder_takes_exactly_the_fields_the_spec_checks(name: str) -> None:
+    """``DATASET_FIELDS`` (what the run spec checks) and the builder's parameters name the same fields
+    (image datasets: but ``val_fraction``, which build_loaders applies; keyword-only: the loader's context)."""
+    parameters = inspect.signature(dataset_builder(name)).parameters.values()
+    taken = [parameter.name for parameter in parameters if parameter.kind != inspect.Parameter.KEYWORD_ONLY]
+    assert taken == [field for field in DATASET_FIELDS[name] if field != "val_fraction"]
+    assert ("val_fraction" in DATASET_FIELDS[name]) == (name in IMAGE_SHAPES)
 
 
 @pytest.mark.parametrize("name", DATASETS)

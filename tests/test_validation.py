@@ -53,6 +53,8 @@ BAD_VALUES = {
     "trainer.epochs=100000000000000000000": "trainer.epochs=100000000000000000000 is invalid; allowed: an integer in [1, 1000000]",
     "trainer.distributed.timeout_s=1e300": "trainer.distributed.timeout_s=1e+300 is invalid; allowed: a number of seconds in (0, 1e7]",
     "logger.tags=notalist": "logger.tags='notalist' is invalid; allowed: a list of strings, e.g. logger.tags=[baseline,v2]",
+    "dataset.val_fraction=1.5": "dataset.val_fraction=1.5 is invalid; allowed: a number in [0, 1) (0: no validation split)",
+    "dataset.image_size=0": "dataset.image_size=0 is invalid; allowed: null or an integer >= 1",
 }
 
 
@@ -66,6 +68,16 @@ def test_bad_value_is_one_line_naming_key_value_and_allowed(override):
 
 @pytest.mark.parametrize("overrides, message", [
     (["dataset=ptb", "dataset.seq_len=abc"], "dataset.seq_len='abc' is invalid; allowed: an integer >= 1"),
+    (["dataset=ptb", "dataset.train_split=test"], "dataset.train_split='test' is invalid; allowed: train, valid"),
+    (["dataset=synthetic", "dataset.like=svhn"],
+     "dataset.like='svhn' is invalid; allowed: mnist, cifar10, cifar100, imagenet, digits, ptb"),
+    (["dataset=digits", "+dataset.root=data/"],
+     "dataset.root is not a field of dataset digits; allowed: the fields of dataset digits: name, batch_size, eval_batch_size, "
+     "image_size, val_fraction"),
+    (["schedule=linear", "schedule.anneal=-1"], "schedule.anneal=-1 is invalid; allowed: a number >= 0"),
+    (["schedule=adaptive", "schedule.every=0"], "schedule.every=0 is invalid; allowed: an integer >= 1"),
+    (["logger=wandb", "logger.mode=sometimes"], "logger.mode='sometimes' is invalid; allowed: auto, online, offline, disabled"),
+    (["logger=wandb", "logger.project=''"], "logger.project='' is invalid; allowed: a name"),
     (["trainer.optimizer.name=sgd", "trainer.optimizer.momentum=0", "trainer.optimizer.nesterov=true"],
      "trainer.optimizer.nesterov=true is invalid with trainer.optimizer.momentum=0; "
      "allowed: nesterov=true with a momentum > 0, or nesterov=false"),
@@ -109,6 +121,7 @@ def test_negative_grad_clip_is_refused_before_training(run_cfg, run_dir):
     ("trainer.scheduler.milestones=abc", "trainer.scheduler.milestones='abc' is invalid; allowed: a list of increasing integers"),
     ("model.hidden=0", "model.hidden=0 is invalid; allowed: an integer >= 1"),
     ("ratio=1.5", "ratio=1.5 is invalid; allowed: a number in (0, 1]"),
+    ("dataset.val_fraction=1", "dataset.val_fraction=1 is invalid; allowed: a number in [0, 1)"),
     ("trainer.optimizer._target_=torch.optim.AdamWW", "trainer.optimizer._target_=torch.optim.AdamWW is invalid"),
 ])
 def test_bad_value_on_the_command_line_exits_2_before_a_run_dir_exists(override, line, cli, tmp_path):

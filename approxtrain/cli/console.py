@@ -87,7 +87,7 @@ def _coverage(coverage: float | None) -> str:
 
 def epochs_planned(trainer: Trainer) -> int:
     """The epochs the run trains: ``trainer.epochs``, fewer when ``trainer.max_steps`` ends it sooner."""
-    epochs, max_steps = trainer.cfg["trainer"]["epochs"], trainer.cfg["trainer"]["max_steps"]
+    epochs, max_steps = trainer.spec.trainer.epochs, trainer.spec.trainer.max_steps
     return epochs if max_steps is None else min(epochs, math.ceil(max_steps / max(trainer.steps_per_epoch, 1)))
 
 
@@ -128,8 +128,9 @@ class ConsoleCallback(Callback):
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         done = trainer.state.progress.batches if trainer.state.progress else 0  # a run resumed inside this epoch
         total = trainer.steps_per_epoch
-        if trainer.cfg["trainer"]["max_steps"] is not None:
-            total = min(total, done + trainer.cfg["trainer"]["max_steps"] - trainer.state.step)
+        max_steps = trainer.spec.trainer.max_steps
+        if max_steps is not None:
+            total = min(total, done + max_steps - trainer.state.step)
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("•"),
             TimeRemainingColumn(), RateColumn(), TextColumn("{task.fields[info]}"),

@@ -27,13 +27,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from approxtrain.config import check_logger
 from approxtrain.models.custom import with_dataset_facts
 from approxtrain.run.callbacks import Callback, StepReport
 from approxtrain.run.config_keys import flatten, model_label
 from approxtrain.run.errors import failure_message
 from approxtrain.run.rundir import BEST_CHECKPOINT, checkpoint_path
 from approxtrain.run.schema import BEST_EPOCH_KEYS, INTERRUPTED, higher_is_better, summary_of, test_metric_key, val_metric_key
+from approxtrain.spec import logger_spec
 from approxtrain.telemetry import telemetry_scalars
 
 if TYPE_CHECKING:
@@ -284,9 +284,8 @@ class WandbCallback(Callback):
     def __init__(self, cfg: Mapping[str, Any], run_dir: Path, group: str | None) -> None:
         import wandb
 
-        check_logger(cfg)
+        logger = logger_spec(cfg["logger"]).fields
         self.wandb, self.run_dir = wandb, run_dir
-        logger = cfg["logger"]
         self.log_model = logger["log_model"]
         run_dir.mkdir(parents=True, exist_ok=True)
         run_id = stored_run_id(run_dir) if cfg["resume"] else None

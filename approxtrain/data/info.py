@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from approxtrain.checks import POSITIVE_INT, SWITCH, Check, choice, fraction, or_null
+
 # Datasets that work without a download: suggested whenever a dataset is missing.
 OFFLINE_CHOICES = ("digits", "synthetic")
 # The standard PTB vocabulary size. Models are sized for it even when only ptb.valid.txt
@@ -21,6 +23,23 @@ IMAGE_SHAPES = {
 }
 TEXT_VOCABULARIES = {"ptb": PTB_VOCAB_SIZE}
 LIKES = (*IMAGE_SHAPES, *TEXT_VOCABULARIES)
+
+_ROOT = Check(lambda value: isinstance(value, str) and bool(value), "a folder, e.g. data/")
+_IMAGE_SIZE = or_null(POSITIVE_INT, "null or an integer >= 1")
+_VAL_FRACTION = fraction("a number in [0, 1) (0: no validation split)")
+_TORCHVISION = {"root": _ROOT, "download": SWITCH, "image_size": _IMAGE_SIZE, "val_fraction": _VAL_FRACTION}
+# Each dataset's own fields (configs/dataset/<name>.yaml, beside name, batch_size and eval_batch_size) and what
+# each may be: the run spec checks them (approxtrain.spec.dataset_spec), the dataset's builder takes them.
+DATASET_FIELDS: dict[str, dict[str, Check]] = {
+    "mnist": _TORCHVISION,
+    "cifar10": _TORCHVISION,
+    "cifar100": _TORCHVISION,
+    "imagenet": {"root": _ROOT, "image_size": _IMAGE_SIZE, "val_fraction": _VAL_FRACTION},
+    "digits": {"image_size": _IMAGE_SIZE, "val_fraction": _VAL_FRACTION},
+    "ptb": {"root": _ROOT, "seq_len": POSITIVE_INT, "train_split": choice("train", "valid")},
+    "synthetic": {"like": choice(*LIKES), "num_samples": POSITIVE_INT, "image_size": _IMAGE_SIZE, "seq_len": POSITIVE_INT},
+}
+DATASETS = tuple(DATASET_FIELDS)
 
 
 @dataclass(frozen=True)

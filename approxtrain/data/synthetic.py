@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from approxtrain.data.info import IMAGE_SHAPES, LIKES, TEXT_VOCABULARIES, DatasetInfo
+from approxtrain.data.info import IMAGE_SHAPES, TEXT_VOCABULARIES, DatasetInfo
 from approxtrain.data.text import TokenBatches
 
 TRAIN, TEST = 0, 1
@@ -52,11 +52,8 @@ def synthetic(
 ) -> tuple[SyntheticImages | TokenBatches, SyntheticImages | TokenBatches, DatasetInfo]:
     """Train and test data shaped like dataset ``like``: image datasets (``image_size``
     overrides H = W) or batched text streams of ``seq_len``-token windows. ``num_samples``
-    training samples; the test set has a quarter of that, at least one batch."""
-    if like not in LIKES:
-        raise ValueError(f"unknown dataset.like={like!r} for synthetic; allowed: {', '.join(LIKES)}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"dataset.num_samples={num_samples!r} is invalid; allowed: an integer >= 1")
+    training samples; the test set has a quarter of that, at least one batch. (The fields are checked
+    where the run spec is made: :func:`approxtrain.spec.dataset_spec`.)"""
     num_test = max(num_samples // 4, eval_batch_size)
     if like in TEXT_VOCABULARIES:
         return synthetic_text(

@@ -106,10 +106,9 @@ def ptb(
     """Penn Treebank: train on ``ptb.{train_split}.txt``, evaluate on ``ptb.test.txt``, validate on
     ``ptb.valid.txt`` when it is not the training split (else there is no validation data: ``None``).
 
-    The vocabulary covers every PTB file present in the folder, so every word has an id.
+    The vocabulary covers every PTB file present in the folder, so every word has an id. (The fields are
+    checked where the run spec is made: :func:`approxtrain.spec.dataset_spec`.)
     """
-    if train_split not in ("train", "valid"):
-        raise ValueError(f"dataset.train_split={train_split!r} is not allowed for ptb; allowed: train, valid")
     needed = (PTB_FILES[train_split], PTB_FILES["test"])
     folder = find_ptb_folder(root, needed)
     if folder is None:

@@ -51,7 +51,7 @@ from approxtrain.run.schema import FINISHED, INTERRUPTED, PERPLEXITY, EpochRecor
 from approxtrain.run.signals import StopRequests, stop_signals
 from approxtrain.run.state import EpochProgress, RunRecord, TrainState, rank_rng_state, rng_state, set_rng_state
 from approxtrain.schedule import build_ratio_control
-from approxtrain.spec import RunSpec
+from approxtrain.spec import DatasetSpec, RunSpec
 from approxtrain.surgery import Plan, approximate_, attach_meter, nothing_sampled_warning
 from approxtrain.telemetry import Telemetry
 
@@ -105,10 +105,10 @@ def ratio_in_effect(cfg: Mapping[str, Any]) -> float | None:
     return 1.0 if lookup(cfg, "sampler.name") == "exact" else cfg.get("ratio")
 
 
-def example_input(info: DatasetInfo, dataset: Mapping[str, Any], device: torch.device) -> Tensor:
+def example_input(info: DatasetInfo, dataset: DatasetSpec | Mapping[str, Any], device: torch.device) -> Tensor:
     """A 2-example batch of the dataset's shape, to trace the layers' MACs."""
     if info.kind == "text":
-        return torch.zeros(2, dataset["seq_len"], dtype=torch.long, device=device)
+        return torch.zeros(2, dataset.get("seq_len"), dtype=torch.long, device=device)
     return torch.zeros(2, info.in_channels, *info.image_size, device=device)
 
 
@@ -118,7 +118,7 @@ def training_callbacks(spec: RunSpec, model: nn.Module, steps_per_epoch: int) ->
     callbacks: list[Callback] = []
     if callable(getattr(model, "reset_state", None)):
         callbacks.append(RecurrentState())
-    control = build_ratio_control(spec.config.get("schedule"), model, ratio=spec.ratio, epochs=spec.trainer.epochs,
+    control = build_ratio_control(spec.schedule, model, ratio=spec.ratio, epochs=spec.trainer.epochs,
                                   steps_per_epoch=steps_per_epoch)
     if control is not None:
         callbacks.append(RatioControlCallback(control))
@@ -187,7 +187,7 @@ class Trainer:
         use_amp = trainer.amp == "bf16" or trainer.amp == "auto" and self.device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if use_amp else None
         self.train_loader, self.test_loader, self.info, self.val_loader = build_loaders(
-            self.cfg["dataset"], num_workers=trainer.num_workers, seed=spec.seed, pin_memory=self.device.type == "cuda",
+            spec.dataset, num_workers=trainer.num_workers, seed=spec.seed, pin_memory=self.device.type == "cuda",
             shard=(self.dist.rank, self.dist.world_size))
         self.steps_per_epoch = len(self.train_loader)
         self._build_model()
@@ -195,7 +195,7 @@ class Trainer:
         self.scheduler = build_scheduler(trainer.scheduler, self.optimizer, run_length(trainer, self.steps_per_epoch))
         self.scheduler_per_step = self.scheduler is not None and trainer.scheduler.interval == "step"
         on_every_rank = training_callbacks(spec, self.model, self.steps_per_epoch)
-        self.callbacks = [*on_every_rank, *self.callbacks, *(configured_callbacks(self.cfg.get("callbacks")) if self.is_main else [])]
+        self.callbacks = [*on_every_rank, *self.callbacks, *(configured_callbacks(spec.config.get("callbacks")) if self.is_main else [])]
         seed_rank_stream(spec.seed, self.dist)
         if spec.resume:
             self.restore(load_checkpoint(checkpoint_path(spec.resume)))
@@ -208,13 +208,13 @@ class Trainer:
         """The exact model, made approximate by the layer rules (the plan), with its MAC meter."""
         spec, device = self.spec, self.device
         assert spec is not None
-        self.model = build_model(self.cfg["model"], self.info).to(device)
+        self.model = build_model(spec.model, self.info).to(device)
         channels_last = spec.trainer.channels_last
         self.channels_last = channels_last is True or (channels_last == "auto" and device.type == "cuda" and self.info.kind == "image")
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.generator = torch.Generator(device=device).manual_seed(spec.seed)
-        example = example_input(self.info, self.cfg["dataset"], device)
+        example = example_input(self.info, spec.dataset, device)
         self.plan = approximate_(self.model, spec.rules, generator=self.generator, example_input=example, batch_size=spec.batch_size)
         products = step_products(self.model, lambda model: logits(model(example)).float().sum())
         if callable(reset_state := getattr(self.model, "reset_state", None)):
