@@ -291,7 +291,7 @@ def model_section() -> list[str]:
     lines = ["## model", "",
              "`model.paper_dataset` is the dataset a run takes when no `dataset=` is given; `model.paper_rules`",
              "are the layers `layers=paper` samples. Every other key is an option of the model's builder, checked",
-             "when the run starts.", ""]
+             "against it before the run starts (a bad value is one line, exit code 2, no run dir).", ""]
     for path in sorted((CONFIGS / "model").glob("*.yaml")):
         description, comments = yaml_comments(path)
         values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
