@@ -264,3 +264,32 @@ def test_adaptive_candidates_mac_weighted_run_measures_the_fixed_ratios_compute(
     assert rows["fixed"]["compute_reduction"] > 0.3
     assert abs(rows["macweighted"]["compute_reduction"] - rows["fixed"]["compute_reduction"]) < 0.01
     assert rows["macweighted"]["layer_k"] and rows["macweighted"]["status"] == rows["fixed"]["status"]
+
+
+def test_adaptive_candidates_relative_variance_is_the_optimal_bernoulli_crs_variance() -> None:
+    relative_variance = load_script("adaptive_candidates.py").relative_variance
+    # scores 3, 1, 0 (mass 4): k=1: p = 3/4, 1/4 -> (4/3 - 1) 9 + (4 - 1) 1 = 6; k=2: p = 1, 1 -> 0
+    assert torch.allclose(relative_variance(torch.tensor([1.0, 3.0, 0.0])), torch.tensor([6 / 16, 0.0, 0.0], dtype=torch.float64))
+    # one score of 10 among four of 1, k=2: the 10 is kept surely, the rest p = 1/4: 4 (4 - 1) 1 = 12 over 14^2
+    assert relative_variance(torch.tensor([10.0, 1, 1, 1, 1]))[1].item() == pytest.approx(12 / 196)
+    assert relative_variance(torch.ones(4)).tolist() == pytest.approx([3 / 4, 1 / 4, 1 / 12, 0])
+
+
+def test_adaptive_candidates_variance_budget_gives_flat_scores_more_pairs() -> None:
+    allocate_variance = load_script("adaptive_candidates.py").allocate_variance
+    scores = {"concentrated": torch.tensor([100.0, 1, 1, 1, 1, 1, 1, 1]), "flat": torch.ones(8)}
+    k = allocate_variance(scores, {"concentrated": 1, "flat": 1}, 8)
+    assert sum(k.values()) == 8 and k["concentrated"] < k["flat"]  # equal cost: the flat layer's error falls slower
+    # a pair of "flat" costs 3: the budget of 10 buys 1 + 3 (3 MACs each) plus 1 + 2 of "concentrated", never more
+    k = allocate_variance(scores, {"concentrated": 1, "flat": 3}, 10)
+    assert k["concentrated"] + 3 * k["flat"] <= 10 and k["flat"] >= 2
+    assert allocate_variance(scores, {"concentrated": 1, "flat": 1}, 0) == {"concentrated": 1, "flat": 1}
+
+
+def test_adaptive_candidates_variance_run_measures_the_fixed_ratios_compute(tmp_path: Path) -> None:
+    run_script("adaptive_candidates.py", "--out", str(tmp_path), "--ratio", "0.5", "--every", "5", "--seeds", "0",
+               "--methods", "variance", "--", "model=mlp", "dataset=digits", "trainer.epochs=1", "trainer.max_steps=12")
+    rows = {method: json.loads((tmp_path / method / "seed0.json").read_text()) for method in ("fixed", "variance")}
+    assert not (tmp_path / "macweighted").exists()
+    assert abs(rows["variance"]["compute_reduction"] - rows["fixed"]["compute_reduction"]) < 0.01
+    assert rows["variance"]["layer_k"] and rows["variance"]["layer_k"] != rows["fixed"]["layer_k"]
