@@ -151,6 +151,7 @@ class MacWeightedRatios(RatioControl):
         self.macs: dict[str, int] = {}  # what one kept pair costs, by layer
         self.budget: dict[str, int] = {}  # what the layer costs at the fixed ratio
         self.handles: list = []
+        self.called: set[str] = set()  # the layers called so far in the collecting step
 
     def before_step(self, epoch: int, batch: int, step: int) -> None:
         if self.handles:  # the previous step collected every layer's scores: decide
@@ -160,16 +161,23 @@ class MacWeightedRatios(RatioControl):
             for name, k in self.allocator(self.scores, self.macs, sum(self.budget.values())).items():
                 self.layers[name].sampling = replace(self.base[name], fixed_k=k)
         if step % self.every == 0:
+            self.called = set()
             self.handles = [module.register_forward_hook(self._collector(name)) for name, module in self.layers.items()]
 
     def _collector(self, name: str) -> Callable[[nn.Module, tuple, Tensor], None]:
         def collect(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if module.training:
-                self.scores[name] = pair_scores(module, args[0])
-                shape, config = call_shape(module.product_weight(), output), self.base[name]
-                first = not args[0].requires_grad  # a first layer has no input gradient
-                self.macs[name] = sampled_macs(shape, config, 1, input_grad=not first)[1].total
-                self.budget[name] = sampled_macs(shape, config, input_grad=not first)[1].total
+            if not module.training:
+                return
+            scores = pair_scores(module, args[0])
+            shape, config = call_shape(module.product_weight(), output), self.base[name]
+            first = not args[0].requires_grad  # a first layer has no input gradient
+            macs = sampled_macs(shape, config, 1, input_grad=not first)[1].total
+            budget = sampled_macs(shape, config, input_grad=not first)[1].total
+            if name in self.called:  # called again in the step (an unrolled LSTM's gates): all its rows together
+                scores = (self.scores[name] ** 2 + scores**2).sqrt()  # |A^(i)| over the calls' rows; B is shared
+                macs, budget = self.macs[name] + macs, self.budget[name] + budget
+            self.called.add(name)
+            self.scores[name], self.macs[name], self.budget[name] = scores, macs, budget
         return collect
 
     @property
