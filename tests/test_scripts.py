@@ -293,3 +293,13 @@ def test_adaptive_candidates_variance_run_measures_the_fixed_ratios_compute(tmp_
     assert not (tmp_path / "macweighted").exists()
     assert abs(rows["variance"]["compute_reduction"] - rows["fixed"]["compute_reduction"]) < 0.01
     assert rows["variance"]["layer_k"] and rows["variance"]["layer_k"] != rows["fixed"]["layer_k"]
+
+
+def test_adaptive_candidates_variance_budget_charges_every_call_of_an_unrolled_lstm(tmp_path: Path) -> None:
+    # the gates run once per time step: scored and charged over all the step's calls, the budget is the step's
+    run_script("adaptive_candidates.py", "--out", str(tmp_path), "--ratio", "0.5", "--every", "2", "--seeds", "0",
+               "--methods", "variance", "--", "model=lstm", "dataset=synthetic", "dataset.num_samples=2000",
+               "dataset.seq_len=6", "layers=gates", "model.hidden=128", "trainer.epochs=1", "trainer.max_steps=6")
+    rows = {method: json.loads((tmp_path / method / "seed0.json").read_text()) for method in ("fixed", "variance")}
+    assert set(rows["variance"]["layer_k"]) == {"rnn.0.gates", "rnn.1.gates", "decoder"}
+    assert abs(rows["variance"]["compute_reduction"] - rows["fixed"]["compute_reduction"]) < 0.01
