@@ -71,8 +71,8 @@ def validate(cfg: Mapping[str, Any]) -> RunSpec:
     trainer = trainer_spec(cfg.get("trainer"))
     check_targets(trainer)
     return RunSpec(trainer=trainer, dataset=dataset_spec(cfg.get("dataset")), logger=logger_spec(cfg.get("logger")),
-                   schedule=schedule_fields(cfg.get("schedule")), model=model, rules=rules, sampler=lookup(cfg, "sampler.name"),
-                   ratio=cfg["ratio"], seed=seed, resume=cfg.get("resume"), config=cfg)
+                   schedule=schedule_fields(cfg.get("schedule")), model=model, rules=rules, ratio=cfg["ratio"], seed=seed,
+                   resume=cfg.get("resume"), config=cfg)
 
 
 def all_exact_warning(cfg: Mapping[str, Any], plan: Plan, rules: list[LayerRule] | None = None) -> str | None:

@@ -290,9 +290,9 @@ def build_ratio_control(schedule: Mapping[str, Any] | None, model: nn.Module, *,
                         steps_per_epoch: int) -> RatioControl | None:
     """The control a run's ``schedule`` config asks for (None: a constant ratio, nothing to do)."""
     values = schedule_fields(schedule)
-    if values.pop("name") == "adaptive":
-        return AdaptiveRatios(model, **values)
-    plan = RatioSchedule(**schedule_fields(schedule))
+    if values["name"] == "adaptive":
+        return AdaptiveRatios(model, **{key: value for key, value in values.items() if key != "name"})
+    plan = RatioSchedule(**values)
     if plan.name == "constant" and plan.exact_first == 0 and plan.exact_last == 0:
         return None
     return ScheduledRatios(model, plan, ratio=ratio, epochs=epochs, steps_per_epoch=steps_per_epoch)

@@ -250,7 +250,6 @@ class RunSpec:
     schedule: Mapping[str, Any]  # its name and fields, checked (approxtrain.schedule.schedule_fields)
     model: Mapping[str, Any]  # the model group; its registry entry checked its options
     rules: list  # approxtrain.surgery.LayerRule, in order
-    sampler: str  # the sampler group's policy (layer rules may set others)
     ratio: float
     seed: int
     resume: str | None

@@ -140,7 +140,7 @@ Allocator = Callable[[Mapping[str, Tensor], Mapping[str, int], float], dict[str,
 ALLOCATORS: dict[str, Allocator] = {"macweighted": allocate, "variance": allocate_variance}
 
 
-class MacWeightedRatios(RatioControl):
+class BudgetRatios(RatioControl):
     """Every ``every`` steps, the layers' ``k`` by ``allocator`` (default :func:`allocate`) on that
     step's scores, within what the sampled layers cost at the fixed ratio."""
 
@@ -187,8 +187,8 @@ class MacWeightedRatios(RatioControl):
         return sum(self.layer_k().values()) / n if n else 1.0
 
 
-class MacWeightedCallback(Callback):
-    """Builds :class:`MacWeightedRatios` (with ``allocator``) on the trainer's model at the start and drives it."""
+class BudgetCallback(Callback):
+    """Builds :class:`BudgetRatios` (with ``allocator``) on the trainer's model at the start and drives it."""
 
     all_ranks = True
 
@@ -196,7 +196,7 @@ class MacWeightedCallback(Callback):
         self.ratio, self.every, self.allocator, self.driver = ratio, every, allocator, None
 
     def on_start(self, trainer: Trainer) -> None:
-        control = MacWeightedRatios(trainer.model, ratio=self.ratio, every=self.every, allocator=self.allocator)
+        control = BudgetRatios(trainer.model, ratio=self.ratio, every=self.every, allocator=self.allocator)
         self.driver = RatioControlCallback(control)
 
     def on_train_batch_start(self, trainer: Trainer, batch: Any) -> None:
@@ -215,7 +215,7 @@ def train(method: str, overrides: list[str], ratio: float, every: int, run_dir: 
         cfg = compose("train", [*overrides, "sampler=topk", f"ratio={ratio}", "logger=none",
                                 "trainer.num_workers=0", "trainer.checkpoint=false"])
     spec = validate(OmegaConf.to_container(cfg, resolve=True))
-    callbacks = [MacWeightedCallback(ratio, every, ALLOCATORS[method])] if method in ALLOCATORS else []
+    callbacks = [BudgetCallback(ratio, every, ALLOCATORS[method])] if method in ALLOCATORS else []
     Trainer(spec, str(run_dir), callbacks).fit()
     results = json.loads((run_dir / "results.json").read_text())
     return {key: results.get(key) for key in ("compute_reduction", "test_metric_at_best", "status")} | {
