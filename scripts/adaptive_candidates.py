@@ -55,6 +55,7 @@ from approxtrain.accounting import LayerShape, sampled_macs
 from approxtrain.compare.stats import welch_interval
 from approxtrain.config import validate
 from approxtrain.run.callbacks import Callback, RatioControlCallback
+from approxtrain.run.rundir import atomic_write
 from approxtrain.run.trainer import Trainer
 from approxtrain.schedule import RatioControl, layer_pairs, pair_scores
 
@@ -229,7 +230,7 @@ def run_or_read(method: str, seed: int, args: argparse.Namespace) -> dict[str, A
         if args.data:
             overrides += [f"dataset.root={args.data}", "dataset.download=false"]
         row = train(method, overrides, args.ratio, args.every, args.out / method / f"seed{seed}")
-        path.write_text(json.dumps(row, indent=1))
+        atomic_write(path, lambda handle: handle.write(json.dumps(row, indent=1).encode()))  # killed: no half row
     return json.loads(path.read_text())
 
 
