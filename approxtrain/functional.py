@@ -180,12 +180,10 @@ def kept_by_producer(t: Tensor) -> bool:
             and saved.shape == t.shape and saved.stride() == t.stride())
 
 
-def _save(ctx: Any, inputs: tuple, x_k: Tensor) -> None:
-    """Shared ``setup_context``: keep the sampled input slice (or, with ``save_input``, the
+def _save(ctx: Any, input: Tensor, x_k: Tensor, weight: Tensor, keep: Tensor, scale: Tensor | None, unique: bool,
+          save_input: bool, config: SamplingConfig, generator: torch.Generator | None, compute: LayerCompute | None) -> None:
+    """What both ops keep for backward: the sampled input slice (or, with ``save_input``, the
     input itself), the weight itself (held anyway, not its sampled copy) and the selection."""
-    input, weight, _, keep, scale, unique, save_input, config, generator, compute = inputs[:10]
-    ctx.mark_non_differentiable(x_k)
-    ctx.set_materialize_grads(False)
     ctx.save_for_backward(input if save_input else x_k, weight, keep, scale)
     ctx.unique, ctx.save_input, ctx.config, ctx.generator, ctx.compute = unique, save_input, config, generator, compute
 
@@ -205,31 +203,28 @@ class LinearCRS(torch.autograd.Function):
     Inputs: ``input (M, n)``, ``weight (out, n)``, ``bias (out,)`` or None, the
     selection's ``keep (k,)`` and ``scale (k,)`` or None and whether ``keep`` is
     ``unique``; ``save_input``: keep the full input for backward (when autograd keeps it
-    anyway, see :func:`kept_by_producer`) instead of its sampled slice; the layer's
-    config, generator and compute record. Outputs: ``(M, out)`` and the sampled input
-    ``(M, k)``: not differentiable, returned so that ``setup_context`` can save it.
+    anyway, see :func:`kept_by_producer`) instead of its sampled slice ``(M, k)``; the
+    layer's config, generator and compute record. Output: ``(M, out)``.
+
+    ``forward`` takes ``ctx`` itself (no ``setup_context``): ``Function.apply`` then binds no
+    signature, which costs ~40 us of host time per call (``scripts/bench_host.py``).
     """
 
     @staticmethod
-    def forward(input: Tensor, weight: Tensor, bias: Tensor | None, keep: Tensor, scale: Tensor | None, unique: bool,
-                save_input: bool, config: SamplingConfig, generator: torch.Generator | None,
-                compute: LayerCompute | None) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, keep: Tensor, scale: Tensor | None,
+                unique: bool, save_input: bool, config: SamplingConfig, generator: torch.Generator | None,
+                compute: LayerCompute | None) -> Tensor:
         with profiler_range(GATHER_RANGE):
             x_k = take(input, 1, keep)
+            _save(ctx, input, x_k, weight, keep, scale, unique, save_input, config, generator, compute)
             if _fused_linear(x_k, weight, unique, config):  # Y = X[:, S] (W[:, S] D)^T, W read at S in the product
                 output = kernels.gather_mm(x_k, weight.t(), keep, scale, 1, False, True, x_k.shape[0], weight.shape[0])
-                return (output if bias is None else output.add_(bias)), x_k
+                return output if bias is None else output.add_(bias)
             w_k = _sampled_weight(weight, Selection(keep, scale, unique))
-        return F.linear(x_k, w_k, bias), x_k
+        return F.linear(x_k, w_k, bias)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
-        _save(ctx, inputs, output[1])
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor | None, _: None) -> tuple[Tensor | None, ...]:
-        if grad_output is None:  # (grads are not materialised: the sampled input has none)
-            return (None,) * 10
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         x_k, weight, selection = _saved(ctx)
         config, generator = ctx.config, ctx.generator
         (out_features, n), k = weight.shape, selection.keep.numel()
@@ -332,7 +327,7 @@ def approx_linear(
         selection = _select_pairs(x2, 1, weight, 1, k, config, generator, scoring, reuse)
     if compute is not None:
         record_call(compute, shape, x2.requires_grad, weight.requires_grad, config, selection.keep.numel())
-    output, _ = LinearCRS.apply(x2, weight, bias, *selection, save_input, config, generator, compute)
+    output = LinearCRS.apply(x2, weight, bias, *selection, save_input, config, generator, compute)
     return output.reshape(*input.shape[:-1], out_features)
 
 
@@ -346,49 +341,61 @@ class Conv2dCRS(torch.autograd.Function):
 
     Inputs: ``input (N, C, H, W)``, ``weight (O, C, kh, kw)``, ``bias (O,)`` or None,
     then as :class:`LinearCRS` (``k`` channels), and ``geometry = (stride, padding,
-    dilation)`` as int pairs. Outputs: ``(N, O, H_out, W_out)`` and the sampled input
-    ``(N, k, H, W)`` (kept for backward; not differentiable).
+    dilation)`` as int pairs. Output: ``(N, O, H_out, W_out)``; the sampled input ``(N, k, H, W)``
+    is kept for backward.
     """
 
     @staticmethod
-    def forward(input: Tensor, weight: Tensor, bias: Tensor | None, keep: Tensor, scale: Tensor | None, unique: bool,
-                save_input: bool, config: SamplingConfig, generator: torch.Generator | None,
-                compute: LayerCompute | None, geometry: tuple) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, keep: Tensor, scale: Tensor | None,
+                unique: bool, save_input: bool, config: SamplingConfig, generator: torch.Generator | None,
+                compute: LayerCompute | None, geometry: tuple) -> Tensor:
         with profiler_range(GATHER_RANGE):
             x_k = take(input, 1, keep)
             w_k = _sampled_weight(weight, Selection(keep, scale, unique))
-        return F.conv2d(x_k, w_k, bias, *geometry), x_k
+        _save(ctx, input, x_k, weight, keep, scale, unique, save_input, config, generator, compute)
+        ctx.geometry, ctx.channels_last = geometry, is_channels_last(input)
+        return F.conv2d(x_k, w_k, bias, *geometry)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
-        _save(ctx, inputs, output[1])
-        ctx.geometry = inputs[10]
-        ctx.channels_last = is_channels_last(inputs[0])
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor | None, _: None) -> tuple[Tensor | None, ...]:
-        if grad_output is None:
-            return (None,) * 11
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         x_k, weight, selection = _saved(ctx)
-        config, generator, geometry = ctx.config, ctx.generator, (*ctx.geometry, False, [0, 0], 1)
         with profiler_range(GATHER_RANGE):
             w_k = _sampled_weight(weight, selection)
-        (out_channels, channels), k = weight.shape[:2], selection.keep.numel()
+        channels, k = weight.shape[1], selection.keep.numel()
         shape = _conv_shape(grad_output, weight)
-        grad_input = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:  # the transposed convolution, optionally sampled over the output channels
-            dy, w_b, k_b = _sample_pairs(grad_output, 1, w_k, 0, config.bwd_k(out_channels), config, generator)
-            g = _convolution_backward(dy, x_k, w_b, None, *geometry, [True, False, False])[0]
-            grad_input = spread(g, 1, channels, selection, ctx.channels_last)
-            record_backward_product(ctx.compute, shape, config, "input_grad", k, k_b)
-        if ctx.needs_input_grad[1]:  # the kernel gradient, optionally sampled over the batch
-            dy, x_w, k_w = _sample_pairs(grad_output, 0, x_k, 0, config.wu_k(shape.batch), config, generator)
-            g = _convolution_backward(dy, x_w, w_k, None, *geometry, [False, True, False])[1]
-            grad_weight = spread(_scaled(g, 1, selection.scale), 1, channels, selection)
-            record_backward_product(ctx.compute, shape, config, "weight_grad", k, k_w)
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad_output.sum((0, 2, 3))
+        g_input, g_weight, grad_bias, k_b, k_w = _conv_backward_products(ctx, grad_output, x_k, w_k, shape)
+        grad_input = grad_weight = None
+        if g_input is not None:
+            grad_input = spread(g_input, 1, channels, selection, ctx.channels_last)
+            record_backward_product(ctx.compute, shape, ctx.config, "input_grad", k, k_b)
+        if g_weight is not None:  # in the weight's own layout: autograd would copy it there otherwise
+            grad_weight = spread(_scaled(g_weight, 1, selection.scale), 1, channels, selection, is_channels_last(weight))
+            record_backward_product(ctx.compute, shape, ctx.config, "weight_grad", k, k_w)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+
+
+def _conv_backward_products(ctx: Any, grad_output: Tensor, x_k: Tensor, w_k: Tensor, shape: LayerShape
+                            ) -> tuple[Tensor | None, Tensor | None, Tensor | None, int, int]:
+    """The convolution's backward products over the kept channels, each None where not needed: the
+    transposed convolution ``(N, k, H, W)``, optionally sampled over the output channels (``k_b`` of
+    them kept), the kernel gradient ``(O, k, kh, kw)``, optionally over the batch (``k_w``), and the
+    bias gradient (exact). Without backward sampling all three read the same operands and come from one call."""
+    config, generator = ctx.config, ctx.generator
+    geometry = (*ctx.geometry, False, [0, 0], 1)
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    if not config.samples_backward:
+        grads = _convolution_backward(grad_output, x_k, w_k, [shape.out] if need_bias else None, *geometry,
+                                      [need_input, need_weight, need_bias])
+        return *grads, shape.out, shape.batch
+    g_input = g_weight = None
+    k_b = k_w = 0
+    if need_input:
+        dy, w_b, k_b = _sample_pairs(grad_output, 1, w_k, 0, config.bwd_k(shape.out), config, generator)
+        g_input = _convolution_backward(dy, x_k, w_b, None, *geometry, [True, False, False])[0]
+    if need_weight:
+        dy, x_w, k_w = _sample_pairs(grad_output, 0, x_k, 0, config.wu_k(shape.batch), config, generator)
+        g_weight = _convolution_backward(dy, x_w, w_k, None, *geometry, [False, True, False])[1]
+    return g_input, g_weight, grad_output.sum((0, 2, 3)) if need_bias else None, k_b, k_w
 
 
 def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
@@ -440,7 +447,7 @@ def approx_conv2d(
     save_input = input is original and kept_by_producer(input)
     with profiler_range(SELECT_RANGE):
         selection = _select_pairs(input, 1, weight, 1, k, config, generator, scoring, reuse)
-    output, _ = Conv2dCRS.apply(input, weight, bias, *selection, save_input, config, generator, compute, geometry)
+    output = Conv2dCRS.apply(input, weight, bias, *selection, save_input, config, generator, compute, geometry)
     if compute is not None:
         record_call(compute, _conv_shape(output, weight), input.requires_grad, weight.requires_grad, config,
                     selection.keep.numel())

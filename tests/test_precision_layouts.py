@@ -71,6 +71,24 @@ def test_channels_last_input_gradient_keeps_channels_last(precision: str) -> Non
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("config", [SamplingConfig("topk", ratio=0.5), SamplingConfig("topk", ratio=0.5, bwd_ratio=0.5, wu_ratio=0.5)],
+                         ids=["forward", "backward_sampled"])
+def test_conv2d_grads_come_in_their_tensors_layouts(precision: str, layout: str, config: SamplingConfig) -> None:
+    # the op's own gradients (seen by tensor hooks, before autograd accumulates them): a kernel
+    # gradient in another layout than the weight's costs a copy into the weight's on every step
+    x, w, b = _leaf((4, 8, 6, 6), 0, LAYOUTS[layout]), _leaf((4, 8, 3, 3), 1, LAYOUTS[layout]), _leaf((4,), 2)
+    seen = {}
+    for name, t in (("x", x), ("w", w)):
+        t.register_hook(lambda g, name=name: seen.setdefault(name, g))
+    with _autocast(precision):
+        out = approx_conv2d(x, w, b, 1, 1, 1, config)
+    out.float().sum().backward()
+    assert seen["x"].is_contiguous(memory_format=LAYOUTS[layout]) and seen["w"].is_contiguous(memory_format=LAYOUTS[layout])
+    assert torch.equal(b.grad, torch.full((4,), float(out[0, 0].numel() * 4)))  # d(sum)/db: every output element
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_conv2d_ratio_one_is_exact(precision: str, layout: str) -> None:
     x, w = _leaf((2, 6, 7, 7), 0, LAYOUTS[layout]), _leaf((5, 6, 3, 3), 1)
     with _autocast(precision):
