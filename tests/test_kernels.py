@@ -34,7 +34,7 @@ def randn(*shape, dtype=torch.float32, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,cols", [(1, 5), (37, 23), (200, 70)])
+@pytest.mark.parametrize("rows,cols", [(0, 5), (1, 5), (37, 23), (200, 70)])
 def test_column_sq_sums(rows, cols, dtype):
     x = randn(rows, cols, dtype=dtype)
     torch.testing.assert_close(kernels.column_sq_sums(x), x.float().square().sum(0), rtol=1e-5, atol=1e-5)
