@@ -11,7 +11,10 @@ top-k) and in gathers/scatters (from profiler ranges), the activation memory aut
 saves for backward in one forward pass and, on CUDA, the peak memory one step allocates
 above what was allocated before it. Without ``--compile`` the configurations of a model
 are timed round by round (one step of each in turn) and the speedup is the median of the
-per-round ratios; with it each configuration is compiled and timed in turn.
+per-round ratios; with it each configuration is compiled and timed in turn. With ``--cuda-graphs``
+each configuration's whole step (forward, backward, SGD step) is captured in one CUDA graph and
+the rounds replay it: the step as it runs when the host launches nothing, the bound on what
+removing the host from the step (``trainer.cuda_graphs``, compile's CUDA graphs) can give.
 
     python scripts/bench_train.py                       # all models, CPU-sized batches on CPU
     python scripts/bench_train.py --models wrn resnet50 --device cuda --amp bf16 --channels-last
@@ -79,8 +82,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _step(model, optimizer, x, y, info, amp: torch.dtype | None, device) -> None:
-    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+def _step(model, optimizer, x, y, info, amp: torch.dtype | None, device, cache_casts: bool = True) -> None:
+    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None, cache_enabled=cache_casts):
         out = model(x)
     if info.kind == "text":
         loss = F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1))
@@ -175,6 +178,52 @@ def _measure(models: list, info, batch, device, amp, channels_last, image_size, 
     return results
 
 
+def _graphed_step(model, optimizer, x, y, info, amp, device, warmup: int):
+    """``model``'s training step captured in one CUDA graph (PyTorch's whole-network capture: warm-up
+    steps on a side stream, the gradients unset so that backward allocates them in the graph's pool,
+    autocast without its cast cache); returns the graph's ``replay``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(max(warmup, 3)):
+            _step(model, optimizer, x, y, info, amp, device, cache_casts=False)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None, cache_enabled=False):
+            out = model(x)
+        loss = F.cross_entropy((out.reshape(-1, out.shape[-1]) if info.kind == "text" else out).float(),
+                               y.reshape(-1) if info.kind == "text" else y)
+        loss.backward()
+        optimizer.step()
+    return graph.replay
+
+
+def _measure_graphed(models: list, info, batch, device, amp, channels_last, image_size, seq_len, warmup,
+                     repeats: int | None) -> list[dict]:
+    """As :func:`_measure`, each round replaying every model's captured step in turn (``repeats=None``: 50 rounds)."""
+    x, y = _batch(info, batch, device, channels_last, image_size, seq_len)
+    replays = []
+    for model in models:
+        model.train()
+        replays.append(_graphed_step(model, _optimizer(model), x, y, info, amp, device, warmup))
+    times: list[list[float]] = [[] for _ in replays]
+    for _ in range(repeats or 50):
+        for i, replay in enumerate(replays):
+            _sync(device)
+            start = time.perf_counter()
+            replay()
+            _sync(device)
+            times[i].append(time.perf_counter() - start)
+    results = []
+    for run_times in times:
+        q1, _, q3 = statistics.quantiles(run_times, n=4) if len(run_times) >= 2 else (run_times[0], 0, run_times[0])
+        results.append({"median_s": statistics.median(run_times), "iqr_s": q3 - q1, "times_s": run_times, "rounds": len(run_times),
+                        "step_peak_bytes": None, "saved_activation_bytes": 0, "select_share": 0.0, "gather_scatter_share": 0.0})
+    return results
+
+
 def _config_name(ratio: float, backend: str = "torch", every: int = 1) -> str:
     name = "exact" if ratio == 1.0 else f"topk {ratio:g}" + (f" reselect {every}" if every > 1 else "")
     return name if backend == "torch" else f"{name} [{backend}]"
@@ -222,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"], help="auto: on for conv models on CUDA")
     parser.add_argument("--align-k", type=int, default=1, help="round k up to a multiple of this (8 for tensor cores)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models")
+    parser.add_argument("--cuda-graphs", action="store_true", help="capture each configuration's whole step in a "
+                        "CUDA graph and time its replays (CUDA only; not with --compile; no --reselect-every)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor; aot_eager: "
                         "traces forward and backward without generating code, for quick checks)")
     parser.add_argument("--warmup", type=int, default=None)
@@ -232,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="write DIR/profile_<model>.txt: the top kernels (CPU: operators) of one exact and one step at the "
                              "first ratio, by self time (not with --compile)")
     args = parser.parse_args(argv)
+    if args.cuda_graphs and (args.compile or args.kernel_profile or args.reselect_every > 1):
+        parser.error("--cuda-graphs replays captured steps: not with --compile, --kernel-profile or --reselect-every "
+                     "(its reuse counter lives on the host); allowed: --cuda-graphs alone")
     if args.compile and args.kernel_profile:
         parser.error("--kernel-profile with --compile: the profile is of eager steps; allowed: one or the other")
     if args.compile and args.compile_backend not in (backends := torch._dynamo.list_backends(exclude_tags=())):
@@ -242,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(auto if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if args.cuda_graphs and device.type != "cuda":
+        parser.error(f"--cuda-graphs needs a CUDA device; the device here is {device.type}")
     if any(not 0 < r <= 1 for r in args.ratios):
         parser.error(f"--ratios {args.ratios}: each must be in (0, 1]")
     amp = torch.bfloat16 if args.amp == "bf16" or args.amp == "auto" and device.type == "cuda" else None
@@ -294,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: {_config_name(ratio, backend, every)} compiled ({args.compile_backend}) and measured in "
                       f"{time.perf_counter() - started:.0f} s, median step {measured[i]['median_s'] * 1000:.1f} ms", flush=True)
             results = [measured[i] for i in range(len(configs))]
+        elif args.cuda_graphs:
+            results = _measure_graphed([model for *_, model in configs], *measure)
         else:
             results = _measure([model for *_, model in configs], *measure, profile)
         exact_times = results[0]["times_s"]
@@ -303,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             speedup = statistics.median(paired) if not args.compile else results[0]["median_s"] / result["median_s"]
             bound = 1 / (1 - reduction) if reduction < 1 else float("inf")
             row = {"model": name, "batch": batch, "ratio": ratio, "config": _config_name(ratio, backend, every), "kernels": backend,
-                   "reselect_every": every,
+                   "reselect_every": every, "cuda_graphs": args.cuda_graphs,
                    "planned_compute_reduction": reduction, "measured_compute_reduction": meter.compute_reduction,
                    "speedup": speedup, "speedup_of_medians": results[0]["median_s"] / result["median_s"],
                    "flop_bound": bound, "fraction_of_bound": speedup / bound, **result}
@@ -322,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"device": _device_name(device), "torch": torch.__version__, "amp": str(amp),
-                                         "warmup": warmup, "repeats": repeats, "rows": rows}, indent=2))
+                                         "cuda_graphs": args.cuda_graphs, "warmup": warmup, "repeats": repeats, "rows": rows},
+                                        indent=2))
         print(f"wrote {args.json}")
     return 0
 

@@ -23,6 +23,9 @@
 # 6 minutes whatever happens (SIGKILL 10 s after SIGTERM; the report ~1 s). Full run:
 #   tests     (cap  40 s) tests/test_cuda.py (no host sync in a sampled step; CUDA = CPU) and
 #             tests/test_kernels.py (every Triton kernel, compiled, = the torch path).
+#   host      (cap  15 s) scripts/bench_host.py: the host's microseconds per sampled layer call
+#             (forward + backward on tiny operands: the launch-bound regime) and the operators it
+#             dispatches, exact / ratio 1.0 / topk / nps / topk reselecting every 4, per backend.
 #   probe     (cap  75 s) scripts/gpu_probe.py, bf16, topk 0.5: per shape (linear 8192x4096->4096
 #             and 512x4096->4096; conv 256x256->256 3x3 @32^2; the WRN-28-10 3x3 convs 160@32^2,
 #             320@16^2, 640@8^2 at batch 128; the ResNet-50 3x3 convs 64@56^2 .. 512@7^2 at batch 256)
@@ -38,7 +41,10 @@
 #   train_resnet50 (cap 60 s) the same for ResNet-50 at batch 256, 224x224 (profile_resnet50.txt).
 #   compile_wrn (cap 80 s) bench_train.py --compile (inductor), WRN-28-10 batch 128, topk 0.5
 #             under the triton backend first (its compile seconds are the goal's), then exact.
-# --smoke: the same stages, shrunk: the probe's tiny shapes (and the Triton kernels under the
+#   graphs    (cap 35 s; CUDA only, so not in --smoke on a CPU) bench_train.py --cuda-graphs: WRN-28-10
+#             batch 128, exact and topk 0.5 per backend, each whole step captured in one CUDA graph and
+#             replayed: the step with no host launches, what trainer.cuda_graphs could give (not a goal).
+# --smoke: the same stages, shrunk: the host cost over 5 calls x 2 rounds, the probe's tiny shapes (and the Triton kernels under the
 # interpreter on a CPU), the headline command on the MLP at batch 8, bench_train on the CNN and MLP
 # at batch 2 (1 warm-up, 1 round; torch kernels on a CPU: the interpreter is far too slow for them),
 # compile with backend aot_eager; each stage capped at 300 s (a loaded 2-core machine needs it).
@@ -77,6 +83,7 @@ if [[ $smoke == 1 ]]; then
     budget=${GPU_CHECK_BUDGET_S:-900}
     default_cap=300
     probe_args=(--smoke)
+    host_args=(--calls 5 --repeats 2)
     e2e_args=(--smoke)
     train_wrn=(--models cnn --batch 2 --warmup 1 --repeats 1 --profile-steps 1)
     train_resnet50=(--models mlp --batch 2 --warmup 1 --repeats 1 --profile-steps 1)
@@ -84,8 +91,9 @@ if [[ $smoke == 1 ]]; then
 else
     budget=${GPU_CHECK_BUDGET_S:-345}
     default_cap=60
-    caps=([tests]=40 [probe]=75 [e2e]=60 [train]=70 [train_resnet50]=60 [compile_wrn]=80)
+    caps=([tests]=40 [host]=15 [probe]=75 [e2e]=60 [train]=70 [train_resnet50]=60 [compile_wrn]=80 [graphs]=35)
     probe_args=()
+    host_args=(--calls 100 --repeats 7)
     e2e_args=()
     train_wrn=(--models wrn --batch 128 512)  # rounds for ~3 s per configuration
     train_resnet50=(--models resnet50 --batch 256)
@@ -95,7 +103,7 @@ if ! [[ $budget =~ ^[0-9]+$ ]]; then
     echo "gpu_check.sh: GPU_CHECK_BUDGET_S='$budget' is invalid; allowed: a whole number of seconds" >&2
     exit 2
 fi
-stages=(tests probe e2e train train_resnet50 compile_wrn)
+stages=(tests host probe e2e train train_resnet50 compile_wrn graphs)
 for name in ${GPU_CHECK_STAGES:-}; do
     if [[ " ${stages[*]} " != *" $name "* ]]; then
         echo "gpu_check.sh: GPU_CHECK_STAGES names '$name'; allowed: ${stages[*]}" >&2
@@ -173,6 +181,8 @@ tests=(tests/test_cuda.py tests/test_kernels.py)
 [[ $device == cpu ]] && tests+=(tests/test_kernels_interpreted.py)  # smoke on a CPU: the kernels interpreted
 run_stage tests env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 "$PYTHON" -m pytest -q --noconftest -p no:cacheprovider \
     --junitxml="$work/tests.xml" "${tests[@]}"
+run_stage host "$PYTHON" scripts/bench_host.py --device "$device" --kernels "${backends[@]}" "${host_args[@]}" \
+    --json "$work/host.json"
 interpret=()
 [[ $device == cpu ]] && interpret=(env TRITON_INTERPRET=1)  # the probe's tiny shapes run the kernels interpreted
 run_stage probe "${interpret[@]}" "$PYTHON" scripts/gpu_probe.py --device "$device" "${probe_args[@]}" --json "$work/probe.json"
@@ -182,6 +192,11 @@ run_stage train "$PYTHON" "${train[@]}" "${train_wrn[@]}" --reselect-every 4 --k
 run_stage train_resnet50 "$PYTHON" "${train[@]}" "${train_resnet50[@]}" --kernel-profile "$OUT" --json "$work/train_resnet50.json"
 run_stage compile_wrn "$PYTHON" scripts/bench_train.py --device "$device" --amp "$amp" --channels-last on --ratios 0.5 \
     --kernels "${backends[-1]}" --compile --profile-steps 0 "${compile_args[@]}" --json "$work/compile_wrn.json"
+if [[ $device == cuda ]]; then
+    run_stage graphs "$PYTHON" scripts/bench_train.py --device cuda --amp "$amp" --channels-last on --ratios 0.5 \
+        --kernels "${backends[@]}" --cuda-graphs --profile-steps 0 --models wrn --batch 128 --warmup 3 --repeats 30 \
+        --json "$work/graphs.json"
+fi
 
 # The report: gpu_check.json, gpu_check.txt and gpu_check.log from the stages' files.
 "$PYTHON" - "$work" "$OUT" "$smoke" "$budget" <<'PY'
@@ -272,6 +287,14 @@ table.append("RESULT: " + ("PASS" if passed else f"FAIL ({', '.join(failed) or '
 mark = {True: "met", False: "UNMET", None: "not measured"}
 summary = [f"goals of issue 18{' (smoke: tiny shapes, not a measurement)' if smoke else ''}:"]
 summary += [f"  {mark[met]:<12} {goal}: {value}" for goal, value, met in measured]
+host = [r for r in (stage_results("host") or {}).get("rows", []) if r["variant"] != "exact"]
+if host:  # not a goal of its own: what each sampled layer call adds to the host's side of a step
+    summary.append("host us per layer call (forward + backward), over the untouched layer's: "
+                   + ", ".join(f"{r['layer']} {r['variant']} [{r['kernels']}] {r['extra_us']:+.0f}" for r in host))
+graphed = (stage_results("graphs") or {}).get("rows", [])
+if graphed:  # not a goal either: the step with the host launching nothing (each whole step one CUDA graph)
+    summary.append("CUDA-graphed steps, WRN-28-10 batch 128: " + ", ".join(
+        f"{r['config']} {r['median_s'] * 1e3:.1f} ms ({r['speedup']:.2f}x)" for r in graphed))
 text, log = ["\n".join(summary + [""] + table)], []
 for s in stages:
     err = (work / f"{s['name']}.err").read_text(errors="replace")

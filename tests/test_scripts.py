@@ -120,6 +120,32 @@ def test_bench_train_interleaves_configurations_and_writes_json(tmp_path: Path) 
     assert approx["step_peak_bytes"] is None  # CUDA only
 
 
+def test_bench_host_measures_every_variant_and_counts_operators(tmp_path: Path) -> None:
+    out = tmp_path / "host.json"
+    result = run_script("bench_host.py", "--device", "cpu", "--calls", "2", "--repeats", "2", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    variants = list(load_script("bench_host.py").VARIANTS)
+    assert [(r["layer"], r["variant"], r["kernels"]) for r in rows] == \
+        [(layer, v, "torch") for layer in ("linear", "conv2d") for v in variants]
+    for layer in ("linear", "conv2d"):
+        by_variant = {r["variant"]: r for r in rows if r["layer"] == layer}
+        assert all(r["us_per_call"] > 0 for r in by_variant.values()) and by_variant["exact"]["extra_us"] == 0
+        # ratio 1.0 takes the exact path: the same operators as the untouched layer
+        assert by_variant["ratio 1.0"]["op_counts"] == by_variant["exact"]["op_counts"]
+        assert by_variant["topk 0.5"]["ops"] > by_variant["exact"]["ops"]
+        assert all(not name.startswith("profiler::") for r in by_variant.values() for name in r["op_counts"])
+    assert "extra us" in result.stdout
+
+
+def test_bench_host_rejects_triton_without_cuda(capsys) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA runs the Triton kernels")
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("bench_host.py").main(["--device", "cpu", "--kernels", "triton"])
+    assert exit_info.value.code == 2
+    assert "--kernels triton runs the Triton kernels on CUDA only" in capsys.readouterr().err
+
+
 def test_bench_ops_measures_every_shape_given(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     result = run_script("bench_ops.py", "--device", "cpu", "--linear", "8,16,16", "16,32,32", "--conv", "none",
@@ -156,6 +182,9 @@ def test_bench_train_runs_each_batch_and_kernel_backend(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args, message", [
     (["--compile", "--kernel-profile", "out"], "--kernel-profile with --compile"),
     (["--compile", "--compile-backend", "nope"], "--compile-backend='nope' is unknown; allowed: "),
+    (["--cuda-graphs", "--compile"], "--cuda-graphs replays captured steps: not with --compile"),
+    (["--cuda-graphs", "--reselect-every", "4"], "not with --compile, --kernel-profile or --reselect-every"),
+    (["--cuda-graphs"], "--cuda-graphs needs a CUDA device; the device here is cpu"),
 ])
 def test_bench_train_rejects_bad_flag_combinations(args: list[str], message: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -166,7 +195,7 @@ def test_bench_train_rejects_bad_flag_combinations(args: list[str], message: str
 
 GPU_CHECK = SCRIPTS / "gpu_check.sh"
 GPU_CHECK_FILES = {"gpu_check.json", "gpu_check.txt", "gpu_check.log"}
-STAGES = ("tests", "probe", "e2e", "train", "train_resnet50", "compile_wrn")
+STAGES = ("tests", "host", "probe", "e2e", "train", "train_resnet50", "compile_wrn")  # and "graphs", on CUDA only
 
 
 def run_gpu_check(out: Path, env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -203,7 +232,7 @@ def test_gpu_check_skips_stages_past_its_budget(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("env, args, message", [
     ({"GPU_CHECK_STAGES": "ops"}, ["--smoke"],
-     "GPU_CHECK_STAGES names 'ops'; allowed: tests probe e2e train train_resnet50 compile_wrn"),
+     "GPU_CHECK_STAGES names 'ops'; allowed: tests host probe e2e train train_resnet50 compile_wrn graphs"),
     ({"GPU_CHECK_BUDGET_S": "5m"}, ["--smoke"], "GPU_CHECK_BUDGET_S='5m' is invalid"),
     ({"GPU_CHECK_SMOKE": "yes"}, ["--smoke"], "GPU_CHECK_SMOKE='yes' is invalid; allowed: 0, 1"),
     ({}, ["--smoke", "--fast"], "unknown argument '--fast'; allowed: --smoke, --help"),
@@ -228,6 +257,7 @@ def test_gpu_check_smoke_runs_every_stage_without_wandb(tmp_path: Path) -> None:
     assert tuple(stages) == STAGES
     assert all(s["status"] == "pass" and s["rc"] == 0 for s in stages.values())
     assert stages["tests"]["results"]["tests"] > 0 and stages["tests"]["results"]["failures"] == 0
+    assert {(r["layer"], r["kernels"]) for r in stages["host"]["results"]["rows"]} == {("linear", "torch"), ("conv2d", "torch")}
     probe = stages["probe"]["results"]
     assert [r["shape"] for r in probe["rows"]] == ["linear_64x48", "conv_16@6"] and probe["backends"] == ["torch", "triton"]
     for row in probe["rows"]:  # every piece timed under both backends (the kernels interpreted on a CPU)
@@ -244,6 +274,8 @@ def test_gpu_check_smoke_runs_every_stage_without_wandb(tmp_path: Path) -> None:
     goals = {g["goal"]: g for g in report["goals"]}
     assert goals["compile: a sampled WRN compiles (and runs its timed steps) in < 90 s"]["met"] is True
     assert "goals of issue 18 (smoke: tiny shapes, not a measurement):" in (out / "gpu_check.txt").read_text()
+    assert "host us per layer call (forward + backward), over the untouched layer's: linear ratio 1.0 [torch]" in \
+        (out / "gpu_check.txt").read_text()
     # what the GPU machine returns: at most 8 files, plain names
     assert {p.name for p in out.iterdir()} == GPU_CHECK_FILES | {"profile_cnn.txt", "profile_mlp.txt"}
     assert "RESULT: PASS" in (out / "gpu_check.txt").read_text() and "RESULT: PASS" in result.stdout
