@@ -23,7 +23,7 @@
 # 6 minutes whatever happens (SIGKILL 10 s after SIGTERM; the report ~1 s). Full run:
 #   tests     (cap  40 s) tests/test_cuda.py (no host sync in a sampled step; CUDA = CPU) and
 #             tests/test_kernels.py (every Triton kernel, compiled, = the torch path).
-#   host      (cap  15 s) scripts/bench_host.py: the host's microseconds per sampled layer call
+#   host      (cap  20 s) scripts/bench_host.py: the host's microseconds per sampled layer call
 #             (forward + backward on tiny operands: the launch-bound regime) and the operators it
 #             dispatches, exact / ratio 1.0 / topk / nps / topk reselecting every 4, per backend.
 #   probe     (cap  75 s) scripts/gpu_probe.py, bf16, topk 0.5: per shape (linear 8192x4096->4096
@@ -44,10 +44,11 @@
 #   graphs    (cap 35 s; CUDA only, so not in --smoke on a CPU) bench_train.py --cuda-graphs: WRN-28-10
 #             batch 128, exact and topk 0.5 per backend, each whole step captured in one CUDA graph and
 #             replayed: the step with no host launches, what trainer.cuda_graphs could give (not a goal).
-# --smoke: the same stages, shrunk: the host cost over 5 calls x 2 rounds, the probe's tiny shapes (and the Triton kernels under the
-# interpreter on a CPU), the headline command on the MLP at batch 8, bench_train on the CNN and MLP
-# at batch 2 (1 warm-up, 1 round; torch kernels on a CPU: the interpreter is far too slow for them),
-# compile with backend aot_eager; each stage capped at 300 s (a loaded 2-core machine needs it).
+# --smoke: the same stages, shrunk: the host cost over 5 calls x 2 rounds, the probe's tiny shapes
+# (and the Triton kernels under the interpreter on a CPU), the headline command on the MLP at batch 8,
+# bench_train on the CNN and MLP at batch 2 (1 warm-up, 1 round; torch kernels on a CPU: the
+# interpreter is far too slow for them), compile with backend aot_eager, graphs on CUDA only; each
+# stage capped at 300 s (a loaded 2-core machine needs it).
 #
 # Results ($OUT, default a new temp dir; at most 8 files, the device tool's limit):
 #   gpu_check.json     environment, per stage: status, exit code, seconds, limit, command and its
@@ -84,6 +85,7 @@ if [[ $smoke == 1 ]]; then
     default_cap=300
     probe_args=(--smoke)
     host_args=(--calls 5 --repeats 2)
+    graphs_args=(--models cnn --batch 2 --warmup 1 --repeats 2)
     e2e_args=(--smoke)
     train_wrn=(--models cnn --batch 2 --warmup 1 --repeats 1 --profile-steps 1)
     train_resnet50=(--models mlp --batch 2 --warmup 1 --repeats 1 --profile-steps 1)
@@ -91,9 +93,10 @@ if [[ $smoke == 1 ]]; then
 else
     budget=${GPU_CHECK_BUDGET_S:-345}
     default_cap=60
-    caps=([tests]=40 [host]=15 [probe]=75 [e2e]=60 [train]=70 [train_resnet50]=60 [compile_wrn]=80 [graphs]=35)
+    caps=([tests]=40 [host]=20 [probe]=75 [e2e]=60 [train]=70 [train_resnet50]=60 [compile_wrn]=80 [graphs]=35)
     probe_args=()
     host_args=(--calls 100 --repeats 7)
+    graphs_args=(--models wrn --batch 128 --warmup 3 --repeats 30)
     e2e_args=()
     train_wrn=(--models wrn --batch 128 512)  # rounds for ~3 s per configuration
     train_resnet50=(--models resnet50 --batch 256)
@@ -194,8 +197,7 @@ run_stage compile_wrn "$PYTHON" scripts/bench_train.py --device "$device" --amp 
     --kernels "${backends[-1]}" --compile --profile-steps 0 "${compile_args[@]}" --json "$work/compile_wrn.json"
 if [[ $device == cuda ]]; then
     run_stage graphs "$PYTHON" scripts/bench_train.py --device cuda --amp "$amp" --channels-last on --ratios 0.5 \
-        --kernels "${backends[@]}" --cuda-graphs --profile-steps 0 --models wrn --batch 128 --warmup 3 --repeats 30 \
-        --json "$work/graphs.json"
+        --kernels "${backends[@]}" --cuda-graphs --profile-steps 0 "${graphs_args[@]}" --json "$work/graphs.json"
 fi
 
 # The report: gpu_check.json, gpu_check.txt and gpu_check.log from the stages' files.
@@ -293,7 +295,7 @@ if host:  # not a goal of its own: what each sampled layer call adds to the host
                    + ", ".join(f"{r['layer']} {r['variant']} [{r['kernels']}] {r['extra_us']:+.0f}" for r in host))
 graphed = (stage_results("graphs") or {}).get("rows", [])
 if graphed:  # not a goal either: the step with the host launching nothing (each whole step one CUDA graph)
-    summary.append("CUDA-graphed steps, WRN-28-10 batch 128: " + ", ".join(
+    summary.append(f"CUDA-graphed steps, {graphed[0]['model']} batch {graphed[0]['batch']}: " + ", ".join(
         f"{r['config']} {r['median_s'] * 1e3:.1f} ms ({r['speedup']:.2f}x)" for r in graphed))
 text, log = ["\n".join(summary + [""] + table)], []
 for s in stages:
