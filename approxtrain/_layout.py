@@ -43,7 +43,7 @@ def take(t: Tensor, dim: int, keep: Tensor) -> Tensor:
     """
     if dim == 1 and is_column_major(t):
         return t.t().index_select(0, keep).t()
-    rows = _row_major_columns(t, dim)
+    rows = _row_major_columns(t, dim, "columns")
     if rows is not None:
         taken = kernels.take_columns(rows, keep)
         return taken if t.dim() == 2 else taken.view(*t.shape[:1], *t.shape[2:], -1).permute(0, 3, 1, 2)
@@ -54,10 +54,11 @@ def take(t: Tensor, dim: int, keep: Tensor) -> Tensor:
     return t.index_select(dim, keep)
 
 
-def _row_major_columns(t: Tensor, dim: int) -> Tensor | None:
+def _row_major_columns(t: Tensor, dim: int, piece: str) -> Tensor | None:
     """``t`` as the row-major ``(M, n)`` matrix whose columns are its slices along ``dim`` (a 2-D
-    row-major matrix's columns, an NHWC tensor's channels) when the Triton kernels serve it, else None."""
-    if not kernels.enabled(t) or t.dtype not in (torch.float32, torch.bfloat16, torch.float16) or dim != 1:
+    row-major matrix's columns, an NHWC tensor's channels) when the Triton kernel of ``piece``
+    serves it, else None."""
+    if not kernels.enabled(t, piece) or t.dtype not in (torch.float32, torch.bfloat16, torch.float16) or dim != 1:
         return None
     if t.dim() == 2 and t.stride(1) == 1 and t.stride(0) == t.shape[1]:
         return t
@@ -80,7 +81,7 @@ def spread(values: Tensor, dim: int, n: int, selection: Selection, channels_last
     planes) ``index_copy_`` is about twice as fast as ``scatter_``.
     """
     with profiler_range(SCATTER_RANGE):
-        rows = _row_major_columns(values, dim) if selection.unique and (channels_last or values.dim() == 2) else None
+        rows = _row_major_columns(values, dim, "columns") if selection.unique and (channels_last or values.dim() == 2) else None
         if rows is not None:
             out = kernels.spread_columns(rows, selection.keep, n)
             return out if values.dim() == 2 else out.view(*values.shape[:1], *values.shape[2:], n).permute(0, 3, 1, 2)
@@ -164,7 +165,7 @@ def norms(t: Tensor, dim: int) -> Tensor:
     """
     if dim == 0:
         return _norm(t, tuple(range(1, t.dim())))
-    rows = _row_major_columns(t, dim)
+    rows = _row_major_columns(t, dim, "scores")
     if rows is not None:
         return kernels.column_sq_sums(rows).sqrt()
     if t.dim() == 2:

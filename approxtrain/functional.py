@@ -256,7 +256,7 @@ class LinearCRS(torch.autograd.Function):
 def _fused_linear(operand: Tensor, weight: Tensor, unique: bool, config: SamplingConfig) -> bool:
     """Whether the linear's products run as gather-GEMM kernels (:func:`approxtrain.kernels.gather_mm`):
     the Triton backend on this device, distinct pairs, no extra backward sampling, one dtype."""
-    return (kernels.enabled(operand) and unique and not config.samples_backward and operand.dtype == weight.dtype
+    return (kernels.enabled(operand, "linear") and unique and not config.samples_backward and operand.dtype == weight.dtype
             and operand.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 

@@ -141,21 +141,26 @@ def measure(kind: str, backends: list[str], device: torch.device, count: int, wa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--kernels", nargs="+", default=None, choices=kernels.BACKENDS,
-                        help="kernel backends (default: torch, and triton on CUDA)")
+    parser.add_argument("--kernels", nargs="+", default=None,
+                        help="kernel backends: torch, triton, triton:<pieces> (default: torch, and triton on CUDA)")
     parser.add_argument("--calls", type=int, default=200, help="calls per timed round (default 200)")
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds (default 15)")
     parser.add_argument("--warmup", type=int, default=1, choices=[0, 1], help="one untimed round first (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the host's launching thread)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     args = parser.parse_args(argv)
+    for name in args.kernels or []:  # torch, triton or triton:<pieces>
+        try:
+            kernels.parse_backend(name, "--kernels")
+        except ValueError as error:
+            parser.error(str(error))
     if args.calls < 1 or args.repeats < 1:
         parser.error(f"--calls={args.calls}, --repeats={args.repeats}; allowed: both >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device=cuda but CUDA is not available; allowed here: cpu, auto")
     device = torch.device("cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available() else "cpu")
     backends = args.kernels or (["torch", "triton"] if device.type == "cuda" else ["torch"])
-    if "triton" in backends and device.type != "cuda" and not kernels.interpreting():
+    if any(kernels.parse_backend(name) for name in backends) and device.type != "cuda" and not kernels.interpreting():
         parser.error("--kernels triton runs the Triton kernels on CUDA only (or under TRITON_INTERPRET=1); allowed here: torch")
     torch.set_num_threads(args.threads)
     meta = {"device": device.type, "device_name": device_name(device), "torch": torch.__version__,

@@ -264,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="batch size(s), each run for every model (default: paper batch on CUDA, a CPU-sized one on CPU)")
     parser.add_argument("--reselect-every", type=int, default=1, help="also run the first ratio with "
                         "sampler.reselect_every=N (under the last --kernels backend); 1: not")
-    parser.add_argument("--kernels", nargs="+", default=["torch"], choices=list(kernels.BACKENDS),
-                        help="kernel backends of the approximate configurations (default torch; triton: approxtrain.kernels)")
+    parser.add_argument("--kernels", nargs="+", default=["torch"], help="kernel backends of the approximate "
+                        "configurations: torch (default), triton, triton:<pieces> (approxtrain.kernels.PIECES)")
     parser.add_argument("--image-size", type=int, default=None, help="override H=W of image models (e.g. 64 for a quick ResNet-50)")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"], help="auto: bf16 on CUDA, off on CPU")
     parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"], help="auto: on for conv models on CUDA")
@@ -283,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="write DIR/profile_<model>.txt: the top kernels (CPU: operators) of one exact and one step at the "
                              "first ratio, by self time (not with --compile)")
     args = parser.parse_args(argv)
+    for name in args.kernels or []:  # torch, triton or triton:<pieces>
+        try:
+            kernels.parse_backend(name, "--kernels")
+        except ValueError as error:
+            parser.error(str(error))
     if args.cuda_graphs and (args.compile or args.kernel_profile or args.reselect_every > 1):
         parser.error("--cuda-graphs replays captured steps: not with --compile, --kernel-profile or --reselect-every "
                      "(its reuse counter lives on the host); allowed: --cuda-graphs alone")

@@ -59,7 +59,9 @@
 #   profile_wrn.txt, profile_resnet50.txt   top kernels of one step of exact and of topk 0.5 per
 #                      backend (smoke: profile_cnn.txt, profile_mlp.txt)
 #
-# Other settings: PYTHON (default python3), GPU_CHECK_BUDGET_S (the run's time budget).
+# Other settings: PYTHON (default python3), GPU_CHECK_BUDGET_S (the run's time budget),
+# GPU_CHECK_KERNELS (the kernel backends the stages compare; default "torch triton" on CUDA, "torch"
+# on a CPU), e.g. GPU_CHECK_KERNELS="torch triton:scores,topk" GPU_CHECK_STAGES="e2e train".
 set -uo pipefail
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
@@ -146,6 +148,19 @@ elif [[ $smoke == 1 ]]; then
 else
     echo "gpu_check.sh: no CUDA device (torch.cuda.is_available() is False); --smoke runs the shrunk check anywhere" >&2
     exit 2
+fi
+if [[ -n ${GPU_CHECK_KERNELS:-} ]]; then  # each checked by approxtrain.kernels' own rule
+    read -ra backends <<<"$GPU_CHECK_KERNELS"
+    if ! invalid=$("$PYTHON" -c 'import sys
+from approxtrain.kernels import parse_backend
+try:
+    for name in sys.argv[1:]:
+        parse_backend(name, "GPU_CHECK_KERNELS")
+except ValueError as error:
+    sys.exit(str(error))' "${backends[@]}" 2>&1); then
+        echo "gpu_check.sh: ${invalid##*$'\n'}" >&2
+        exit 2
+    fi
 fi
 OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")}
 mkdir -p "$OUT" || exit 2

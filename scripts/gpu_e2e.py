@@ -19,6 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
+try:
+    import approxtrain  # noqa: F401 - only whether it imports
+except ModuleNotFoundError:  # run from a checkout without installing the package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from approxtrain.kernels import parse_backend
+
 
 def run(overrides: list[str], kernels: str, run_dir: Path, timeout: float) -> dict:
     env = {**os.environ, "APPROXTRAIN_KERNELS": kernels, "WANDB_MODE": "disabled"}
@@ -38,10 +44,16 @@ def run(overrides: list[str], kernels: str, run_dir: Path, timeout: float) -> di
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--kernels", nargs="+", default=["torch", "triton"])
+    parser.add_argument("--kernels", nargs="+", default=["torch", "triton"],
+                        help="APPROXTRAIN_KERNELS of the topk runs: torch, triton, triton:<pieces>")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per run")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    for name in args.kernels or []:  # torch, triton or triton:<pieces>
+        try:
+            parse_backend(name, "--kernels")
+        except ValueError as error:
+            parser.error(str(error))
     if args.smoke:
         common = ["model=mlp", "dataset=synthetic", "dataset.batch_size=8", "dataset.num_samples=64", "trainer.num_workers=0"]
     else:

@@ -54,7 +54,7 @@ def backends(device: torch.device) -> list[str]:
     found = ["torch"]
     try:
         kernels.set_backend("triton")
-        if kernels.enabled(torch.empty(0, device=device)):
+        if kernels.enabled(torch.empty(0, device=device), "scores"):
             found.append("triton")
     except ValueError:
         pass

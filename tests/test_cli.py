@@ -119,6 +119,15 @@ def test_bad_override_is_one_line_error(case, cli, tmp_path):
         assert results["status"] == "failed" and results["error"] == message
 
 
+def test_bad_kernel_backend_in_the_environment_is_one_line_and_writes_nothing(cli, tmp_path):
+    run_dir = tmp_path / "run"
+    process = cli(*SMALL, "logger=none", f"hydra.run.dir={run_dir}", env={"APPROXTRAIN_KERNELS": "triton:nope"})
+    assert process.returncode == 2
+    assert_clean_failure(process, "APPROXTRAIN_KERNELS='triton:nope' is invalid",
+                         "allowed: torch, triton, triton:<pieces> with pieces from scores, topk, columns, linear")
+    assert not run_dir.exists() and not (tmp_path / "outputs").exists()
+
+
 @pytest.mark.parametrize("overrides, names", [
     (["trainer.epoch=2"], ["trainer.epoch=2 is not a config key", "allowed under trainer:", "epochs", "+trainer.epoch=2"]),
     (["model.dept=2", "model=wrn"], ["model.dept=2 is not a config key", "allowed under model:", "depth, dropout"]),

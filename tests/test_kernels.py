@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -128,9 +129,50 @@ def test_approx_conv2d_with_triton_kernels_equals_the_torch_path(memory_format, 
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_bad_backend_is_refused_by_name():
-    with pytest.raises(ValueError, match="kernel backend 'cuda' is invalid; allowed: torch, triton"):
-        kernels.set_backend("cuda")
+@pytest.mark.parametrize("name", ["cuda", "torch:topk", "triton:", "triton:scores,", "triton:topk,nope"])
+def test_bad_backend_is_refused_by_name(name):
+    before = kernels.backend()
+    with pytest.raises(ValueError) as error:
+        kernels.set_backend(name)
+    assert str(error.value) == (f"kernel backend {name!r} is invalid; allowed: torch, triton, triton:<pieces> with pieces "
+                                f"from {', '.join(kernels.PIECES)}")
+    assert kernels.backend() == before
+
+
+PIECE_OPS = {"scores": {"column_sq_sums"}, "topk": {"topk_indices"}, "columns": {"take_columns", "spread_columns"},
+             "linear": {"gather_mm"}}
+
+
+class KernelOps(TorchDispatchMode):
+    """The approxtrain kernels dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "approxtrain":
+            self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("piece", kernels.PIECES)
+def test_a_backend_of_some_pieces_runs_only_their_kernels_to_the_same_values(piece, triton_backend):
+    def steps():
+        x = (randn(2, 12, 5, 5) * torch.linspace(0.2, 3, 12, device=DEVICE).view(1, -1, 1, 1))
+        x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+        w = torch.nn.Parameter(randn(6, 12, 3, 3, seed=1).contiguous(memory_format=torch.channels_last) / 5)
+        y = approx_conv2d(x, w, None, 1, 1, 1, SamplingConfig("topk", ratio=0.5))
+        y.backward(randn(*y.shape, seed=2).contiguous(memory_format=torch.channels_last))
+        return (y, x.grad, w.grad, *_linear_step(SamplingConfig("topk", ratio=0.5), column_major=True))
+
+    kernels.set_backend(f"triton:{piece}")
+    with KernelOps() as seen:
+        fused = steps()
+    assert kernels.backend() == f"triton:{piece}" and seen.names == PIECE_OPS[piece]
+    kernels.set_backend("torch")
+    for a, b in zip(fused, steps()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_compiled_sampled_mlp_with_triton_kernels_has_no_graph_break_and_equal_results(triton_backend):

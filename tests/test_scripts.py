@@ -236,6 +236,8 @@ def test_gpu_check_skips_stages_past_its_budget(tmp_path: Path) -> None:
     ({"GPU_CHECK_BUDGET_S": "5m"}, ["--smoke"], "GPU_CHECK_BUDGET_S='5m' is invalid"),
     ({"GPU_CHECK_SMOKE": "yes"}, ["--smoke"], "GPU_CHECK_SMOKE='yes' is invalid; allowed: 0, 1"),
     ({}, ["--smoke", "--fast"], "unknown argument '--fast'; allowed: --smoke, --help"),
+    ({"GPU_CHECK_KERNELS": "torch triton:nope"}, ["--smoke"],
+     "gpu_check.sh: GPU_CHECK_KERNELS='triton:nope' is invalid; allowed: torch, triton, triton:<pieces> with pieces from"),
 ])
 def test_gpu_check_rejects_bad_settings(tmp_path: Path, env: dict[str, str], args: list[str], message: str) -> None:
     result = run_gpu_check(tmp_path, env, *args)

@@ -352,6 +352,21 @@ def _composes_before_running(command_line: CommandLine | None) -> bool:
         return True
 
 
+def _kernel_backend_error() -> str | None:
+    """The one-line error of an invalid ``APPROXTRAIN_KERNELS``, which :mod:`approxtrain.kernels`
+    reads when it is imported (as every training run imports it), or None."""
+    try:
+        import approxtrain.kernels  # noqa: F401 - only whether the environment lets it import
+    except ValueError as invalid:
+        return str(invalid)
+    return None
+
+
+def _usage_error(error: str) -> None:
+    print(f"approxtrain: error: {error}", file=sys.stderr)
+    raise SystemExit(USAGE_ERROR)
+
+
 def main() -> None:
     """Console entry point: checks the command line (one-line errors, exit 2), then runs Hydra.
 
@@ -361,6 +376,8 @@ def main() -> None:
     command_line = read_command_line(args)
     put_config_dir_first(command_line.config_dir if command_line is not None else None)  # for Hydra's app too
     if command_line is not None and command_line.trains:  # (--help, --cfg and shell completion only print)
+        if (error := _kernel_backend_error()) is not None:
+            _usage_error(error)
         from approxtrain.run.launch import follow, launched
 
         if (launch := launched()).follows_from_the_start:  # rank 0 runs Hydra and sends the jobs
@@ -377,8 +394,7 @@ def main() -> None:
         except ValueError as refused:
             error = str(refused)
     if error:
-        print(f"approxtrain: error: {error}", file=sys.stderr)
-        raise SystemExit(USAGE_ERROR)
+        _usage_error(error)
     _app()
 
 

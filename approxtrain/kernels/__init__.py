@@ -1,10 +1,11 @@
 """Fused GPU kernels for the approximate ops' sampling pieces, as ``torch.library`` custom ops.
 
 One backend is chosen per process: ``APPROXTRAIN_KERNELS=torch`` (the default: plain torch
-ops everywhere) or ``triton`` (the Triton kernels of :mod:`approxtrain.kernels.triton_kernels`
-on CUDA tensors; ``TRITON_INTERPRET=1`` also runs them on the CPU, slowly, for tests). Each op
-gives the values of the torch path it replaces (fp32 accumulation; the top-k's ties go to the
-lower index):
+ops everywhere), ``triton`` (the Triton kernels of :mod:`approxtrain.kernels.triton_kernels`
+for every piece, on CUDA tensors; ``TRITON_INTERPRET=1`` also runs them on the CPU, slowly,
+for tests) or ``triton:<piece>,...`` (the kernels of the pieces named, torch for the rest;
+see :data:`PIECES`). Each op gives the values of the torch path it replaces (fp32
+accumulation; the top-k's ties go to the lower index):
 
 * :func:`column_sq_sums` -- ``x.float().square().sum(0)`` of a row-major ``(M, n)`` matrix, one pass;
 * :func:`topk_indices` -- ``torch.topk(scores, k).indices.sort().values`` without a sort;
@@ -26,10 +27,13 @@ import torch
 from torch import Tensor
 
 BACKENDS = ("torch", "triton")
+# What each kernel serves: the pair scores (column_sq_sums), the top-k (topk_indices), the
+# gathers and spreads of row-major / channels_last columns (take_columns, spread_columns) and
+# the linear's products (gather_mm). A GPU measurement decides each one's default.
+PIECES = ("scores", "topk", "columns", "linear")
 _ENV = "APPROXTRAIN_KERNELS"
 # The rank-counting top-k compares every pair of scores: past this many it is the slower one.
 TOPK_MAX_N = 8192
-
 
 
 @functools.cache
@@ -48,30 +52,39 @@ def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _backend_from_env() -> str:
+def parse_backend(name: str, key: str | None = None) -> frozenset[str]:
+    """The pieces a backend name runs as Triton kernels: ``torch`` none, ``triton`` all of
+    :data:`PIECES`, ``triton:scores,topk`` those named; ``key``: the setting that gave it, for errors."""
+    what = f"{key}={name!r}" if key else f"kernel backend {name!r}"
+    allowed = f"allowed: torch, triton, triton:<pieces> with pieces from {', '.join(PIECES)}"
+    kind, colon, listed = name.partition(":")
+    pieces = frozenset(listed.split(",")) if colon else frozenset(PIECES)
+    if kind not in BACKENDS or (kind == "torch" and colon) or not pieces <= set(PIECES):
+        raise ValueError(f"{what} is invalid; {allowed}")
+    if kind == "torch":
+        return frozenset()
+    if not _has_triton():
+        raise ValueError(f"{what} needs the triton package, which is not installed; allowed: torch")
+    return pieces
+
+
+def _pieces_from_env() -> tuple[str, frozenset[str]]:
     name = os.environ.get(_ENV, "torch")
-    if name not in BACKENDS:
-        raise ValueError(f"{_ENV}={name!r} is invalid; allowed: {', '.join(BACKENDS)}")
-    if name == "triton" and not _has_triton():
-        raise ValueError(f"{_ENV}=triton needs the triton package, which is not installed; allowed: torch")
-    return name
+    return name, parse_backend(name, _ENV)
 
 
-_backend = _backend_from_env()
+_backend, _pieces = _pieces_from_env()
 
 
 def backend() -> str:
-    """The kernel backend of this process (``torch`` or ``triton``)."""
+    """The kernel backend of this process, as set (``torch``, ``triton`` or ``triton:<pieces>``)."""
     return _backend
 
 
 def set_backend(name: str) -> None:
-    """Choose the kernel backend (``torch`` or ``triton``) for the ops that follow."""
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"kernel backend {name!r} is invalid; allowed: {', '.join(BACKENDS)}")
-    if name == "triton" and not _has_triton():
-        raise ValueError("kernel backend 'triton' needs the triton package, which is not installed; allowed: torch")
+    """Choose the kernel backend (``torch``, ``triton`` or ``triton:<pieces>``) for the ops that follow."""
+    global _backend, _pieces
+    _pieces = parse_backend(name)
     _backend = name
 
 
@@ -79,9 +92,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def enabled(t: Tensor) -> bool:
-    """Whether the Triton kernels serve ``t``: the triton backend, on CUDA (or the interpreter)."""
-    return _backend == "triton" and (t.is_cuda or interpreting())
+def enabled(t: Tensor, piece: str) -> bool:
+    """Whether the Triton kernel of ``piece`` (one of :data:`PIECES`) serves ``t``: the backend
+    runs that piece, on CUDA (or the interpreter)."""
+    return piece in _pieces and (t.is_cuda or interpreting())
 
 
 def _mm_blocks(rows: int, cols: int) -> dict:
@@ -120,7 +134,7 @@ def _(x: Tensor) -> Tensor:
 
 def serves_topk(scores: Tensor, k: int) -> bool:
     """Whether :func:`topk_indices` serves a top-``k`` of ``scores: (n,)``: the kernels are enabled and ``k < n <= TOPK_MAX_N``."""
-    return k < scores.numel() <= TOPK_MAX_N and enabled(scores)
+    return k < scores.numel() <= TOPK_MAX_N and enabled(scores, "topk")
 
 
 @torch.library.custom_op("approxtrain::topk_indices", mutates_args=())
