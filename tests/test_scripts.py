@@ -193,6 +193,42 @@ def test_bench_train_rejects_bad_flag_combinations(args: list[str], message: str
     assert message in capsys.readouterr().err
 
 
+def test_bench_train_captures_the_whole_step_once_and_times_replays(monkeypatch) -> None:
+    # CUDA graphs need a GPU: here torch.cuda's stream and graph calls are stand-ins that record what
+    # the benchmark does with them (the capture itself is for gpu_check's graphs stage to run)
+    import contextlib
+    import types
+
+    bench = load_script("bench_train.py")
+    events: list[str] = []
+
+    class Graph:
+        def replay(self) -> None:
+            events.append("replay")
+
+    @contextlib.contextmanager
+    def capture(graph):
+        events.append("capture start")
+        yield
+        events.append("capture end")
+
+    stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    info = bench.like_info("mnist")
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    model.register_forward_hook(lambda *args: events.append("forward"))
+    model[1].weight.register_hook(lambda grad: events.append("backward"))
+    before = model[1].weight.detach().clone()
+    rows = bench._measure_graphed([model], info, 4, torch.device("cpu"), None, False, None, None, 2, 3)
+    assert events == ["forward", "backward"] * 3 + ["capture start", "forward", "backward", "capture end"] + ["replay"] * 3
+    assert not torch.equal(model[1].weight, before)  # the captured step includes the optimizer's
+    assert [row["rounds"] for row in rows] == [3] and rows[0]["median_s"] >= 0
+
+
 GPU_CHECK = SCRIPTS / "gpu_check.sh"
 GPU_CHECK_FILES = {"gpu_check.json", "gpu_check.txt", "gpu_check.log"}
 STAGES = ("tests", "host", "probe", "e2e", "train", "train_resnet50", "compile_wrn")  # and "graphs", on CUDA only
