@@ -90,6 +90,14 @@ def test_gather_mm_in_its_three_uses(scaled):
                                **close)
 
 
+def test_gather_mm_multiplies_fp32_as_torch_does(monkeypatch):
+    # Triton's tl.dot would run fp32 operands as TF32; torch's matmuls do not unless told to (the
+    # fp32 comparisons above, at 1e-4, fail under TF32 on a GPU)
+    assert kernels._fp32_dot_precision() == "ieee"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert kernels._fp32_dot_precision() == "tf32"
+
+
 def _linear_step(config, column_major, seed=0):
     x = (randn(24, 48, seed=seed) * torch.linspace(0.2, 3, 48, device=DEVICE)).requires_grad_()
     w = torch.nn.Parameter(randn(20, 48, seed=seed + 1) / 7)

@@ -155,6 +155,13 @@ def _(scores: Tensor, k: int) -> Tensor:
     return scores.new_empty(k, dtype=torch.long)
 
 
+def _fp32_dot_precision() -> str:
+    """How ``tl.dot`` multiplies fp32 operands: as torch's own fp32 matmuls do, in full precision
+    (``ieee``) unless TF32 is allowed (``torch.backends.cuda.matmul.allow_tf32``, or
+    ``torch.set_float32_matmul_precision("high")``). Triton's default would be TF32 (ignored for bf16)."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
 @torch.library.custom_op("approxtrain::gather_mm", mutates_args=())
 def gather_mm(a: Tensor, b: Tensor, keep: Tensor, scale: Tensor | None, axis: int, gather_a: bool, gather_b: bool,
               rows: int, cols: int) -> Tensor:
@@ -176,7 +183,7 @@ def gather_mm(a: Tensor, b: Tensor, keep: Tensor, scale: Tensor | None, axis: in
     _tk().gather_matmul_kernel[grid](a, b, out, keep, scale if scale is not None else keep, i_size, j_size, r_size,
                                    a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
                                    AXIS=axis, GATHER_A=gather_a, GATHER_B=gather_b, GATHER_C=axis != 1,
-                                   HAS_SCALE=scale is not None, **blocks)
+                                   HAS_SCALE=scale is not None, INPUT_PRECISION=_fp32_dot_precision(), **blocks)
     return out
 
 

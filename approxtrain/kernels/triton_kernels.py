@@ -76,9 +76,10 @@ def gather_matmul_kernel(a_ptr, b_ptr, c_ptr, keep_ptr, scale_ptr, I, J, R,
                          stride_ai, stride_ar, stride_br, stride_bj, stride_ci, stride_cj,
                          AXIS: tl.constexpr, GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, GATHER_C: tl.constexpr,
                          HAS_SCALE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
-                         GROUP_I: tl.constexpr):
+                         GROUP_I: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     # AXIS: the logical axis ``keep`` lists (0: i, 1: r, 2: j), of length I, R or J = k; GATHER_X:
     # whether operand X holds all n slices there (read at ``keep``) or just the k kept ones.
+    # INPUT_PRECISION: fp32 operands' tensor-core precision ("ieee" or "tf32"), as torch's matmuls use.
     pid = tl.program_id(0)
     programs_i = tl.cdiv(I, BLOCK_I)
     programs_j = tl.cdiv(J, BLOCK_J)
@@ -127,7 +128,7 @@ def gather_matmul_kernel(a_ptr, b_ptr, c_ptr, keep_ptr, scale_ptr, I, J, R,
             if AXIS == 1:
                 s = tl.load(scale_ptr + offs_r, mask=r_ok, other=0.0)
                 b = (b.to(tl.float32) * s[:, None]).to(a.dtype)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     if HAS_SCALE:
         if AXIS == 0:
             acc = acc * tl.load(scale_ptr + offs_i, mask=i_ok, other=0.0)[:, None]
