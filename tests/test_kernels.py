@@ -90,12 +90,17 @@ def test_gather_mm_in_its_three_uses(scaled):
                                **close)
 
 
-def test_gather_mm_multiplies_fp32_as_torch_does(monkeypatch):
+def test_gather_mm_multiplies_fp32_as_torch_does():
     # Triton's tl.dot would run fp32 operands as TF32; torch's matmuls do not unless told to (the
     # fp32 comparisons above, at 1e-4, fail under TF32 on a GPU)
-    assert kernels._fp32_dot_precision() == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert kernels._fp32_dot_precision() == "tf32"
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert kernels._fp32_dot_precision() == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert kernels._fp32_dot_precision() == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def _linear_step(config, column_major, seed=0):
